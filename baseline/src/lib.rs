@@ -1,0 +1,11 @@
+//! kubefim-baseline: everything about a signed baseline and nothing about the kernel. It
+//! owns the policy, the walk and the BLAKE3 records, the sled store (behind one module), the
+//! canonical digest and its Ed25519 signature, and verify's comparison and diffs. No tokio,
+//! no eBPF: the watcher builds on these pieces.
+
+pub mod error;
+pub mod hash;
+pub mod policy;
+pub mod record;
+
+pub use error::{Error, Result};

@@ -1,0 +1,190 @@
+//! What kubefim records of one file: [`FileRecord`], its versioned binary encoding for the
+//! store, and the comparison of two records attribute by attribute. Keys are the raw path
+//! bytes, so the store's byte order is path order.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{ContentDigest, Hash};
+use crate::policy::{Attribute, AttributeSet};
+
+/// The version byte in front of every encoded record. Bump it when the layout changes;
+/// never reuse a number.
+pub const RECORD_FORMAT: u8 = 1;
+
+/// The type of a file system entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// A named pipe (never opened).
+    Fifo,
+    /// A Unix socket (never opened).
+    Socket,
+    /// A character device (never opened).
+    Char,
+    /// A block device (never opened).
+    Block,
+}
+
+impl FileKind {
+    /// The kind from `st_mode`.
+    pub fn from_mode(mode: u32) -> FileKind {
+        match mode & 0o170000 {
+            0o100000 => FileKind::File,
+            0o040000 => FileKind::Dir,
+            0o120000 => FileKind::Symlink,
+            0o010000 => FileKind::Fifo,
+            0o140000 => FileKind::Socket,
+            0o020000 => FileKind::Char,
+            _ => FileKind::Block,
+        }
+    }
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::File => "file",
+            FileKind::Dir => "dir",
+            FileKind::Symlink => "symlink",
+            FileKind::Fifo => "fifo",
+            FileKind::Socket => "socket",
+            FileKind::Char => "char",
+            FileKind::Block => "block",
+        }
+    }
+}
+
+/// Everything recorded of one path (the path itself is the store key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// File type.
+    pub kind: FileKind,
+    /// Size in bytes (`st_size`).
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// Device the entry lives on (not compared: it can change across reboots; kept so the
+    /// watcher can key its in-kernel filter by (device, inode)).
+    pub dev: u64,
+    /// Inode number.
+    pub inode: u64,
+    /// Hard link count.
+    pub nlink: u64,
+    /// Target of a symlink.
+    pub link_target: Option<Vec<u8>>,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// BLAKE3 of the content and the chaining values of its 64 KiB subtrees; `None` when
+    /// the content is not monitored, not a regular file, or could not be read (see `error`).
+    pub digest: Option<ContentDigest>,
+    /// Whether the content is in the content store (a `diff: true` rule and a text file).
+    pub content_stored: bool,
+    /// Index of the governing rule in the baseline's policy.
+    pub rule: u32,
+    /// Why the entry could not be fully recorded, if it could not.
+    pub error: Option<String>,
+}
+
+impl FileRecord {
+    /// The content hash, if the content was read.
+    pub fn hash(&self) -> Option<&Hash> {
+        self.digest.as_ref().map(|d| &d.hash)
+    }
+
+    /// Encodes the record for the store: a format byte, then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_FORMAT];
+        postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Decodes a stored record; `None` if the bytes are not a record of this format.
+    pub fn decode(bytes: &[u8]) -> Option<FileRecord> {
+        match bytes.split_first() {
+            Some((&RECORD_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
+
+    /// The attributes of `attrs` whose values differ between `self` (baseline) and `now`.
+    pub fn changed_attributes(&self, now: &FileRecord, attrs: AttributeSet) -> Vec<Attribute> {
+        attrs
+            .iter()
+            .filter(|a| match a {
+                Attribute::Type => self.kind != now.kind,
+                Attribute::Content => self.hash() != now.hash() || (self.kind == FileKind::File && self.digest.is_none()),
+                Attribute::Size => self.size != now.size,
+                Attribute::Mode => self.mode != now.mode,
+                Attribute::Uid => self.uid != now.uid,
+                Attribute::Gid => self.gid != now.gid,
+                Attribute::Mtime => self.mtime_ns != now.mtime_ns,
+                Attribute::Ctime => self.ctime_ns != now.ctime_ns,
+                Attribute::Inode => self.inode != now.inode,
+                Attribute::Nlink => self.nlink != now.nlink,
+                Attribute::LinkTarget => self.link_target != now.link_target,
+                Attribute::Xattrs => self.xattrs != now.xattrs,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FileRecord {
+        FileRecord {
+            kind: FileKind::File,
+            size: 3,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            dev: 3,
+            inode: 4,
+            nlink: 1,
+            link_target: None,
+            xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            digest: Some(crate::hash::digest_bytes(b"abc")),
+            content_stored: false,
+            rule: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_rejects_other_formats() {
+        let r = sample();
+        let bytes = r.encode();
+        assert_eq!(FileRecord::decode(&bytes), Some(r));
+        let mut other = bytes.clone();
+        other[0] = 99;
+        assert_eq!(FileRecord::decode(&other), None);
+        assert_eq!(FileRecord::decode(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn compares_only_monitored_attributes() {
+        let a = sample();
+        let mut b = sample();
+        b.mode = 0o600;
+        b.ctime_ns = 9;
+        assert_eq!(a.changed_attributes(&b, AttributeSet::all()), vec![Attribute::Mode, Attribute::Ctime]);
+        let only_content: AttributeSet = [Attribute::Content].into_iter().collect();
+        assert!(a.changed_attributes(&b, only_content).is_empty());
+    }
+}
