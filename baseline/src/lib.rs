@@ -3,9 +3,15 @@
 //! canonical digest and its Ed25519 signature, and verify's comparison and diffs. No tokio,
 //! no eBPF: the watcher builds on these pieces.
 
+pub mod baseline;
 pub mod error;
 pub mod hash;
 pub mod policy;
 pub mod record;
+pub mod report;
+pub mod scan;
+pub mod sign;
+pub mod store;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -125,7 +125,9 @@ impl FileRecord {
             .iter()
             .filter(|a| match a {
                 Attribute::Type => self.kind != now.kind,
-                Attribute::Content => self.hash() != now.hash() || (self.kind == FileKind::File && self.digest.is_none()),
+                // Unknown content on either side is no match; a read error now makes the entry
+                // unverified on top of that (see verify).
+                Attribute::Content => self.hash() != now.hash(),
                 Attribute::Size => self.size != now.size,
                 Attribute::Mode => self.mode != now.mode,
                 Attribute::Uid => self.uid != now.uid,

@@ -1,0 +1,264 @@
+//! Making, opening and amending signed baselines: `create` (scan -> store -> digest -> sign ->
+//! install), [`TrustedBaseline::open`] (check the signature with the caller's public key
+//! before any record is believed) and `accept` (take the current state of some paths, keep
+//! the rest, sign anew).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::policy::{Policy, path_bytes};
+use crate::record::FileRecord;
+use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
+use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
+use crate::store::{SIGNATURE_KEY, Store, TreeKind};
+
+/// The layout version of a baseline; verify refuses others.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The meta-tree key of the manifest.
+const MANIFEST_KEY: &[u8] = b"manifest";
+
+/// How many scanned entries may wait for the store writer.
+const WRITE_QUEUE: usize = 4096;
+
+/// What a baseline says about itself (signed with everything else).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// The policy YAML the baseline was made with; verify rescans with exactly this.
+    pub policy: String,
+    /// When it was signed, nanoseconds since the epoch.
+    pub created_unix_ns: u128,
+    /// The host it was made on.
+    pub host: String,
+    /// The kubefim version that made it.
+    pub tool_version: String,
+    /// Number of records.
+    pub records: u64,
+    /// Paths that could not be fully recorded, with why.
+    pub incomplete: Vec<(String, String)>,
+    /// The paths taken over by the `accept` that made this baseline (empty for `create`).
+    pub accepted: Vec<String>,
+}
+
+/// Scanned entries on their way into a new store, from the scan's threads to one writer.
+struct ChannelSink(mpsc::SyncSender<ScannedEntry>);
+
+impl ScanSink for ChannelSink {
+    fn entry(&self, entry: ScannedEntry) {
+        // The writer only hangs up after an error, which it reports; nothing to do here.
+        let _ = self.0.send(entry);
+    }
+}
+
+fn write_entry(store: &Store, entry: &ScannedEntry) -> Result<()> {
+    if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
+        store.put_content(hash, content)?;
+    }
+    store.put_record(path_bytes(&entry.path), &entry.record)
+}
+
+/// Scans `scan` into `store`, pipelined: the scan's threads hash while this thread writes.
+fn scan_into(store: &Store, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
+    let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
+    std::thread::scope(|s| {
+        let scanner = s.spawn(move || scan.run(&ChannelSink(tx), progress));
+        let mut written = Ok(());
+        for entry in rx {
+            if written.is_ok() {
+                written = write_entry(store, &entry);
+            }
+        }
+        let summary = scanner.join().expect("the scan does not panic");
+        written.map(|()| summary)
+    })
+}
+
+fn host_name() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// Writes the manifest, signs everything and moves the store into place at `target`.
+fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_vec(manifest).expect("a manifest serialises");
+    store.put(TreeKind::Meta, MANIFEST_KEY, &json)?;
+    store.flush()?;
+    let mut digest = CanonicalDigest::new();
+    store.for_each_entry(|tree, k, v| {
+        digest.entry(tree, k, v);
+        Ok(())
+    })?;
+    store.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&digest.finish()))?;
+    store.install(target)
+}
+
+fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<String>) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        policy: policy.source().to_owned(),
+        created_unix_ns: now_ns(),
+        host: host_name(),
+        tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+        records,
+        incomplete: summary.incomplete().map(|w| (w.path.display().to_string(), w.message.clone())).collect(),
+        accepted,
+    }
+}
+
+/// Scans everything `policy` names and writes a signed baseline at `db`, replacing any
+/// previous one only once the new one is complete.
+pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgress) -> Result<ScanSummary> {
+    let store = Store::create_beside(db)?;
+    let scan = Scan::whole_policy(policy).skip(absolute(db)).skip(absolute(store.path()));
+    match scan_into(&store, &scan, progress) {
+        Ok(summary) => {
+            seal(store, db, key, &manifest(policy, summary.entries, &summary, Vec::new()))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            store.discard();
+            Err(e)
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// A baseline whose signature has been checked with the caller's public key; its records are
+/// held in memory from the same pass that checked them, so nothing can change them after.
+pub struct TrustedBaseline {
+    store: Store,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The policy the baseline was made with.
+    pub policy: Policy,
+    /// Every record, by path bytes.
+    pub records: BTreeMap<Vec<u8>, FileRecord>,
+}
+
+impl TrustedBaseline {
+    /// Opens `db` and checks its signature with `key`. Any failure is [`Error::Untrusted`].
+    pub fn open(db: &Path, key: &PublicKey) -> Result<TrustedBaseline> {
+        let untrusted = |reason: String| Error::Untrusted { path: db.to_owned(), reason };
+        let store = Store::open(db)?;
+        let mut digest = CanonicalDigest::new();
+        let (mut signature, mut manifest_bytes) = (None, None);
+        let mut raw_records = Vec::new();
+        store.for_each_entry(|tree, k, v| {
+            if tree == TreeKind::Meta && k == SIGNATURE_KEY {
+                signature = Some(v.to_vec());
+                return Ok(());
+            }
+            digest.entry(tree, k, v);
+            match tree {
+                TreeKind::Meta if k == MANIFEST_KEY => manifest_bytes = Some(v.to_vec()),
+                TreeKind::Records => raw_records.push((k.to_vec(), v.to_vec())),
+                _ => {}
+            }
+            Ok(())
+        })?;
+        let signature = signature.ok_or_else(|| untrusted("it has no signature (an interrupted or tampered baseline)".into()))?;
+        if !key.verifies(&digest.finish(), &signature) {
+            return Err(untrusted(format!(
+                "its signature does not verify with public key {} (wrong key, or the database was modified)",
+                key.fingerprint()
+            )));
+        }
+        let manifest: Manifest = manifest_bytes
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| untrusted("its manifest is missing or unreadable".into()))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(untrusted(format!(
+                "format version {} is not the {FORMAT_VERSION} this kubefim reads",
+                manifest.format_version
+            )));
+        }
+        let policy = Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
+        let mut records = BTreeMap::new();
+        for (k, v) in raw_records {
+            let record = FileRecord::decode(&v)
+                .ok_or_else(|| untrusted(format!("record {} has an unknown format", String::from_utf8_lossy(&k))))?;
+            records.insert(k, record);
+        }
+        Ok(TrustedBaseline { store, manifest, policy, records })
+    }
+
+    /// Stored content by hash (checked against the hash).
+    pub fn content(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        self.store.content(hash)
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        self.store.path()
+    }
+}
+
+/// Takes the current state of `paths` (all, if empty) into a new signed baseline that keeps
+/// every other record as it was.
+pub fn accept(
+    db: &Path,
+    key: &SigningKey,
+    public: &PublicKey,
+    paths: &[PathBuf],
+    progress: &ScanProgress,
+) -> Result<ScanSummary> {
+    let trusted = TrustedBaseline::open(db, public)?;
+    if paths.is_empty() {
+        let policy = trusted.policy.clone();
+        drop(trusted);
+        return create(&policy, db, key, progress);
+    }
+    let mut roots = Vec::new();
+    for p in paths {
+        let abs = crate::policy::normalise_absolute(&absolute(p)).ok_or_else(|| Error::io(p, std::io::ErrorKind::InvalidInput.into()))?;
+        if trusted.policy.rule_index_for(&abs).is_none() {
+            return Err(Error::Store {
+                path: db.to_owned(),
+                message: format!("{} is not covered by the baseline's policy; nothing to accept there", abs.display()),
+            });
+        }
+        roots.push(abs);
+    }
+    let store = Store::create_beside(db)?;
+    let result = (|| {
+        let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
+        let mut kept = 0u64;
+        for (k, record) in trusted.records.iter().filter(|(k, _)| !under_accepted(k)) {
+            if let (true, Some(hash)) = (record.content_stored, record.hash()) {
+                if let Some(content) = trusted.content(hash)? {
+                    store.put_content(hash, &content)?;
+                }
+            }
+            store.put_record(k, record)?;
+            kept += 1;
+        }
+        let scan = Scan::paths(&trusted.policy, roots.clone()).skip(absolute(db)).skip(absolute(store.path()));
+        let summary = scan_into(&store, &scan, progress)?;
+        let accepted = roots.iter().map(|r| r.display().to_string()).collect();
+        Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))
+    })();
+    match result {
+        Ok((manifest, summary)) => {
+            drop(trusted);
+            seal(store, db, key, &manifest)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            store.discard();
+            Err(e)
+        }
+    }
+}

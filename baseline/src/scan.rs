@@ -1,0 +1,378 @@
+//! The scan: walks the roots a policy names (walkdir, never following symlinks, not crossing
+//! file systems) and turns every entry into a [`FileRecord`] on all cores (rayon), handing
+//! each to a [`ScanSink`] as soon as it is ready so the caller can store or compare while
+//! the walk goes on. Regular files are opened once (`O_NOFOLLOW | O_NONBLOCK | O_NOATIME`),
+//! `fstat`ed, hashed and `fstat`ed again; FIFOs, sockets and devices are never opened.
+//! Problems with one entry (unreadable, vanished, changed while read) are warnings, never
+//! fatal.
+
+use std::cell::RefCell;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{self, Seek};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+use walkdir::WalkDir;
+
+use crate::hash;
+use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
+use crate::record::{FileKind, FileRecord};
+
+/// How many times a file that changes while it is read is read again before it is recorded
+/// as unstable.
+const READ_ATTEMPTS: usize = 3;
+
+/// The read buffer of each thread: 16 subtrees, so large files are hashed on every core.
+const READ_BUFFER: usize = 1 << 20;
+
+/// One scanned entry.
+#[derive(Debug)]
+pub struct ScannedEntry {
+    /// Its path.
+    pub path: PathBuf,
+    /// What was recorded.
+    pub record: FileRecord,
+    /// The content, for files whose rule keeps content for diffs and that are text.
+    pub content: Option<Vec<u8>>,
+}
+
+/// Receives what the scan finds, from many threads at once.
+pub trait ScanSink: Sync {
+    /// A recorded entry.
+    fn entry(&self, entry: ScannedEntry);
+}
+
+/// What a warning is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarningKind {
+    /// The entry disappeared between listing and reading (not an error of the scan).
+    Vanished,
+    /// The entry or its content could not be read; what was readable is recorded.
+    Unreadable,
+    /// The file kept changing while it was read; its hash is not recorded.
+    Unstable,
+}
+
+/// A non-fatal problem with one path.
+#[derive(Debug, Clone)]
+pub struct ScanWarning {
+    /// The path.
+    pub path: PathBuf,
+    /// The kind of problem.
+    pub kind: WarningKind,
+    /// What happened.
+    pub message: String,
+}
+
+/// Live counters, for progress displays.
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Entries recorded so far.
+    pub entries: AtomicU64,
+    /// Content bytes hashed so far.
+    pub bytes: AtomicU64,
+}
+
+/// The outcome of a scan, besides the entries handed to the sink.
+#[derive(Debug, Default)]
+pub struct ScanSummary {
+    /// Entries recorded.
+    pub entries: u64,
+    /// Content bytes hashed.
+    pub bytes: u64,
+    /// Non-fatal problems, sorted by path.
+    pub warnings: Vec<ScanWarning>,
+}
+
+impl ScanSummary {
+    /// Warnings that leave the scan's picture of the tree incomplete (all but vanished).
+    pub fn incomplete(&self) -> impl Iterator<Item = &ScanWarning> {
+        self.warnings.iter().filter(|w| w.kind != WarningKind::Vanished)
+    }
+}
+
+/// A scan of some paths under a policy.
+pub struct Scan<'a> {
+    policy: &'a Policy,
+    roots: Vec<PathBuf>,
+    skip: Vec<PathBuf>,
+}
+
+impl<'a> Scan<'a> {
+    /// A scan of every rule of the policy. Nested rule roots are walked as part of their
+    /// enclosing root; they are walked on their own only if they are another file system.
+    pub fn whole_policy(policy: &'a Policy) -> Self {
+        let roots = policy.rules.iter().map(|r| r.path.clone()).collect();
+        Scan { policy, roots, skip: Vec::new() }
+    }
+
+    /// A scan of the given paths only (each governed by the policy's rule for it).
+    pub fn paths(policy: &'a Policy, roots: Vec<PathBuf>) -> Self {
+        Scan { policy, roots, skip: Vec::new() }
+    }
+
+    /// Paths never recorded, whatever the policy says (the baseline database itself).
+    pub fn skip(mut self, path: PathBuf) -> Self {
+        self.skip.push(path);
+        self
+    }
+
+    /// Runs the scan, handing every entry to `sink`.
+    pub fn run(&self, sink: &dyn ScanSink, progress: &ScanProgress) -> ScanSummary {
+        let warnings = Mutex::new(Vec::new());
+        let warn = |path: &Path, kind, message: String| {
+            warnings.lock().expect("no panics while holding").push(ScanWarning { path: path.to_owned(), kind, message });
+        };
+        for (i, root) in self.roots.iter().enumerate() {
+            if self.is_covered_by_other_root(i) {
+                continue;
+            }
+            self.walk(root, sink, progress, &warn);
+        }
+        let mut warnings = warnings.into_inner().expect("no panics while holding");
+        warnings.sort_by(|a, b| a.path.cmp(&b.path));
+        ScanSummary {
+            entries: progress.entries.load(Ordering::Relaxed),
+            bytes: progress.bytes.load(Ordering::Relaxed),
+            warnings,
+        }
+    }
+
+    /// A root inside another root on the same file system is walked as part of it.
+    fn is_covered_by_other_root(&self, i: usize) -> bool {
+        let root = &self.roots[i];
+        self.roots.iter().enumerate().any(|(j, other)| {
+            j != i
+                && root.starts_with(other)
+                && (root != other || j < i)
+                && same_device(root, other)
+        })
+    }
+
+    fn walk(&self, root: &Path, sink: &dyn ScanSink, progress: &ScanProgress, warn: &(dyn Fn(&Path, WarningKind, String) + Sync)) {
+        let policy = self.policy;
+        let skipped = |p: &Path| self.skip.iter().any(|s| p.starts_with(s));
+        let excluded = |p: &Path| match policy.rule_index_for(p) {
+            Some(i) => policy.rules[i].excludes(p),
+            None => true,
+        };
+        let walker = WalkDir::new(root)
+            .follow_links(false)
+            .follow_root_links(false)
+            .same_file_system(true)
+            .into_iter()
+            .filter_entry(|e| !excluded(e.path()) && !skipped(e.path()));
+        walker.par_bridge().for_each(|item| match item {
+            Ok(entry) => {
+                let Some(rule_index) = policy.rule_index_for(entry.path()) else { return };
+                let rule = &policy.rules[rule_index];
+                let path = entry.path();
+                match record_entry(path, entry.file_type().is_file(), rule, rule_index) {
+                    Ok(Recorded { record, content, warning }) => {
+                        if let Some((kind, message)) = warning {
+                            warn(path, kind, message);
+                        }
+                        progress.entries.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes.fetch_add(record.digest.as_ref().map_or(0, |_| record.size), Ordering::Relaxed);
+                        sink.entry(ScannedEntry { path: path.to_owned(), record, content });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        warn(path, WarningKind::Vanished, "vanished during the scan".into());
+                    }
+                    Err(e) => warn(path, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
+                }
+            }
+            Err(e) => {
+                let path = e.path().map(Path::to_owned).unwrap_or_else(|| root.to_owned());
+                match e.io_error().map(io::Error::kind) {
+                    // A root that does not exist is simply absent (verify reports it if it appears).
+                    Some(io::ErrorKind::NotFound) if path == root => {}
+                    Some(io::ErrorKind::NotFound) => warn(&path, WarningKind::Vanished, "vanished during the scan".into()),
+                    _ => warn(&path, WarningKind::Unreadable, format!("cannot list directory: {}", io_message(&e))),
+                }
+            }
+        });
+    }
+}
+
+fn io_message(e: &walkdir::Error) -> String {
+    e.io_error().map_or_else(|| e.to_string(), ToString::to_string)
+}
+
+fn same_device(a: &Path, b: &Path) -> bool {
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => true,
+    }
+}
+
+/// What recording one entry produced.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The record.
+    pub record: FileRecord,
+    /// The content, when the rule keeps it and it is text.
+    pub content: Option<Vec<u8>>,
+    /// A problem met while recording, if any.
+    pub warning: Option<(WarningKind, String)>,
+}
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_BUFFER));
+}
+
+/// Records one entry under `rule`. `looks_like_file` comes from the directory listing; it is
+/// checked again on the opened descriptor, so a file swapped for a FIFO is never read.
+pub fn record_entry(path: &Path, looks_like_file: bool, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+    let r = if looks_like_file && rule.attributes.contains(Attribute::Content) {
+        match open_for_hash(path) {
+            Ok(file) => record_open_file(&file, rule, rule_index)?,
+            // Became a symlink since the listing: record what it is now.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => record_by_path(path, rule, rule_index)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(e) => {
+                let mut r = record_by_path(path, rule, rule_index)?;
+                let message = format!("cannot read content: {e}");
+                r.record.error = Some(message.clone());
+                r.warning = Some((WarningKind::Unreadable, message));
+                r
+            }
+        }
+    } else {
+        record_by_path(path, rule, rule_index)?
+    };
+    Ok(r)
+}
+
+fn open_for_hash(path: &Path) -> io::Result<File> {
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+    match OpenOptions::new().read(true).custom_flags(flags | libc::O_NOATIME).open(path) {
+        // O_NOATIME needs ownership or CAP_FOWNER; without it, open normally.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => OpenOptions::new().read(true).custom_flags(flags).open(path),
+        other => other,
+    }
+}
+
+fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let mut record = base_record(&meta, rule_index);
+    if record.kind == FileKind::Symlink && rule.attributes.contains(Attribute::LinkTarget) {
+        record.link_target = Some(std::os::unix::ffi::OsStrExt::as_bytes(std::fs::read_link(path)?.as_os_str()).to_vec());
+    }
+    if rule.attributes.contains(Attribute::Xattrs) {
+        record.xattrs = read_xattrs(xattr::list(path), |name| xattr::get(path, name));
+    }
+    Ok(Recorded { record, content: None, warning: None })
+}
+
+fn record_open_file(file: &File, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+    let mut meta = file.metadata()?;
+    let mut record = base_record(&meta, rule_index);
+    if rule.attributes.contains(Attribute::Xattrs) {
+        use xattr::FileExt;
+        record.xattrs = read_xattrs(file.list_xattr(), |name| file.get_xattr(name));
+    }
+    if record.kind != FileKind::File {
+        // Swapped for something else since the listing; never read it.
+        return Ok(Recorded { record, content: None, warning: None });
+    }
+    let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
+    for attempt in 1..=READ_ATTEMPTS {
+        let read = BUFFER.with(|buf| hash::digest_reader(&mut &*file, &mut buf.borrow_mut(), keep));
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                let message = format!("cannot read content: {e}");
+                record.error = Some(message.clone());
+                return Ok(Recorded { record, content: None, warning: Some((WarningKind::Unreadable, message)) });
+            }
+        };
+        let after = file.metadata()?;
+        if stable(&meta, &after) && read.len == after.size() {
+            let content = read.content.filter(|c| is_text(c));
+            record.content_stored = content.is_some();
+            record.digest = Some(read.digest);
+            return Ok(Recorded { record, content, warning: None });
+        }
+        meta = after;
+        record = FileRecord { xattrs: std::mem::take(&mut record.xattrs), ..base_record(&meta, rule_index) };
+        if attempt < READ_ATTEMPTS {
+            (&mut &*file).rewind()?;
+        }
+    }
+    let message = format!("changed while being read ({READ_ATTEMPTS} attempts); content not recorded");
+    record.error = Some(message.clone());
+    Ok(Recorded { record, content: None, warning: Some((WarningKind::Unstable, message)) })
+}
+
+fn stable(before: &Metadata, after: &Metadata) -> bool {
+    before.size() == after.size()
+        && before.mtime() == after.mtime()
+        && before.mtime_nsec() == after.mtime_nsec()
+        && before.ctime() == after.ctime()
+        && before.ctime_nsec() == after.ctime_nsec()
+}
+
+/// Text worth diffing: UTF-8 without NUL bytes.
+pub fn is_text(content: &[u8]) -> bool {
+    !content.contains(&0) && std::str::from_utf8(content).is_ok()
+}
+
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+fn base_record(meta: &Metadata, rule_index: usize) -> FileRecord {
+    FileRecord {
+        kind: FileKind::from_mode(meta.mode()),
+        size: meta.size(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+        dev: meta.dev(),
+        inode: meta.ino(),
+        nlink: meta.nlink(),
+        link_target: None,
+        xattrs: Vec::new(),
+        digest: None,
+        content_stored: false,
+        rule: u32::try_from(rule_index).expect("fewer than 2^32 rules"),
+        error: None,
+    }
+}
+
+/// Lists and reads extended attributes, sorted by name. A file system without xattr
+/// support has none; an attribute that vanishes between list and get is skipped.
+fn read_xattrs(
+    list: io::Result<xattr::XAttrs>,
+    get: impl Fn(&std::ffi::OsStr) -> io::Result<Option<Vec<u8>>>,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(names) = list else { return Vec::new() };
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = names
+        .filter_map(|name| match get(&name) {
+            Ok(Some(value)) => Some((name.as_bytes().to_vec(), value)),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Records one path as it is now under the policy's rule for it (the watcher's targeted
+/// rehash); `None` when no rule covers it or its rule excludes it.
+pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
+    let rule_index = policy.rule_index_for(path)?;
+    let rule = &policy.rules[rule_index];
+    if rule.excludes(path) {
+        return None;
+    }
+    let looks_like_file = std::fs::symlink_metadata(path).map(|m| m.is_file()).unwrap_or(false);
+    Some(record_entry(path, looks_like_file, rule, rule_index))
+}
+

@@ -1,0 +1,282 @@
+//! The baseline database, and the only module that knows it is sled. A baseline is a sled
+//! directory with three trees: `records` (path bytes -> encoded [`FileRecord`]), `content`
+//! (BLAKE3 hash -> zstd-compressed text, for `diff: true` rules, deduplicated by hash) and
+//! `meta` (the manifest and the signature). A new baseline is written to a temporary
+//! directory beside the target and moved into place only once it is flushed and signed, so
+//! a create killed at any point leaves either no baseline or the previous one.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::record::FileRecord;
+
+/// sled's page cache: small, because records are written once and read once per run.
+const CACHE_BYTES: u64 = 32 << 20;
+
+/// Version byte in front of every stored content blob.
+const CONTENT_FORMAT: u8 = 1;
+
+/// zstd level for stored content: fast, and text compresses well at any level.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The trees of a baseline, in the order the canonical digest visits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeKind {
+    /// Manifest and signature.
+    Meta,
+    /// Path -> record.
+    Records,
+    /// Content hash -> compressed content.
+    Content,
+}
+
+impl TreeKind {
+    /// Every tree, in digest order.
+    pub const ALL: [TreeKind; 3] = [TreeKind::Meta, TreeKind::Records, TreeKind::Content];
+
+    /// The sled tree name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeKind::Meta => "meta",
+            TreeKind::Records => "records",
+            TreeKind::Content => "content",
+        }
+    }
+}
+
+/// The key of the signature in the meta tree; the only entry the digest leaves out.
+pub const SIGNATURE_KEY: &[u8] = b"signature";
+
+/// An open baseline database (being written or being read).
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Store { path: path.to_owned(), message: e.to_string() }
+}
+
+fn untrusted(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Untrusted { path: path.to_owned(), reason: reason.into() }
+}
+
+/// sled can panic on a garbled file; a panic while opening or reading is corruption.
+fn guarded<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
+impl Store {
+    /// Starts a new baseline that will replace `target` when [`Store::install`] is called.
+    pub fn create_beside(target: &Path) -> Result<Store> {
+        if target.exists() && !looks_like_store(target) {
+            return Err(store_err(target, "exists and is not a kubefim baseline; remove it or choose another --db path"));
+        }
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        remove_stale_temporaries(target);
+        let name = target.file_name().ok_or_else(|| store_err(target, "the --db path has no file name"))?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = parent.join(format!(".{}.tmp-{}-{stamp}", name.to_string_lossy(), std::process::id()));
+        let db = sled::Config::new()
+            .path(&tmp)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .create_new(true)
+            .open()
+            .map_err(|e| store_err(&tmp, e))?;
+        Ok(Store { db, path: tmp })
+    }
+
+    /// Opens an existing baseline for reading. Anything wrong with it (missing, not a sled
+    /// database, unexpected trees, sled errors or panics) means it cannot be trusted.
+    pub fn open(path: &Path) -> Result<Store> {
+        if !looks_like_store(path) {
+            return Err(untrusted(path, "no baseline database there (create one with `kubefim baseline create`)"));
+        }
+        let open = |p: &Path| {
+            guarded(|| sled::Config::new().path(p).cache_capacity(CACHE_BYTES).flush_every_ms(None).open())
+        };
+        let db = match open(path) {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(e))) if is_read_only(&e) => Self::open_copy(path, &e)?,
+            Ok(Err(e)) => return Err(untrusted(path, format!("corrupt database: {e}"))),
+            Err(_) => return Err(untrusted(path, "corrupt database: the store failed to open it")),
+        };
+        let store = Store { db, path: path.to_owned() };
+        store.check_layout()?;
+        Ok(store)
+    }
+
+    /// sled needs to write (lock, recover) even to read; a baseline on a read-only mount is
+    /// opened from a private copy.
+    fn open_copy(path: &Path, cause: &std::io::Error) -> Result<sled::Db> {
+        let dir = tempfile::Builder::new().prefix("kubefim-ro-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let copy = dir.path().join("db");
+        copy_dir(path, &copy).map_err(|e| untrusted(path, format!("read-only ({cause}) and cannot be copied: {e}")))?;
+        let db = guarded(|| sled::Config::new().path(&copy).temporary(true).flush_every_ms(None).open())
+            .map_err(|_| untrusted(path, "corrupt database: the store failed to open it"))?
+            .map_err(|e| untrusted(path, format!("corrupt database: {e}")))?;
+        // sled keeps its files open; the directory itself can go now.
+        drop(dir);
+        Ok(db)
+    }
+
+    fn check_layout(&self) -> Result<()> {
+        for name in self.db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if name != "__sled__default" && !TreeKind::ALL.iter().any(|t| t.name() == name) {
+                return Err(untrusted(&self.path, format!("unexpected tree {name:?} in the database")));
+            }
+        }
+        if !self.db.is_empty() {
+            return Err(untrusted(&self.path, "unexpected entries in the default tree"));
+        }
+        Ok(())
+    }
+
+    /// Where this store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tree(&self, kind: TreeKind) -> Result<sled::Tree> {
+        self.db.open_tree(kind.name()).map_err(|e| store_err(&self.path, e))
+    }
+
+    /// Writes a record under its path.
+    pub fn put_record(&self, path: &[u8], record: &FileRecord) -> Result<()> {
+        self.put(TreeKind::Records, path, &record.encode())
+    }
+
+    /// Writes a raw entry.
+    pub fn put(&self, kind: TreeKind, key: &[u8], value: &[u8]) -> Result<()> {
+        self.tree(kind)?.insert(key, value).map(drop).map_err(|e| store_err(&self.path, e))
+    }
+
+    /// Removes an entry.
+    pub fn remove(&self, kind: TreeKind, key: &[u8]) -> Result<()> {
+        self.tree(kind)?.remove(key).map(drop).map_err(|e| store_err(&self.path, e))
+    }
+
+    /// Reads a raw entry.
+    pub fn get(&self, kind: TreeKind, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        guarded(|| self.tree(kind)?.get(key).map_err(|e| untrusted(&self.path, format!("corrupt database: {e}"))))
+            .map_err(|_| untrusted(&self.path, "corrupt database: the store failed to read it"))?
+            .map(|v| v.map(|v| v.to_vec()))
+    }
+
+    /// Stores text content under its hash, once.
+    pub fn put_content(&self, hash: &Hash, content: &[u8]) -> Result<()> {
+        let tree = self.tree(TreeKind::Content)?;
+        if tree.contains_key(hash).map_err(|e| store_err(&self.path, e))? {
+            return Ok(());
+        }
+        let mut blob = vec![CONTENT_FORMAT];
+        blob.extend(zstd::bulk::compress(content, ZSTD_LEVEL).map_err(|e| store_err(&self.path, e))?);
+        tree.insert(hash, blob).map(drop).map_err(|e| store_err(&self.path, e))
+    }
+
+    /// Reads stored content and checks it against its hash.
+    pub fn content(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        let Some(blob) = self.get(TreeKind::Content, hash)? else { return Ok(None) };
+        let bad = || untrusted(&self.path, format!("stored content {} is corrupt", hex::encode(hash)));
+        let (&CONTENT_FORMAT, packed) = blob.split_first().ok_or_else(bad)? else { return Err(bad()) };
+        let limit = usize::try_from(crate::policy::MAX_DIFF_CONTENT).expect("1 MiB fits") + 1;
+        let content = zstd::bulk::decompress(packed, limit).map_err(|_| bad())?;
+        if blake3::hash(&content).as_bytes() != hash {
+            return Err(bad());
+        }
+        Ok(Some(content))
+    }
+
+    /// Visits every entry of every tree in canonical order (trees in [`TreeKind::ALL`]
+    /// order, keys in byte order). Errors and panics of the store are corruption.
+    pub fn for_each_entry(&self, mut f: impl FnMut(TreeKind, &[u8], &[u8]) -> Result<()>) -> Result<()> {
+        let corrupt = |e: String| untrusted(&self.path, format!("corrupt database: {e}"));
+        guarded(|| {
+            for kind in TreeKind::ALL {
+                for item in self.tree(kind)?.iter() {
+                    let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
+                    f(kind, &k, &v)?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|_| corrupt("the store failed while reading it".into()))?
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(drop).map_err(|e| store_err(&self.path, e))
+    }
+
+    /// Moves this (flushed, signed) new baseline into place at `target`, atomically
+    /// replacing any previous one, and removes the previous one.
+    pub fn install(self, target: &Path) -> Result<()> {
+        self.flush()?;
+        let tmp = self.path.clone();
+        drop(self.db);
+        let had_previous = target.exists();
+        let flags = if had_previous { rustix::fs::RenameFlags::EXCHANGE } else { rustix::fs::RenameFlags::NOREPLACE };
+        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, target, flags)
+            .map_err(|e| store_err(target, format!("cannot move the new baseline into place: {e}")))?;
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // Make the rename durable before the old baseline goes.
+            if let Ok(dir) = std::fs::File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        if had_previous {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        Ok(())
+    }
+
+    /// Abandons a baseline being written.
+    pub fn discard(self) {
+        let path = self.path.clone();
+        drop(self.db);
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// A sled directory has a `conf` and a `db` file.
+fn looks_like_store(path: &Path) -> bool {
+    path.is_dir() && path.join("db").is_file() && path.join("conf").is_file()
+}
+
+fn is_read_only(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Temporaries left by a killed create: `.NAME.tmp-PID-STAMP` whose process is gone.
+fn remove_stale_temporaries(target: &Path) {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else { return };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

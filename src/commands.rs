@@ -1,0 +1,164 @@
+//! One function per subcommand: load what the flags name, call the library, hand the result
+//! to `output`, return the exit code.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use kubefim_baseline::baseline::{self, TrustedBaseline};
+use kubefim_baseline::policy::{Policy, path_from_bytes};
+use kubefim_baseline::record::FileRecord;
+use kubefim_baseline::scan::ScanProgress;
+use kubefim_baseline::sign::{self, PublicKey, SigningKey};
+use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
+use kubefim_baseline::{report, verify as verifier};
+
+use crate::exit;
+use crate::output::{self, Progress};
+
+pub fn keygen(out: &Path) -> Result<u8> {
+    let (key, public) = sign::generate(out)?;
+    output::status(&format!("wrote private key {} (keep it off the monitored nodes) and public key {}", key.display(), public.display()));
+    Ok(exit::CLEAN)
+}
+
+pub fn create(policy: &Path, db: &Path, key: &Path) -> Result<u8> {
+    let policy = Policy::load(policy)?;
+    let key = SigningKey::load(key)?;
+    create_with(&policy, db, &key)
+}
+
+fn create_with(policy: &Policy, db: &Path, key: &SigningKey) -> Result<u8> {
+    let progress = ScanProgress::default();
+    let started = std::time::Instant::now();
+    let summary = Progress::show("scanning", &progress, || baseline::create(policy, db, key, &progress))
+        .with_context(|| format!("creating the baseline {}", db.display()))?;
+    output::warnings(&summary.warnings);
+    output::status(&format!(
+        "signed baseline {} written: {} entries, {} hashed, {} warnings, in {:.1?}",
+        db.display(),
+        summary.entries,
+        output::bytes(summary.bytes),
+        summary.warnings.len(),
+        started.elapsed()
+    ));
+    Ok(exit::CLEAN)
+}
+
+fn open_trusted(db: &Path, pubkey: &Path) -> Result<TrustedBaseline> {
+    let key = PublicKey::load(pubkey)?;
+    Ok(TrustedBaseline::open(db, &key)?)
+}
+
+pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
+    let trusted = open_trusted(db, pubkey)?;
+    let mut out = anstream::stdout().lock();
+    for (k, record) in &trusted.records {
+        let rule = &trusted.policy.rules[record.rule as usize].path;
+        if jsonl {
+            output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, rule))?;
+        } else {
+            output::record_human(&mut out, path_from_bytes(k), record)?;
+        }
+    }
+    if !jsonl {
+        output::status(&output::baseline_header(&trusted));
+    }
+    Ok(exit::CLEAN)
+}
+
+pub fn verify(db: &Path, pubkey: &Path, json: bool) -> Result<u8> {
+    let trusted = open_trusted(db, pubkey)?;
+    verify_trusted(&trusted, json)
+}
+
+fn verify_trusted(trusted: &TrustedBaseline, json: bool) -> Result<u8> {
+    let progress = ScanProgress::default();
+    let report = Progress::show("verifying", &progress, || verifier::verify(trusted, &progress))
+        .with_context(|| format!("verifying against {}", trusted.path().display()))?;
+    if json {
+        output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report))?;
+    } else {
+        output::status(&output::baseline_header(trusted));
+        output::verify_human(&report)?;
+    }
+    Ok(if report.is_clean() { exit::CLEAN } else { exit::DIFFERENCES })
+}
+
+pub fn accept(db: &Path, key: &Path, pubkey: &Path, paths: &[PathBuf]) -> Result<u8> {
+    let key = SigningKey::load(key)?;
+    let public = PublicKey::load(pubkey)?;
+    let progress = ScanProgress::default();
+    let summary = Progress::show("accepting", &progress, || baseline::accept(db, &key, &public, paths, &progress))
+        .with_context(|| format!("accepting changes into {}", db.display()))?;
+    output::warnings(&summary.warnings);
+    let what = if paths.is_empty() { "everything".to_owned() } else { format!("{} path(s)", paths.len()) };
+    output::status(&format!("accepted the current state of {what}; new signed baseline {}", db.display()));
+    Ok(exit::CLEAN)
+}
+
+/// The main job on one machine: keys and a baseline if missing, then verify.
+pub fn run(state_dir: &Path, policy: Option<&Path>, json: bool) -> Result<u8> {
+    let keys = state_dir.join("keys");
+    let (key_path, pub_path) = (keys.join(sign::PRIVATE_KEY_FILE), keys.join(sign::PUBLIC_KEY_FILE));
+    let db = state_dir.join("baseline.sled");
+    if !db.exists() {
+        if !key_path.exists() {
+            sign::generate(&keys)?;
+            output::status(&format!("generated signing keys in {}", keys.display()));
+        }
+        let policy = match policy {
+            Some(p) => Policy::load(p)?,
+            None => Policy::embedded_default(),
+        };
+        output::status(&format!("no baseline at {}: creating one from policy {:?}", db.display(), policy.name));
+        create_with(&policy, &db, &SigningKey::load(&key_path)?)?;
+    } else if policy.is_some() {
+        output::status("a baseline exists: verifying with the policy it was signed with (--policy is for new baselines)");
+    }
+    let trusted = open_trusted(&db, &pub_path)?;
+    verify_trusted(&trusted, json)
+}
+
+/// Ways to edit a database behind kubefim's back, to prove verify notices.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TamperOp {
+    EditRecord,
+    InsertRecord,
+    DeleteRecord,
+    DropSignature,
+    SwapSignature,
+}
+
+pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>) -> Result<u8> {
+    let store = Store::open(db)?;
+    let mut first = None;
+    store.for_each_entry(|tree, k, v| {
+        if tree == TreeKind::Records && first.is_none() {
+            first = Some((k.to_vec(), v.to_vec()));
+        }
+        Ok(())
+    })?;
+    let first = || first.clone().context("the baseline has no records to tamper with");
+    match op {
+        TamperOp::EditRecord => {
+            let (k, v) = first()?;
+            let mut record = FileRecord::decode(&v).context("undecodable record")?;
+            record.mode ^= 0o002;
+            store.put_record(&k, &record)?;
+        }
+        TamperOp::InsertRecord => {
+            let (_, v) = first()?;
+            store.put(TreeKind::Records, b"/kubefim-tamper-inserted", &v)?;
+        }
+        TamperOp::DeleteRecord => store.remove(TreeKind::Records, &first()?.0)?,
+        TamperOp::DropSignature => store.remove(TreeKind::Meta, SIGNATURE_KEY)?,
+        TamperOp::SwapSignature => {
+            let Some(other) = other else { bail!("swap-signature needs --other-db") };
+            let sig = Store::open(other)?.get(TreeKind::Meta, SIGNATURE_KEY)?.context("the other baseline has no signature")?;
+            store.put(TreeKind::Meta, SIGNATURE_KEY, &sig)?;
+        }
+    }
+    store.flush()?;
+    Ok(exit::CLEAN)
+}

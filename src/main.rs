@@ -1,0 +1,179 @@
+//! The `kubefim` binary: parses flags, calls the library crates, prints. Glue only: every
+//! decision about files, records and signatures lives in kubefim-baseline.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes, the contract of `verify` (and of every command that opens a baseline).
+pub mod exit {
+    /// Clean.
+    pub const CLEAN: u8 = 0;
+    /// Differences found.
+    pub const DIFFERENCES: u8 = 1;
+    /// Usage or runtime error.
+    pub const ERROR: u8 = 2;
+    /// The baseline cannot be trusted.
+    pub const UNTRUSTED: u8 = 3;
+}
+
+/// File integrity monitoring for Linux and Kubernetes nodes: signed BLAKE3 baselines.
+#[derive(Parser)]
+#[command(name = "kubefim", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an Ed25519 signing key pair: DIR/kubefim.key (PKCS#8, 0600) and DIR/kubefim.pub.
+    Keygen {
+        /// Directory to write the keys into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create, show or amend a signed baseline.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+    /// Rescan and report what was added, removed or modified since the baseline.
+    Verify {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The public key the baseline must be signed with.
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Human)]
+        format: VerifyFormat,
+    },
+    /// The main job on one machine: create keys and a signed baseline of the policy (the
+    /// embedded node policy by default) if none exists yet, then verify.
+    Run {
+        /// Where keys and the baseline live.
+        #[arg(long, default_value = "/var/lib/kubefim")]
+        state_dir: PathBuf,
+        /// Policy for a new baseline (default: the embedded Kubernetes node policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Output format of the verify.
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Human)]
+        format: VerifyFormat,
+    },
+    /// Print the embedded default policy.
+    DefaultPolicy,
+    /// Developer tools (tamper a database to test detection).
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum BaselineCommand {
+    /// Scan what the policy names and write a signed baseline.
+    Create {
+        /// The FimPolicy YAML.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The baseline database to write (a directory).
+        #[arg(long)]
+        db: PathBuf,
+        /// The private signing key.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Print the records of a baseline after checking its signature.
+    Show {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The public key the baseline must be signed with.
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Human)]
+        format: ShowFormat,
+    },
+    /// Take the current state of PATHs (all, if none) into a new signed baseline.
+    Accept {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The private signing key for the new baseline.
+        #[arg(long)]
+        key: PathBuf,
+        /// The public key the current baseline must be signed with.
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Paths whose current state to accept.
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Edit a baseline database without re-signing it.
+    Tamper {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// What to do.
+        #[arg(long, value_enum)]
+        op: commands::TamperOp,
+        /// For swap-signature: the baseline to take the signature from.
+        #[arg(long)]
+        other_db: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VerifyFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ShowFormat {
+    Human,
+    Jsonl,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    output::init_logging();
+    let result = match cli.command {
+        Command::Keygen { out } => commands::keygen(&out),
+        Command::Baseline(BaselineCommand::Create { policy, db, key }) => commands::create(&policy, &db, &key),
+        Command::Baseline(BaselineCommand::Show { db, pubkey, format }) => {
+            commands::show(&db, &pubkey, format == ShowFormat::Jsonl)
+        }
+        Command::Baseline(BaselineCommand::Accept { db, key, pubkey, paths }) => {
+            commands::accept(&db, &key, &pubkey, &paths)
+        }
+        Command::Verify { db, pubkey, format } => commands::verify(&db, &pubkey, format == VerifyFormat::Json),
+        Command::Run { state_dir, policy, format } => {
+            commands::run(&state_dir, policy.as_deref(), format == VerifyFormat::Json)
+        }
+        Command::DefaultPolicy => {
+            print!("{}", kubefim_baseline::policy::DEFAULT_POLICY);
+            Ok(exit::CLEAN)
+        }
+        Command::Debug(DebugCommand::Tamper { db, op, other_db }) => commands::tamper(&db, op, other_db.as_deref()),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        // A reader that stopped reading (`| head`) is not an error worth a message.
+        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
+            ExitCode::from(exit::ERROR)
+        }
+        Err(e) => {
+            output::error(&e);
+            let untrusted = e.chain().any(|c| c.downcast_ref::<kubefim_baseline::Error>().is_some_and(|e| e.is_untrusted()));
+            ExitCode::from(if untrusted { exit::UNTRUSTED } else { exit::ERROR })
+        }
+    }
+}
