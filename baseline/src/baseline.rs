@@ -14,8 +14,8 @@ use crate::hash::Hash;
 use crate::policy::{Policy, path_bytes};
 use crate::record::FileRecord;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
-use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
-use crate::store::{SIGNATURE_KEY, Store, TreeKind};
+use crate::sign::{self, CanonicalDigest, PublicKey, SigningKey};
+use crate::store::{self, SIGNATURE_KEY, Store, TreeKind};
 
 /// The layout version of a baseline; verify refuses others.
 pub const FORMAT_VERSION: u32 = 1;
@@ -99,7 +99,61 @@ fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> R
         Ok(())
     })?;
     store.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&digest.finish()))?;
-    store.install(target)
+    let dir = store.close()?;
+    let sealed = write_seal(&dir, key).and_then(|()| store::install(&dir, target));
+    if sealed.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    sealed
+}
+
+/// First line of a seal file.
+const SEAL_HEADER: &str = "kubefim baseline seal v1\n";
+
+/// Signs the listing of every file of the closed store directory `dir` into its seal file.
+fn write_seal(dir: &Path, key: &SigningKey) -> Result<()> {
+    let mut body = SEAL_HEADER.as_bytes().to_vec();
+    body.extend(store::file_listing(dir).map_err(|e| Error::io(dir, e))?);
+    let signature = key.sign(&sign::seal_digest(&body));
+    let mut file = body;
+    file.extend_from_slice(format!("ed25519 {}\n", hex::encode(signature)).as_bytes());
+    let path = dir.join(store::SEAL_FILE);
+    std::fs::write(&path, file).map_err(|e| Error::io(&path, e))
+}
+
+/// Checks the seal of the baseline copy in `dir`: signed by `key`, and listing exactly the
+/// files there are, with exactly their bytes. `shown` names the baseline in errors.
+fn check_seal(dir: &Path, key: &PublicKey, shown: &Path) -> Result<()> {
+    let untrusted = |reason: String| Error::Untrusted { path: shown.to_owned(), reason };
+    let seal = std::fs::read(dir.join(store::SEAL_FILE))
+        .map_err(|e| untrusted(format!("its seal file {} cannot be read ({e})", store::SEAL_FILE)))?;
+    let body_end = seal[..seal.len().saturating_sub(1)].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let (body, last) = seal.split_at(body_end);
+    let signature = std::str::from_utf8(last)
+        .ok()
+        .and_then(|l| l.trim_end().strip_prefix("ed25519 "))
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| untrusted("its seal has no signature".into()))?;
+    if !body.starts_with(SEAL_HEADER.as_bytes()) || !key.verifies(&sign::seal_digest(body), &signature) {
+        return Err(untrusted(format!(
+            "its seal does not verify with public key {} (wrong key, or the database was modified)",
+            key.fingerprint()
+        )));
+    }
+    let listing = store::file_listing(dir).map_err(|e| untrusted(format!("cannot be read: {e}")))?;
+    let sealed = &body[SEAL_HEADER.len()..];
+    if listing != sealed {
+        let now: std::collections::BTreeSet<&[u8]> = listing.split(|&b| b == b'\n').collect();
+        let then: std::collections::BTreeSet<&[u8]> = sealed.split(|&b| b == b'\n').collect();
+        let culprit = now
+            .symmetric_difference(&then)
+            .filter_map(|l| l.splitn(3, |&b| b == b' ').nth(2))
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .next()
+            .unwrap_or_default();
+        return Err(untrusted(format!("its file {culprit:?} was modified, added or removed after it was signed")));
+    }
+    Ok(())
 }
 
 fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<String>) -> Manifest {
@@ -152,7 +206,7 @@ impl TrustedBaseline {
     /// Opens `db` and checks its signature with `key`. Any failure is [`Error::Untrusted`].
     pub fn open(db: &Path, key: &PublicKey) -> Result<TrustedBaseline> {
         let untrusted = |reason: String| Error::Untrusted { path: db.to_owned(), reason };
-        let store = Store::open(db)?;
+        let store = Store::open_snapshot(db, |copy| check_seal(copy, key, db))?;
         let mut digest = CanonicalDigest::new();
         let (mut signature, mut manifest_bytes) = (None, None);
         let mut raw_records = Vec::new();

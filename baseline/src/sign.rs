@@ -18,6 +18,9 @@ use crate::store::TreeKind;
 /// BLAKE3 derive-key context of the canonical digest. Never reuse it for anything else.
 const DIGEST_CONTEXT: &str = "kubefim.io 2026-11 baseline canonical digest v1";
 
+/// BLAKE3 derive-key context of the file-level seal's digest.
+const SEAL_CONTEXT: &str = "kubefim.io 2026-11 baseline file seal v1";
+
 /// Prefix of the signed message, so a baseline signature can never be mistaken for (or made
 /// from) a signature over anything else made with the same key.
 const SIGNED_PREFIX: &[u8] = b"kubefim.io baseline signature v1\0";
@@ -150,6 +153,12 @@ impl SigningKey {
     fn load_der(der: &[u8]) -> Option<SigningKey> {
         Ed25519KeyPair::from_pkcs8(der).ok().map(|pair| SigningKey { pair })
     }
+}
+
+/// The digest of a file-level seal body (a different derive-key context from the canonical
+/// digest, so neither can stand for the other).
+pub fn seal_digest(body: &[u8]) -> Hash {
+    blake3::derive_key(SEAL_CONTEXT, body)
 }
 
 fn signed_message(digest: &Hash) -> Vec<u8> {

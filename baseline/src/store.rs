@@ -52,6 +52,8 @@ pub const SIGNATURE_KEY: &[u8] = b"signature";
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// The private copy a reader works on; removed when the store is dropped.
+    _snapshot: Option<tempfile::TempDir>,
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -68,7 +70,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
 }
 
 impl Store {
-    /// Starts a new baseline that will replace `target` when [`Store::install`] is called.
+    /// Starts a new baseline that will replace `target` when it is installed.
     pub fn create_beside(target: &Path) -> Result<Store> {
         if target.exists() && !looks_like_store(target) {
             return Err(store_err(target, "exists and is not a kubefim baseline; remove it or choose another --db path"));
@@ -83,44 +85,43 @@ impl Store {
             .path(&tmp)
             .cache_capacity(CACHE_BYTES)
             .mode(sled::Mode::HighThroughput)
+            // No background flusher: once the store is closed its files are final and can be
+            // sealed.
+            .flush_every_ms(None)
             .create_new(true)
             .open()
             .map_err(|e| store_err(&tmp, e))?;
-        Ok(Store { db, path: tmp })
+        Ok(Store { db, path: tmp, _snapshot: None })
     }
 
-    /// Opens an existing baseline for reading. Anything wrong with it (missing, not a sled
-    /// database, unexpected trees, sled errors or panics) means it cannot be trusted.
+    /// Opens a baseline in place. Only for tools that edit a database on purpose (the
+    /// tamper tests): sled writes to what it opens, so readers use [`Store::open_snapshot`].
     pub fn open(path: &Path) -> Result<Store> {
         if !looks_like_store(path) {
-            return Err(untrusted(path, "no baseline database there (create one with `kubefim baseline create`)"));
+            return Err(untrusted(path, NO_BASELINE));
         }
-        let open = |p: &Path| {
-            guarded(|| sled::Config::new().path(p).cache_capacity(CACHE_BYTES).flush_every_ms(None).open())
-        };
-        let db = match open(path) {
-            Ok(Ok(db)) => db,
-            Ok(Err(sled::Error::Io(e))) if is_read_only(&e) => Self::open_copy(path, &e)?,
-            Ok(Err(e)) => return Err(untrusted(path, format!("corrupt database: {e}"))),
-            Err(_) => return Err(untrusted(path, "corrupt database: the store failed to open it")),
-        };
-        let store = Store { db, path: path.to_owned() };
+        let store = Store { db: open_sled(path, path)?, path: path.to_owned(), _snapshot: None };
         store.check_layout()?;
         Ok(store)
     }
 
-    /// sled needs to write (lock, recover) even to read; a baseline on a read-only mount is
-    /// opened from a private copy.
-    fn open_copy(path: &Path, cause: &std::io::Error) -> Result<sled::Db> {
-        let dir = tempfile::Builder::new().prefix("kubefim-ro-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    /// Opens a private copy of the baseline at `path` once `check` has approved the copy's
+    /// files, so what is read is byte for byte what was checked, and the baseline itself is
+    /// never written (it may be on a read-only mount).
+    pub fn open_snapshot(path: &Path, check: impl FnOnce(&Path) -> Result<()>) -> Result<Store> {
+        if !looks_like_store(path) {
+            return Err(untrusted(path, NO_BASELINE));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("kubefim-baseline-")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let copy = dir.path().join("db");
-        copy_dir(path, &copy).map_err(|e| untrusted(path, format!("read-only ({cause}) and cannot be copied: {e}")))?;
-        let db = guarded(|| sled::Config::new().path(&copy).temporary(true).flush_every_ms(None).open())
-            .map_err(|_| untrusted(path, "corrupt database: the store failed to open it"))?
-            .map_err(|e| untrusted(path, format!("corrupt database: {e}")))?;
-        // sled keeps its files open; the directory itself can go now.
-        drop(dir);
-        Ok(db)
+        copy_dir(path, &copy).map_err(|e| untrusted(path, format!("cannot be read: {e}")))?;
+        check(&copy)?;
+        let store = Store { db: open_sled(&copy, path)?, path: path.to_owned(), _snapshot: Some(dir) };
+        store.check_layout()?;
+        Ok(store)
     }
 
     fn check_layout(&self) -> Result<()> {
@@ -136,7 +137,7 @@ impl Store {
         Ok(())
     }
 
-    /// Where this store lives.
+    /// The baseline this store is (or will be installed as).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -182,7 +183,7 @@ impl Store {
     pub fn content(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
         let Some(blob) = self.get(TreeKind::Content, hash)? else { return Ok(None) };
         let bad = || untrusted(&self.path, format!("stored content {} is corrupt", hex::encode(hash)));
-        let (&CONTENT_FORMAT, packed) = blob.split_first().ok_or_else(bad)? else { return Err(bad()) };
+        let Some((&CONTENT_FORMAT, packed)) = blob.split_first() else { return Err(bad()) };
         let limit = usize::try_from(crate::policy::MAX_DIFF_CONTENT).expect("1 MiB fits") + 1;
         let content = zstd::bulk::decompress(packed, limit).map_err(|_| bad())?;
         if blake3::hash(&content).as_bytes() != hash {
@@ -212,26 +213,11 @@ impl Store {
         self.db.flush().map(drop).map_err(|e| store_err(&self.path, e))
     }
 
-    /// Moves this (flushed, signed) new baseline into place at `target`, atomically
-    /// replacing any previous one, and removes the previous one.
-    pub fn install(self, target: &Path) -> Result<()> {
+    /// Flushes and closes a store being written; returns its directory, whose files are
+    /// final from now on (ready for [`file_listing`] and [`install`]).
+    pub fn close(self) -> Result<PathBuf> {
         self.flush()?;
-        let tmp = self.path.clone();
-        drop(self.db);
-        let had_previous = target.exists();
-        let flags = if had_previous { rustix::fs::RenameFlags::EXCHANGE } else { rustix::fs::RenameFlags::NOREPLACE };
-        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, target, flags)
-            .map_err(|e| store_err(target, format!("cannot move the new baseline into place: {e}")))?;
-        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            // Make the rename durable before the old baseline goes.
-            if let Ok(dir) = std::fs::File::open(parent) {
-                let _ = dir.sync_all();
-            }
-        }
-        if had_previous {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        Ok(())
+        Ok(self.path.clone())
     }
 
     /// Abandons a baseline being written.
@@ -242,13 +228,70 @@ impl Store {
     }
 }
 
+const NO_BASELINE: &str = "no baseline database there (create one with `kubefim baseline create`)";
+
+fn open_sled(dir: &Path, shown: &Path) -> Result<sled::Db> {
+    match guarded(|| sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open()) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(untrusted(shown, format!("corrupt database: {e}"))),
+        Err(_) => Err(untrusted(shown, "corrupt database: the store failed to open it")),
+    }
+}
+
+/// The name of the file-level seal inside a baseline directory (written by the caller).
+pub const SEAL_FILE: &str = "kubefim.seal";
+
+/// A canonical listing of the files of a closed baseline directory, except the seal: one
+/// line per file, `<blake3 hex> <size> <relative path>`, sorted by path. Signing it makes
+/// every byte of every file count, including bytes the store itself would ignore.
+pub fn file_listing(dir: &Path) -> std::io::Result<Vec<u8>> {
+    fn walk(dir: &Path, rel: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let rel = rel.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                walk(&entry.path(), &rel, out)?;
+            } else if rel != Path::new(SEAL_FILE) {
+                out.push((rel, entry.path()));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, Path::new(""), &mut files)?;
+    files.sort();
+    let mut listing = Vec::new();
+    for (rel, full) in files {
+        let bytes = std::fs::read(&full)?;
+        listing.extend_from_slice(format!("{} {} ", blake3::hash(&bytes).to_hex(), bytes.len()).as_bytes());
+        listing.extend_from_slice(crate::policy::path_bytes(&rel));
+        listing.push(b'\n');
+    }
+    Ok(listing)
+}
+
+/// Moves a closed, sealed new baseline directory into place at `target`, atomically
+/// replacing any previous one, then removes the previous one.
+pub fn install(tmp: &Path, target: &Path) -> Result<()> {
+    let had_previous = target.exists();
+    let flags = if had_previous { rustix::fs::RenameFlags::EXCHANGE } else { rustix::fs::RenameFlags::NOREPLACE };
+    rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, target, flags)
+        .map_err(|e| store_err(target, format!("cannot move the new baseline into place: {e}")))?;
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // Make the rename durable before the old baseline goes.
+        if let Ok(dir) = std::fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    if had_previous {
+        std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+    }
+    Ok(())
+}
+
 /// A sled directory has a `conf` and a `db` file.
 fn looks_like_store(path: &Path) -> bool {
     path.is_dir() && path.join("db").is_file() && path.join("conf").is_file()
-}
-
-fn is_read_only(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
