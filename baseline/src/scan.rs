@@ -28,6 +28,9 @@ const READ_ATTEMPTS: usize = 3;
 /// The read buffer of each thread: 16 subtrees, so large files are hashed on every core.
 const READ_BUFFER: usize = 1 << 20;
 
+/// Listed entries waiting to be recorded.
+const WALK_QUEUE: usize = 8192;
+
 /// One scanned entry.
 #[derive(Debug)]
 pub struct ScannedEntry {
@@ -159,13 +162,38 @@ impl<'a> Scan<'a> {
             Some(i) => policy.rules[i].excludes(p),
             None => true,
         };
-        let walker = WalkDir::new(root)
-            .follow_links(false)
-            .follow_root_links(false)
-            .same_file_system(true)
-            .into_iter()
-            .filter_entry(|e| !excluded(e.path()) && !skipped(e.path()));
-        walker.par_bridge().for_each(|item| match item {
+        // The walk runs on its own thread and only lists; hashing runs on rayon's threads.
+        // (Pulling the walker straight through `par_bridge` would make every worker wait on
+        // the walker's lock while it is in getdents.)
+        let (tx, rx) = std::sync::mpsc::sync_channel(WALK_QUEUE);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let walker = WalkDir::new(root)
+                    .follow_links(false)
+                    .follow_root_links(false)
+                    .same_file_system(true)
+                    .into_iter()
+                    .filter_entry(|e| !excluded(e.path()) && !skipped(e.path()));
+                for item in walker {
+                    if tx.send(item).is_err() {
+                        break;
+                    }
+                }
+            });
+            self.record_all(rx, root, sink, progress, warn);
+        });
+    }
+
+    fn record_all(
+        &self,
+        rx: std::sync::mpsc::Receiver<walkdir::Result<walkdir::DirEntry>>,
+        root: &Path,
+        sink: &dyn ScanSink,
+        progress: &ScanProgress,
+        warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
+    ) {
+        let policy = self.policy;
+        rx.into_iter().par_bridge().for_each(|item| match item {
             Ok(entry) => {
                 let Some(rule_index) = policy.rule_index_for(entry.path()) else { return };
                 let rule = &policy.rules[rule_index];
