@@ -18,7 +18,11 @@ use crate::output::{self, Progress};
 
 pub fn keygen(out: &Path) -> Result<u8> {
     let (key, public) = sign::generate(out)?;
-    output::status(&format!("wrote private key {} (keep it off the monitored nodes) and public key {}", key.display(), public.display()));
+    output::status(&format!(
+        "wrote private key {} (keep it off the monitored nodes) and public key {}",
+        key.display(),
+        public.display()
+    ));
     Ok(exit::CLEAN)
 }
 
@@ -114,7 +118,9 @@ pub fn run(state_dir: &Path, policy: Option<&Path>, json: bool) -> Result<u8> {
         output::status(&format!("no baseline at {}: creating one from policy {:?}", db.display(), policy.name));
         create_with(&policy, &db, &SigningKey::load(&key_path)?)?;
     } else if policy.is_some() {
-        output::status("a baseline exists: verifying with the policy it was signed with (--policy is for new baselines)");
+        output::status(
+            "a baseline exists: verifying with the policy it was signed with (--policy is for new baselines)",
+        );
     }
     let trusted = open_trusted(&db, &pub_path)?;
     verify_trusted(&trusted, json)
@@ -155,7 +161,9 @@ pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>) -> Result<u8> {
         TamperOp::DropSignature => store.remove(TreeKind::Meta, SIGNATURE_KEY)?,
         TamperOp::SwapSignature => {
             let Some(other) = other else { bail!("swap-signature needs --other-db") };
-            let sig = Store::open(other)?.get(TreeKind::Meta, SIGNATURE_KEY)?.context("the other baseline has no signature")?;
+            let sig = Store::open(other)?
+                .get(TreeKind::Meta, SIGNATURE_KEY)?
+                .context("the other baseline has no signature")?;
             store.put(TreeKind::Meta, SIGNATURE_KEY, &sig)?;
         }
     }

@@ -167,12 +167,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         // A reader that stopped reading (`| head`) is not an error worth a message.
-        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
             ExitCode::from(exit::ERROR)
         }
         Err(e) => {
             output::error(&e);
-            let untrusted = e.chain().any(|c| c.downcast_ref::<kubefim_baseline::Error>().is_some_and(|e| e.is_untrusted()));
+            let untrusted =
+                e.chain().any(|c| c.downcast_ref::<kubefim_baseline::Error>().is_some_and(|e| e.is_untrusted()));
             ExitCode::from(if untrusted { exit::UNTRUSTED } else { exit::ERROR })
         }
     }

@@ -223,7 +223,8 @@ impl TrustedBaseline {
             }
             Ok(())
         })?;
-        let signature = signature.ok_or_else(|| untrusted("it has no signature (an interrupted or tampered baseline)".into()))?;
+        let signature =
+            signature.ok_or_else(|| untrusted("it has no signature (an interrupted or tampered baseline)".into()))?;
         if !key.verifies(&digest.finish(), &signature) {
             return Err(untrusted(format!(
                 "its signature does not verify with public key {} (wrong key, or the database was modified)",
@@ -239,7 +240,8 @@ impl TrustedBaseline {
                 manifest.format_version
             )));
         }
-        let policy = Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
+        let policy =
+            Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
         let mut records = BTreeMap::new();
         for (k, v) in raw_records {
             let record = FileRecord::decode(&v)
@@ -277,7 +279,8 @@ pub fn accept(
     }
     let mut roots = Vec::new();
     for p in paths {
-        let abs = crate::policy::normalise_absolute(&absolute(p)).ok_or_else(|| Error::io(p, std::io::ErrorKind::InvalidInput.into()))?;
+        let abs = crate::policy::normalise_absolute(&absolute(p))
+            .ok_or_else(|| Error::io(p, std::io::ErrorKind::InvalidInput.into()))?;
         if trusted.policy.rule_index_for(&abs).is_none() {
             return Err(Error::Store {
                 path: db.to_owned(),
@@ -291,10 +294,10 @@ pub fn accept(
         let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
         let mut kept = 0u64;
         for (k, record) in trusted.records.iter().filter(|(k, _)| !under_accepted(k)) {
-            if let (true, Some(hash)) = (record.content_stored, record.hash()) {
-                if let Some(content) = trusted.content(hash)? {
-                    store.put_content(hash, &content)?;
-                }
+            if let (true, Some(hash)) = (record.content_stored, record.hash())
+                && let Some(content) = trusted.content(hash)?
+            {
+                store.put_content(hash, &content)?;
             }
             store.put_record(k, record)?;
             kept += 1;
@@ -314,5 +317,122 @@ pub fn accept(
             store.discard();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A baseline of a small tree, with its keys.
+    fn fixture() -> (tempfile::TempDir, PathBuf, SigningKey, PublicKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("a"), "alpha\n").unwrap();
+        std::fs::write(tree.join("sub/b"), "beta\n").unwrap();
+        let yaml = format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: t}}\nspec:\n  rules:\n    - path: {}\n      diff: true\n",
+            tree.display()
+        );
+        let policy = Policy::from_yaml(&yaml, "test").unwrap();
+        let (k, p) = sign::generate(&dir.path().join("keys")).unwrap();
+        let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
+        let db = dir.path().join("db");
+        create(&policy, &db, &key, &ScanProgress::default()).unwrap();
+        (dir, db, key, public)
+    }
+
+    /// Edits the database in place, then re-seals its files with the right key: only the
+    /// canonical digest inside the database can catch what happened.
+    fn tamper_and_reseal(db: &Path, key: &SigningKey, edit: impl FnOnce(&Store)) {
+        let store = Store::open(db).unwrap();
+        edit(&store);
+        store.flush().unwrap();
+        drop(store);
+        write_seal(db, key).unwrap();
+    }
+
+    fn first_record(store: &Store) -> (Vec<u8>, Vec<u8>) {
+        let mut first = None;
+        store
+            .for_each_entry(|tree, k, v| {
+                if tree == TreeKind::Records && first.is_none() {
+                    first = Some((k.to_vec(), v.to_vec()));
+                }
+                Ok(())
+            })
+            .unwrap();
+        first.unwrap()
+    }
+
+    fn assert_untrusted(db: &Path, public: &PublicKey, why: &str) {
+        match TrustedBaseline::open(db, public) {
+            Err(e) => assert!(e.is_untrusted() && e.to_string().contains(why), "{e}"),
+            Ok(_) => panic!("a tampered baseline was trusted"),
+        }
+    }
+
+    #[test]
+    fn resealed_edits_are_caught_by_the_canonical_digest() {
+        type Edit = fn(&Store);
+        let edits: [(&str, Edit); 5] = [
+            ("edited record", |s| {
+                let (k, v) = first_record(s);
+                let mut r = FileRecord::decode(&v).unwrap();
+                r.uid += 1;
+                s.put_record(&k, &r).unwrap();
+            }),
+            ("inserted record", |s| {
+                let (_, v) = first_record(s);
+                s.put(TreeKind::Records, b"/inserted", &v).unwrap();
+            }),
+            ("deleted record", |s| s.remove(TreeKind::Records, &first_record(s).0).unwrap()),
+            ("edited content", |s| s.put(TreeKind::Content, &[0; 32], b"x").unwrap()),
+            ("edited manifest", |s| {
+                let m = s.get(TreeKind::Meta, MANIFEST_KEY).unwrap().unwrap();
+                let m = String::from_utf8(m).unwrap().replace("\"host\":\"", "\"host\":\"x");
+                s.put(TreeKind::Meta, MANIFEST_KEY, m.as_bytes()).unwrap();
+            }),
+        ];
+        for (what, edit) in edits {
+            let (_dir, db, key, public) = fixture();
+            TrustedBaseline::open(&db, &public).unwrap_or_else(|e| panic!("fresh baseline untrusted: {e}"));
+            tamper_and_reseal(&db, &key, edit);
+            assert_untrusted(&db, &public, "signature does not verify");
+            eprintln!("{what}: caught");
+        }
+        let (_dir, db, key, public) = fixture();
+        tamper_and_reseal(&db, &key, |s| s.remove(TreeKind::Meta, SIGNATURE_KEY).unwrap());
+        assert_untrusted(&db, &public, "no signature");
+    }
+
+    #[test]
+    fn seal_catches_any_byte_and_any_key_mix_up() {
+        let (dir, db, _key, public) = fixture();
+        let file = db.join("db");
+        let mut bytes = std::fs::read(&file).unwrap();
+        // A byte far into the file, where sled keeps nothing it would read.
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        assert_untrusted(&db, &public, "\"db\" was modified");
+        let (_, other_pub) = sign::generate(&dir.path().join("other")).unwrap();
+        let (_dir2, db2, _, _) = fixture();
+        assert_untrusted(&db2, &PublicKey::load(&other_pub).unwrap(), "seal does not verify");
+    }
+
+    #[test]
+    fn accept_takes_only_the_given_paths() {
+        let (dir, db, key, public) = fixture();
+        let tree = dir.path().join("tree");
+        std::fs::write(tree.join("a"), "alpha 2\n").unwrap();
+        std::fs::write(tree.join("sub/b"), "beta 2\n").unwrap();
+        accept(&db, &key, &public, &[tree.join("a")], &ScanProgress::default()).unwrap();
+        let trusted = TrustedBaseline::open(&db, &public).unwrap();
+        let report = crate::verify::verify(&trusted, &ScanProgress::default()).unwrap();
+        let paths: Vec<_> = report.changes.iter().map(|c| c.path.clone()).collect();
+        assert_eq!(paths, vec![tree.join("sub/b")]);
+        assert!(report.changes[0].diff.as_deref().unwrap().contains("+beta 2"));
     }
 }

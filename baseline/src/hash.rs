@@ -227,13 +227,30 @@ mod tests {
     use super::*;
 
     fn data(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+        (0..len).map(|i| u8::try_from(i * 31 % 251).expect("below 251")).collect()
     }
 
     #[test]
     fn equals_standard_blake3_at_every_boundary() {
         let k = SUBTREE_LEN;
-        for len in [0, 1, 1023, 1024, 1025, k - 1, k, k + 1, 2 * k, 2 * k + 1, 3 * k, 5 * k + 7, 8 * k, 9 * k + 1, 17 * k, 33 * k - 1] {
+        for len in [
+            0,
+            1,
+            1023,
+            1024,
+            1025,
+            k - 1,
+            k,
+            k + 1,
+            2 * k,
+            2 * k + 1,
+            3 * k,
+            5 * k + 7,
+            8 * k,
+            9 * k + 1,
+            17 * k,
+            33 * k - 1,
+        ] {
             let d = data(len);
             assert_eq!(digest_bytes(&d).hash, *blake3::hash(&d).as_bytes(), "len {len}");
             // Fed in odd pieces, the answer is the same.

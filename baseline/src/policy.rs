@@ -178,17 +178,15 @@ impl Policy {
         let doc: PolicyDoc = serde_norway::from_str(source).map_err(|e| bad(e.to_string()))?;
         let mut rules = Vec::with_capacity(doc.spec.rules.len());
         for raw in doc.spec.rules {
-            let (name_globs, path_globs) = raw.exclude.iter().fold(
-                (GlobSetBuilder::new(), GlobSetBuilder::new()),
-                |(mut names, mut paths), p| {
+            let (name_globs, path_globs) =
+                raw.exclude.iter().fold((GlobSetBuilder::new(), GlobSetBuilder::new()), |(mut names, mut paths), p| {
                     if p.0.contains('/') {
                         paths.add(p.1.clone());
                     } else {
                         names.add(p.1.clone());
                     }
                     (names, paths)
-                },
-            );
+                });
             let build = |b: GlobSetBuilder| b.build().map_err(|e| bad(format!("rule {}: {e}", raw.path.0.display())));
             let rule = Rule {
                 attributes: match &raw.attributes {
@@ -212,7 +210,8 @@ impl Policy {
 
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Policy> {
-        let source = std::fs::read_to_string(path).map_err(|source| Error::PolicyRead { path: path.to_owned(), source })?;
+        let source =
+            std::fs::read_to_string(path).map_err(|source| Error::PolicyRead { path: path.to_owned(), source })?;
         Policy::from_yaml(&source, &path.display().to_string())
     }
 
@@ -309,9 +308,9 @@ struct RulePath(PathBuf);
 impl<'de> Deserialize<'de> for RulePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        normalise_absolute(Path::new(&raw)).map(RulePath).ok_or_else(|| {
-            de::Error::custom(format!("path {raw:?} must be absolute and must not contain `..`"))
-        })
+        normalise_absolute(Path::new(&raw))
+            .map(RulePath)
+            .ok_or_else(|| de::Error::custom(format!("path {raw:?} must be absolute and must not contain `..`")))
     }
 }
 
@@ -408,7 +407,11 @@ mod tests {
 
     #[test]
     fn empty_rules_are_valid() {
-        let p = Policy::from_yaml("apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {name: e}\nspec: {rules: []}\n", "t").unwrap();
+        let p = Policy::from_yaml(
+            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {name: e}\nspec: {rules: []}\n",
+            "t",
+        )
+        .unwrap();
         assert!(p.rules.is_empty());
     }
 }

@@ -58,11 +58,8 @@ pub fn record_json(record: &FileRecord) -> Map<String, Value> {
             o.insert("link_target".into(), Value::Null);
         }
     }
-    let xattrs: Map<String, Value> = record
-        .xattrs
-        .iter()
-        .map(|(k, v)| (escape_bytes(k).0, Value::String(escape_bytes(v).0)))
-        .collect();
+    let xattrs: Map<String, Value> =
+        record.xattrs.iter().map(|(k, v)| (escape_bytes(k).0, Value::String(escape_bytes(v).0))).collect();
     o.insert("xattrs".into(), Value::Object(xattrs));
     o.insert("hash".into(), record.digest.as_ref().map_or(Value::Null, |d| json!(d.hex())));
     o.insert("error".into(), record.error.as_ref().map_or(Value::Null, |e| json!(e)));

@@ -127,7 +127,11 @@ impl<'a> Scan<'a> {
     pub fn run(&self, sink: &dyn ScanSink, progress: &ScanProgress) -> ScanSummary {
         let warnings = Mutex::new(Vec::new());
         let warn = |path: &Path, kind, message: String| {
-            warnings.lock().expect("no panics while holding").push(ScanWarning { path: path.to_owned(), kind, message });
+            warnings.lock().expect("no panics while holding").push(ScanWarning {
+                path: path.to_owned(),
+                kind,
+                message,
+            });
         };
         for (i, root) in self.roots.iter().enumerate() {
             if self.is_covered_by_other_root(i) {
@@ -147,15 +151,19 @@ impl<'a> Scan<'a> {
     /// A root inside another root on the same file system is walked as part of it.
     fn is_covered_by_other_root(&self, i: usize) -> bool {
         let root = &self.roots[i];
-        self.roots.iter().enumerate().any(|(j, other)| {
-            j != i
-                && root.starts_with(other)
-                && (root != other || j < i)
-                && same_device(root, other)
-        })
+        self.roots
+            .iter()
+            .enumerate()
+            .any(|(j, other)| j != i && root.starts_with(other) && (root != other || j < i) && same_device(root, other))
     }
 
-    fn walk(&self, root: &Path, sink: &dyn ScanSink, progress: &ScanProgress, warn: &(dyn Fn(&Path, WarningKind, String) + Sync)) {
+    fn walk(
+        &self,
+        root: &Path,
+        sink: &dyn ScanSink,
+        progress: &ScanProgress,
+        warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
+    ) {
         let policy = self.policy;
         let skipped = |p: &Path| self.skip.iter().any(|s| p.starts_with(s));
         let excluded = |p: &Path| match policy.rule_index_for(p) {
@@ -218,7 +226,9 @@ impl<'a> Scan<'a> {
                 match e.io_error().map(io::Error::kind) {
                     // A root that does not exist is simply absent (verify reports it if it appears).
                     Some(io::ErrorKind::NotFound) if path == root => {}
-                    Some(io::ErrorKind::NotFound) => warn(&path, WarningKind::Vanished, "vanished during the scan".into()),
+                    Some(io::ErrorKind::NotFound) => {
+                        warn(&path, WarningKind::Vanished, "vanished during the scan".into())
+                    }
                     _ => warn(&path, WarningKind::Unreadable, format!("cannot list directory: {}", io_message(&e))),
                 }
             }
@@ -288,7 +298,8 @@ fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Rec
     let meta = std::fs::symlink_metadata(path)?;
     let mut record = base_record(&meta, rule_index);
     if record.kind == FileKind::Symlink && rule.attributes.contains(Attribute::LinkTarget) {
-        record.link_target = Some(std::os::unix::ffi::OsStrExt::as_bytes(std::fs::read_link(path)?.as_os_str()).to_vec());
+        record.link_target =
+            Some(std::os::unix::ffi::OsStrExt::as_bytes(std::fs::read_link(path)?.as_os_str()).to_vec());
     }
     if rule.attributes.contains(Attribute::Xattrs) {
         record.xattrs = read_xattrs(xattr::list(path), |name| xattr::get(path, name));
@@ -403,4 +414,3 @@ pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
     let looks_like_file = std::fs::symlink_metadata(path).map(|m| m.is_file()).unwrap_or(false);
     Some(record_entry(path, looks_like_file, rule, rule_index))
 }
-

@@ -47,8 +47,9 @@ impl SigningKey {
     pub fn load(path: &Path) -> Result<SigningKey> {
         let raw = std::fs::read(path).map_err(|e| key_err(path, format!("cannot read the private key: {e}")))?;
         let der = unarmor(&raw, "PRIVATE KEY").map_err(|m| key_err(path, m))?;
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-            .map_err(|e| key_err(path, format!("not a PKCS#8 Ed25519 private key ({e}); make one with `kubefim keygen`")))?;
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
+            key_err(path, format!("not a PKCS#8 Ed25519 private key ({e}); make one with `kubefim keygen`"))
+        })?;
         Ok(SigningKey { pair })
     }
 

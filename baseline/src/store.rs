@@ -73,13 +73,17 @@ impl Store {
     /// Starts a new baseline that will replace `target` when it is installed.
     pub fn create_beside(target: &Path) -> Result<Store> {
         if target.exists() && !looks_like_store(target) {
-            return Err(store_err(target, "exists and is not a kubefim baseline; remove it or choose another --db path"));
+            return Err(store_err(
+                target,
+                "exists and is not a kubefim baseline; remove it or choose another --db path",
+            ));
         }
         let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         remove_stale_temporaries(target);
         let name = target.file_name().ok_or_else(|| store_err(target, "the --db path has no file name"))?;
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = parent.join(format!(".{}.tmp-{}-{stamp}", name.to_string_lossy(), std::process::id()));
         let db = sled::Config::new()
             .path(&tmp)

@@ -98,26 +98,48 @@ pub fn unified_diff(path: &std::path::Path, old: &str, new: &str) -> String {
 }
 
 /// Compares one current entry with its baseline record; `None` when they match.
-pub fn compare(baseline: &TrustedBaseline, path: PathBuf, old: Option<&FileRecord>, new: FileRecord, new_content: Option<&[u8]>) -> Result<Option<Change>> {
+pub fn compare(
+    baseline: &TrustedBaseline,
+    path: PathBuf,
+    old: Option<&FileRecord>,
+    new: FileRecord,
+    new_content: Option<&[u8]>,
+) -> Result<Option<Change>> {
     let Some(old) = old else {
-        return Ok(Some(Change { path, kind: ChangeKind::Added, changed: Vec::new(), old: None, new: Some(new), diff: None, changed_ranges: None }));
+        return Ok(Some(Change {
+            path,
+            kind: ChangeKind::Added,
+            changed: Vec::new(),
+            old: None,
+            new: Some(new),
+            diff: None,
+            changed_ranges: None,
+        }));
     };
     let rule = &baseline.policy.rules[usize::try_from(new.rule).expect("rule index fits")];
     let changed = old.changed_attributes(&new, rule.attributes);
     if changed.is_empty() {
         return Ok(None);
     }
-    let mut change = Change { path, kind: ChangeKind::Modified, changed, old: Some(old.clone()), new: None, diff: None, changed_ranges: None };
+    let mut change = Change {
+        path,
+        kind: ChangeKind::Modified,
+        changed,
+        old: Some(old.clone()),
+        new: None,
+        diff: None,
+        changed_ranges: None,
+    };
     if change.changed.contains(&Attribute::Content) {
         if let (Some(a), Some(b)) = (&old.digest, &new.digest) {
             change.changed_ranges = Some(changed_ranges(a, old.size, b, new.size));
         }
-        if let (true, Some(hash), Some(now)) = (old.content_stored && !rule.secret, old.hash(), new_content) {
-            if let (Some(before), Ok(now)) = (baseline.content(hash)?, std::str::from_utf8(now)) {
-                if let Ok(before) = std::str::from_utf8(&before) {
-                    change.diff = Some(unified_diff(&change.path, before, now));
-                }
-            }
+        if let (true, Some(hash), Some(now)) = (old.content_stored && !rule.secret, old.hash(), new_content)
+            && let Ok(now) = std::str::from_utf8(now)
+            && let Some(before) = baseline.content(hash)?
+            && let Ok(before) = std::str::from_utf8(&before)
+        {
+            change.diff = Some(unified_diff(&change.path, before, now));
         }
     }
     change.new = Some(new);
@@ -149,7 +171,9 @@ impl ScanSink for VerifySink<'_> {
 /// Rescans everything the baseline's policy names and reports every difference.
 pub fn verify(baseline: &TrustedBaseline, progress: &ScanProgress) -> Result<VerifyReport> {
     let sink = VerifySink { baseline, seen: Mutex::default(), changes: Mutex::default(), failure: Mutex::default() };
-    let summary = Scan::whole_policy(&baseline.policy).skip(std::path::absolute(baseline.path()).unwrap_or_default()).run(&sink, progress);
+    let summary = Scan::whole_policy(&baseline.policy)
+        .skip(std::path::absolute(baseline.path()).unwrap_or_default())
+        .run(&sink, progress);
     if let Some(e) = sink.failure.into_inner().expect("no panics while holding") {
         return Err(e);
     }
@@ -169,6 +193,7 @@ pub fn verify(baseline: &TrustedBaseline, progress: &ScanProgress) -> Result<Ver
         }
     }
     changes.sort_by(|a, b| a.path.cmp(&b.path));
-    let errors = summary.incomplete().map(|w| VerifyError { path: w.path.clone(), message: w.message.clone() }).collect();
+    let errors =
+        summary.incomplete().map(|w| VerifyError { path: w.path.clone(), message: w.message.clone() }).collect();
     Ok(VerifyReport { changes, errors, scanned: summary.entries })
 }
