@@ -58,9 +58,8 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     let trusted = open_trusted(db, pubkey)?;
     let mut out = anstream::stdout().lock();
     for (k, record) in &trusted.records {
-        let rule = &trusted.policy.rules[record.rule as usize].path;
         if jsonl {
-            output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, rule))?;
+            output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, &trusted.policy))?;
         } else {
             output::record_human(&mut out, path_from_bytes(k), record)?;
         }
@@ -81,7 +80,7 @@ fn verify_trusted(trusted: &TrustedBaseline, json: bool) -> Result<u8> {
     let report = Progress::show("verifying", &progress, || verifier::verify(trusted, &progress))
         .with_context(|| format!("verifying against {}", trusted.path().display()))?;
     if json {
-        output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report))?;
+        output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report, &trusted.policy))?;
     } else {
         output::status(&output::baseline_header(trusted));
         output::verify_human(&report)?;
@@ -136,7 +135,7 @@ pub enum TamperOp {
     SwapSignature,
 }
 
-pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>) -> Result<u8> {
+pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>, reseal_with: Option<&Path>) -> Result<u8> {
     let store = Store::open(db)?;
     let mut first = None;
     store.for_each_entry(|tree, k, v| {
@@ -168,5 +167,9 @@ pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>) -> Result<u8> {
         }
     }
     store.flush()?;
+    drop(store);
+    if let Some(key) = reseal_with {
+        baseline::reseal_for_tests(db, &SigningKey::load(key)?)?;
+    }
     Ok(exit::CLEAN)
 }

@@ -127,6 +127,10 @@ enum DebugCommand {
         /// For swap-signature: the baseline to take the signature from.
         #[arg(long)]
         other_db: Option<PathBuf>,
+        /// Re-sign the file-level seal afterwards with this private key, so that only the
+        /// signature inside the database can catch the edit.
+        #[arg(long)]
+        reseal_with: Option<PathBuf>,
     },
 }
 
@@ -162,7 +166,9 @@ fn main() -> ExitCode {
             print!("{}", kubefim_baseline::policy::DEFAULT_POLICY);
             Ok(exit::CLEAN)
         }
-        Command::Debug(DebugCommand::Tamper { db, op, other_db }) => commands::tamper(&db, op, other_db.as_deref()),
+        Command::Debug(DebugCommand::Tamper { db, op, other_db, reseal_with }) => {
+            commands::tamper(&db, op, other_db.as_deref(), reseal_with.as_deref())
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

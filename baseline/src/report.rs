@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
-use crate::policy::path_bytes;
+use crate::policy::{Policy, path_bytes};
 use crate::record::FileRecord;
 use crate::verify::{Change, VerifyReport};
 
@@ -40,8 +40,9 @@ pub fn display_path(path: &Path) -> String {
     escape_bytes(path_bytes(path)).0
 }
 
-/// A record's attributes as a JSON object (without the path).
-pub fn record_json(record: &FileRecord) -> Map<String, Value> {
+/// A record's attributes as a JSON object (without the path), with the root of the rule
+/// that governs it.
+pub fn record_json(record: &FileRecord, policy: &Policy) -> Map<String, Value> {
     let mut o = Map::new();
     o.insert("type".into(), json!(record.kind.name()));
     o.insert("size".into(), json!(record.size));
@@ -63,25 +64,26 @@ pub fn record_json(record: &FileRecord) -> Map<String, Value> {
     o.insert("xattrs".into(), Value::Object(xattrs));
     o.insert("hash".into(), record.digest.as_ref().map_or(Value::Null, |d| json!(d.hex())));
     o.insert("error".into(), record.error.as_ref().map_or(Value::Null, |e| json!(e)));
+    let rule = usize::try_from(record.rule).ok().and_then(|i| policy.rules.get(i));
+    o.insert("rule".into(), rule.map_or(Value::Null, |r| json!(r.path.display().to_string())));
     o
 }
 
 /// A record with its path, as `baseline show --format jsonl` prints it.
-pub fn record_line(path: &Path, record: &FileRecord, rule: &Path) -> Value {
+pub fn record_line(path: &Path, record: &FileRecord, policy: &Policy) -> Value {
     let mut o = Map::new();
     put_bytes(&mut o, "path", path_bytes(path));
-    o.extend(record_json(record));
-    o.insert("rule".into(), json!(rule.display().to_string()));
+    o.extend(record_json(record, policy));
     Value::Object(o)
 }
 
 /// One change as a JSON object.
-pub fn change_json(change: &Change) -> Map<String, Value> {
+pub fn change_json(change: &Change, policy: &Policy) -> Map<String, Value> {
     let mut o = Map::new();
     put_bytes(&mut o, "path", path_bytes(&change.path));
     o.insert("kind".into(), json!(change.kind.name()));
     o.insert("changed".into(), json!(change.changed.iter().map(|a| a.name()).collect::<Vec<_>>()));
-    let side = |r: &Option<FileRecord>| r.as_ref().map_or(Value::Null, |r| Value::Object(record_json(r)));
+    let side = |r: &Option<FileRecord>| r.as_ref().map_or(Value::Null, |r| Value::Object(record_json(r, policy)));
     o.insert("old".into(), side(&change.old));
     o.insert("new".into(), side(&change.new));
     if let Some(diff) = &change.diff {
@@ -94,7 +96,7 @@ pub fn change_json(change: &Change) -> Map<String, Value> {
 }
 
 /// The whole verify report, as `verify --format json` prints it.
-pub fn verify_json(report: &VerifyReport) -> Value {
+pub fn verify_json(report: &VerifyReport, policy: &Policy) -> Value {
     use crate::verify::ChangeKind::{Added, Modified, Removed};
     let errors: Vec<Value> = report
         .errors
@@ -115,7 +117,7 @@ pub fn verify_json(report: &VerifyReport) -> Value {
             "scanned": report.scanned,
             "clean": report.is_clean(),
         },
-        "changes": report.changes.iter().map(|c| Value::Object(change_json(c))).collect::<Vec<_>>(),
+        "changes": report.changes.iter().map(|c| Value::Object(change_json(c, policy))).collect::<Vec<_>>(),
         "errors": errors,
     })
 }

@@ -304,6 +304,17 @@ fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Rec
     if rule.attributes.contains(Attribute::Xattrs) {
         record.xattrs = read_xattrs(xattr::list(path), |name| xattr::get(path, name));
     }
+    if record.kind == FileKind::Dir {
+        // The walk reports a directory it cannot list as a warning of its own; the record
+        // says it too, so a baseline never looks complete where it is not.
+        let listable = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path);
+        if let Err(e) = listable {
+            record.error = Some(format!("cannot list directory: {e}"));
+        }
+    }
     Ok(Recorded { record, content: None, warning: None })
 }
 

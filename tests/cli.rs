@@ -1,0 +1,1315 @@
+//! Integration tests of the real `kubefim` binary: keygen, baseline create/show/accept and
+//! verify, against temp trees built per test.
+//!
+//! Each test owns a temp dir (tree, keys, db), runs the binary with `std::process::Command`
+//! under a 60 s timeout, parses the JSON contracts of `docs/output-formats.md`, and panics with
+//! the binary's output when an expectation fails. Tests that need a process root's DAC
+//! override does not help (unreadable files), a device node or a mount namespace run only as
+//! root; CI is root, so they run there.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt, symlink};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// `b3sum --no-names FILE`: the reference BLAKE3 of a file.
+#[track_caller]
+fn b3sum(path: &Path) -> String {
+    let run = tool("b3sum", [OsStr::new("--no-names"), path.as_os_str()]);
+    let hash = run.stdout.trim().to_owned();
+    assert_eq!(hash.len(), 64, "unexpected b3sum output for {}: {:?}", path.display(), run.stdout);
+    hash
+}
+
+#[track_caller]
+fn write(path: &Path, contents: impl AsRef<[u8]>) {
+    fs::write(path, contents).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+}
+
+#[track_caller]
+fn mkdir(path: &Path) {
+    fs::create_dir_all(path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+}
+
+#[track_caller]
+fn assert_summary(report: &Value, added: u64, removed: u64, modified: u64, unverified: u64) {
+    let s = &report["summary"];
+    let got = [&s["added"], &s["removed"], &s["modified"], &s["unverified"]];
+    let want = [added, removed, modified, unverified];
+    assert!(
+        got.iter().zip(want).all(|(g, w)| g.as_u64() == Some(w)),
+        "summary (added, removed, modified, unverified) is {got:?}, want {want:?}\n{report:#}"
+    );
+}
+
+/// Spawns `baseline create` without waiting for it (for kill tests).
+fn spawn_create(fx: &Fixture, policy: &Path, db: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args([OsStr::new("baseline"), OsStr::new("create"), OsStr::new("--policy")])
+        .arg(policy)
+        .arg("--db")
+        .arg(db)
+        .arg("--key")
+        .arg(fx.key())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn baseline create")
+}
+
+/// A tree of `dirs` x `per_dir` small files under `fx.tree()`.
+fn big_tree(fx: &Fixture, dirs: usize, per_dir: usize) {
+    for d in 0..dirs {
+        let dir = fx.t(format!("d{d:03}"));
+        mkdir(&dir);
+        for f in 0..per_dir {
+            write(&dir.join(format!("f{f:04}")), format!("{d}/{f}\n"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// keygen, create, verify of an unchanged tree
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn keygen_writes_pem_key_pair_with_private_key_mode_0600() {
+    let fx = Fixture::bare();
+    let out = fx.path("keys");
+    fx.keygen_into(&out);
+    let key = out.join("kubefim.key");
+    let pubkey = out.join("kubefim.pub");
+    let key_meta = fs::metadata(&key).unwrap_or_else(|err| panic!("no private key {}: {err}", key.display()));
+    assert_eq!(key_meta.permissions().mode() & 0o7777, 0o600, "private key mode is {:o}", key_meta.mode());
+    let key_pem = fs::read_to_string(&key).expect("read private key");
+    assert!(key_pem.contains("-----BEGIN PRIVATE KEY-----"), "private key is not PKCS#8 PEM:\n{key_pem}");
+    let pub_pem = fs::read_to_string(&pubkey).unwrap_or_else(|err| panic!("no public key {}: {err}", pubkey.display()));
+    assert!(pub_pem.contains("-----BEGIN PUBLIC KEY-----"), "public key is not SPKI PEM:\n{pub_pem}");
+    assert!(!pub_pem.contains("PRIVATE"), "public key file holds a private key:\n{pub_pem}");
+}
+
+#[test]
+fn unchanged_tree_verifies_clean() {
+    let fx = Fixture::new();
+    write(&fx.t("a.txt"), "alpha\n");
+    mkdir(&fx.t("sub"));
+    write(&fx.t("sub/b.txt"), "beta\n");
+    symlink("a.txt", fx.t("link")).expect("symlink");
+    fx.create_default();
+
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+    assert_eq!(report["summary"]["clean"], true, "{report:#}");
+    assert!(report["summary"]["scanned"].as_u64() >= Some(4), "scanned too few: {report:#}");
+    assert!(changes(&report).is_empty(), "changes in an unchanged tree: {report:#}");
+
+    // The human formats work too and agree on the exit code.
+    let human = kubefim([
+        OsStr::new("verify"),
+        OsStr::new("--db"),
+        fx.db().as_os_str(),
+        OsStr::new("--pubkey"),
+        fx.pubkey().as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("human"),
+    ]);
+    human.expect_code(0);
+    let show_human = kubefim([
+        OsStr::new("baseline"),
+        OsStr::new("show"),
+        OsStr::new("--db"),
+        fx.db().as_os_str(),
+        OsStr::new("--pubkey"),
+        fx.pubkey().as_os_str(),
+    ]);
+    show_human.expect_code(0);
+    assert!(show_human.stdout.contains("b.txt"), "human show lacks sub/b.txt\n{}", show_human.dump());
+
+    let records = fx.show();
+    let a = record_for(&records, &fx.t("a.txt"));
+    assert_eq!(a["type"], "file", "{a:#}");
+    assert_eq!(a["size"], 6, "{a:#}");
+    assert_eq!(a["rule"], fx.tree().to_str().unwrap(), "{a:#}");
+    assert!(a["error"].is_null(), "{a:#}");
+    let link = record_for(&records, &fx.t("link"));
+    assert_eq!(link["type"], "symlink", "{link:#}");
+    assert_eq!(link["link_target"], "a.txt", "{link:#}");
+    assert!(link["hash"].is_null(), "a symlink has no content hash: {link:#}");
+    let paths = recorded_paths(&records);
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted, "show is not in path byte order");
+}
+
+// ---------------------------------------------------------------------------------------------
+// What verify reports for each kind of change
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn modified_content_has_diff_for_diff_rule_and_nothing_for_secret_rule() {
+    const SECRET_OLD: &str = "TOPSECRET-old-hunter2";
+    const SECRET_NEW: &str = "TOPSECRET-new-correct-horse";
+    let fx = Fixture::new();
+    mkdir(&fx.t("text"));
+    mkdir(&fx.t("secret"));
+    let notes = fx.t("text/notes.txt");
+    let token = fx.t("secret/token");
+    write(&notes, "header\nold line\nfooter\n");
+    write(&token, format!("password={SECRET_OLD}\n"));
+    let policy = fx.write_policy(&[
+        Rule::new(fx.t("text")).diff(),
+        // diff: true as well, to check that secret wins.
+        Rule::new(fx.t("secret")).diff().secret(),
+    ]);
+    fx.create(&policy);
+
+    write(&notes, "header\nnew line, longer\nfooter\n");
+    write(&token, format!("password={SECRET_NEW}\n"));
+    let run = fx.verify_run();
+    run.expect_code(1);
+    let report = run.json();
+
+    let change = change_for(&report, &notes);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    let attrs = changed_attrs(change);
+    assert!(attrs.contains(&"content") && attrs.contains(&"size"), "changed lacks content/size: {change:#}");
+    let diff = change["diff"].as_str().unwrap_or_else(|| panic!("no diff for a diff: true rule: {change:#}"));
+    assert!(diff.contains("-old line"), "diff lacks the removed line:\n{diff}");
+    assert!(diff.contains("+new line"), "diff lacks the added line:\n{diff}");
+    let ranges = change["changed_ranges"].as_array().unwrap_or_else(|| panic!("no changed_ranges: {change:#}"));
+    assert!(!ranges.is_empty() && ranges[0][0] == 0, "changed_ranges should start at 0: {change:#}");
+
+    let secret = change_for(&report, &token);
+    assert_eq!(secret["kind"], "modified", "{secret:#}");
+    assert!(changed_attrs(secret).contains(&"content"), "{secret:#}");
+    assert!(secret.get("diff").is_none_or(Value::is_null), "diff shown for a secret rule: {secret:#}");
+
+    // The secret never appears: not in verify (json or human), not in show, not in the db.
+    let human = kubefim([
+        OsStr::new("verify"),
+        OsStr::new("--db"),
+        fx.db().as_os_str(),
+        OsStr::new("--pubkey"),
+        fx.pubkey().as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("human"),
+    ]);
+    human.expect_code(1);
+    let show = fx.show_with(&fx.db(), &fx.pubkey());
+    show.expect_code(0);
+    let show_human = kubefim([
+        OsStr::new("baseline"),
+        OsStr::new("show"),
+        OsStr::new("--db"),
+        fx.db().as_os_str(),
+        OsStr::new("--pubkey"),
+        fx.pubkey().as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("human"),
+    ]);
+    show_human.expect_code(0);
+    for r in [&run, &human, &show, &show_human] {
+        assert!(
+            !r.stdout.contains("TOPSECRET") && !r.stderr.contains("TOPSECRET"),
+            "secret leaked by {}\n{}",
+            r.cmdline,
+            r.dump()
+        );
+    }
+    for_each_file(&fx.db(), &mut |path| {
+        let bytes = fs::read(path).expect("read db file");
+        assert!(find_bytes(&bytes, b"TOPSECRET").is_none(), "secret content stored in {}", path.display());
+    });
+}
+
+fn for_each_file(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    for entry in fs::read_dir(dir).unwrap_or_else(|err| panic!("read_dir {}: {err}", dir.display())) {
+        let entry = entry.expect("dir entry");
+        if entry.file_type().expect("file type").is_dir() {
+            for_each_file(&entry.path(), f);
+        } else {
+            f(&entry.path());
+        }
+    }
+}
+
+#[test]
+fn one_flipped_byte_in_large_binary_file_reports_its_64k_range() {
+    let fx = Fixture::new();
+    let blob = fx.t("blob.bin");
+    write(&blob, random_bytes(7, (1 << 20) + 4321));
+    fx.create_default();
+
+    let file = OpenOptions::new().read(true).write(true).open(&blob).expect("open blob");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 300_000).expect("read byte");
+    byte[0] ^= 0xff;
+    file.write_all_at(&byte, 300_000).expect("write byte");
+    drop(file);
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &blob);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    let attrs = changed_attrs(change);
+    assert!(attrs.contains(&"content"), "{change:#}");
+    assert!(!attrs.contains(&"size"), "size did not change: {change:#}");
+    assert_eq!(change["changed_ranges"], serde_json::json!([[262144, 327680]]), "{change:#}");
+    assert!(change.get("diff").is_none_or(Value::is_null), "diff for a binary file without diff: true: {change:#}");
+}
+
+#[test]
+fn added_file_is_reported() {
+    let fx = Fixture::new();
+    write(&fx.t("old.txt"), "old\n");
+    fx.create_default();
+    let new = fx.t("new.txt");
+    write(&new, "new\n");
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &new);
+    assert_eq!(change["kind"], "added", "{change:#}");
+    assert!(change["old"].is_null(), "{change:#}");
+    assert_eq!(change["new"]["type"], "file", "{change:#}");
+    assert_eq!(change["new"]["hash"], b3sum(&new), "{change:#}");
+    assert_eq!(report["summary"]["added"], 1, "{report:#}");
+    assert_eq!(report["summary"]["clean"], false, "{report:#}");
+}
+
+#[test]
+fn change_records_are_show_records_without_path() {
+    let fx = Fixture::new();
+    write(&fx.t("old.txt"), "old\n");
+    fx.create_default();
+    let new = fx.t("new.txt");
+    write(&new, "new\n");
+    let report = fx.verify(1);
+    let reported = change_for(&report, &new)["new"].clone();
+
+    // Once accepted, show prints the same record, plus its path.
+    fx.accept(&[&new]).expect_code(0);
+    let records = fx.show();
+    let mut shown = record_for(&records, &new).clone();
+    shown.as_object_mut().expect("record is an object").remove("path");
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&reported),
+        keys(&shown),
+        "verify's new record and show's record (without path) have different fields\nverify: {reported:#}\nshow: {shown:#}"
+    );
+    assert_eq!(reported, shown, "verify's new record differs from show's");
+}
+
+#[test]
+fn removed_file_is_reported() {
+    let fx = Fixture::new();
+    write(&fx.t("stay.txt"), "stay\n");
+    let gone = fx.t("gone.txt");
+    write(&gone, "gone\n");
+    fx.create_default();
+    fs::remove_file(&gone).expect("remove");
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &gone);
+    assert_eq!(change["kind"], "removed", "{change:#}");
+    assert!(change["new"].is_null(), "{change:#}");
+    assert_eq!(change["old"]["type"], "file", "{change:#}");
+    assert_eq!(report["summary"]["removed"], 1, "{report:#}");
+    assert!(!has_change(&report, &fx.t("stay.txt")), "{report:#}");
+}
+
+#[test]
+fn chmod_is_reported_as_mode_not_content() {
+    let fx = Fixture::new();
+    let file = fx.t("conf");
+    write(&file, "x=1\n");
+    chmod(&file, 0o644);
+    fx.create_default();
+    chmod(&file, 0o4600);
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &file);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    let attrs = changed_attrs(change);
+    assert!(attrs.contains(&"mode"), "{change:#}");
+    assert!(!attrs.contains(&"content") && !attrs.contains(&"size"), "{change:#}");
+    assert_eq!(change["old"]["mode"], 0o644, "{change:#}");
+    assert_eq!(change["new"]["mode"], 0o4600, "setuid bit must be part of mode: {change:#}");
+}
+
+#[test]
+fn chown_is_reported_as_uid_and_gid() {
+    if !is_root() {
+        eprintln!("skipped: chown to another user needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    let file = fx.t("owned");
+    write(&file, "mine\n");
+    fx.create_default();
+    std::os::unix::fs::chown(&file, Some(NOBODY), Some(NOBODY)).expect("chown");
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &file);
+    let attrs = changed_attrs(change);
+    assert!(attrs.contains(&"uid") && attrs.contains(&"gid"), "{change:#}");
+    assert!(!attrs.contains(&"content"), "{change:#}");
+    assert_eq!(change["new"]["uid"], NOBODY, "{change:#}");
+    assert_eq!(change["new"]["gid"], NOBODY, "{change:#}");
+}
+
+#[test]
+fn retargeted_symlink_is_reported_as_link_target() {
+    let fx = Fixture::new();
+    write(&fx.t("target-one"), "1\n");
+    write(&fx.t("target-two"), "2\n");
+    let link = fx.t("link");
+    symlink("target-one", &link).expect("symlink");
+    fx.create_default();
+    fs::remove_file(&link).expect("remove link");
+    symlink("target-two", &link).expect("symlink");
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &link);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    assert!(changed_attrs(change).contains(&"link_target"), "{change:#}");
+    assert_eq!(change["old"]["link_target"], "target-one", "{change:#}");
+    assert_eq!(change["new"]["link_target"], "target-two", "{change:#}");
+    assert!(!has_change(&report, &fx.t("target-one")), "the symlink was followed: {report:#}");
+}
+
+#[test]
+fn file_replaced_by_directory_is_reported_as_type() {
+    let fx = Fixture::new();
+    let thing = fx.t("thing");
+    write(&thing, "a file\n");
+    fx.create_default();
+    fs::remove_file(&thing).expect("remove");
+    mkdir(&thing);
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &thing);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    assert!(changed_attrs(change).contains(&"type"), "{change:#}");
+    assert_eq!(change["old"]["type"], "file", "{change:#}");
+    assert_eq!(change["new"]["type"], "dir", "{change:#}");
+    assert!(change["new"]["hash"].is_null(), "{change:#}");
+}
+
+#[test]
+fn new_hardlink_changes_nlink_of_original() {
+    let fx = Fixture::new();
+    let orig = fx.t("orig.txt");
+    write(&orig, "shared\n");
+    fx.create_default();
+    let twin = fx.t("twin.txt");
+    fs::hard_link(&orig, &twin).expect("hard link");
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &orig);
+    assert!(changed_attrs(change).contains(&"nlink"), "{change:#}");
+    assert!(!changed_attrs(change).contains(&"content"), "{change:#}");
+    assert_eq!(change["old"]["nlink"], 1, "{change:#}");
+    assert_eq!(change["new"]["nlink"], 2, "{change:#}");
+    assert_eq!(change_for(&report, &twin)["kind"], "added", "{report:#}");
+}
+
+#[test]
+fn xattr_set_is_reported_as_xattrs() {
+    let fx = Fixture::new();
+    let file = fx.t("labelled");
+    write(&file, "data\n");
+    fx.create_default();
+    let record = fx.show();
+    assert_eq!(record_for(&record, &file)["xattrs"], serde_json::json!({}), "xattrs should start empty");
+    tool(
+        "setfattr",
+        [OsStr::new("-n"), OsStr::new("user.kubefim"), OsStr::new("-v"), OsStr::new("hello"), file.as_os_str()],
+    );
+
+    let report = fx.verify(1);
+    let change = change_for(&report, &file);
+    let attrs = changed_attrs(change);
+    assert!(attrs.contains(&"xattrs"), "{change:#}");
+    assert!(!attrs.contains(&"content"), "{change:#}");
+    assert!(change["new"]["xattrs"].get("user.kubefim").is_some(), "new xattrs lack user.kubefim: {change:#}");
+}
+
+#[test]
+fn content_only_rule_ignores_chmod_and_chown() {
+    let fx = Fixture::new();
+    let file = fx.t("data");
+    write(&file, "v1\n");
+    chmod(&file, 0o644);
+    let policy = fx.write_policy(&[Rule::new(fx.tree()).attributes(&["content"])]);
+    fx.create(&policy);
+    chmod(&file, 0o600);
+    if is_root() {
+        std::os::unix::fs::chown(&file, Some(NOBODY), Some(NOBODY)).expect("chown");
+    }
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+
+    // Content is still watched, and only content is named.
+    write(&file, "v2, longer\n");
+    let report = fx.verify(1);
+    let change = change_for(&report, &file);
+    assert_eq!(changed_attrs(change), ["content"], "only monitored attributes may be named: {change:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy: excludes, empty policy, bad policies, filesystem boundaries
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn excluded_globs_are_not_recorded_and_do_not_fail_verify() {
+    let fx = Fixture::new();
+    let skip = fx.t("skip");
+    mkdir(&skip);
+    mkdir(&fx.t("sub"));
+    write(&fx.t("keep.txt"), "keep\n");
+    write(&fx.t("notes.swp"), "swap\n");
+    write(&fx.t("sub/deep.swp"), "swap\n");
+    write(&fx.t("sub/deep.txt"), "keep\n");
+    write(&skip.join("inner.txt"), "skipped\n");
+    // Directory timestamps change when entries are added; leave them out so that only the
+    // excludes decide the outcome.
+    let policy = fx.write_policy(&[Rule::new(fx.tree())
+        .exclude("*.swp")
+        .exclude(skip.to_str().unwrap())
+        .attributes(&["type", "content", "mode", "uid", "gid"])]);
+    fx.create(&policy);
+
+    let records = fx.show();
+    let paths = recorded_paths(&records);
+    record_for(&records, &fx.t("keep.txt"));
+    record_for(&records, &fx.t("sub/deep.txt"));
+    for excluded in [fx.t("notes.swp"), fx.t("sub/deep.swp"), skip.clone(), skip.join("inner.txt")] {
+        let p = excluded.to_str().unwrap();
+        assert!(!paths.iter().any(|r| r == p), "excluded {p} was recorded: {paths:#?}");
+    }
+
+    write(&fx.t("notes.swp"), "changed swap\n");
+    write(&fx.t("new.swp"), "new swap\n");
+    write(&fx.t("sub/other.swp"), "new swap\n");
+    write(&skip.join("inner.txt"), "changed\n");
+    write(&skip.join("added.txt"), "added\n");
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+
+    // Sanity: a non-excluded addition is still seen.
+    write(&fx.t("sub/new.txt"), "seen\n");
+    let report = fx.verify(1);
+    assert_eq!(change_for(&report, &fx.t("sub/new.txt"))["kind"], "added", "{report:#}");
+}
+
+#[test]
+fn empty_policy_creates_and_verifies_clean() {
+    let fx = Fixture::new();
+    let policy = fx.write_policy(&[]);
+    fx.create(&policy);
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+    assert_eq!(report["summary"]["scanned"], 0, "{report:#}");
+    assert!(fx.show().is_empty(), "an empty policy recorded something");
+}
+
+#[test]
+fn bad_policies_exit_2_naming_the_line() {
+    let fx = Fixture::new();
+    let ok = serde_json::to_string(fx.tree().to_str().unwrap()).unwrap();
+    let head = format!(
+        "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: test}}\nspec:\n  rules:\n    - path: {ok}\n      diff: true\n"
+    );
+    // (what, the rest of the document from line 8 on, the line the error is on)
+    let cases = [
+        ("unknown key", format!("    - path: {ok}\n      colour: blue\n"), 9),
+        ("missing path", "    - exclude: [\"*.swp\"]\n      diff: true\n".to_owned(), 8),
+        ("bad glob", format!("    - path: {ok}\n      exclude: [\"a[b\"]\n"), 9),
+        ("relative path", "    - path: relative/dir\n".to_owned(), 8),
+    ];
+    for (what, tail, line) in cases {
+        let policy = fx.write_policy_text(&format!("{head}{tail}"));
+        let db = fx.path(format!("db-{}", what.replace(' ', "-")));
+        let run = fx.create_run(&policy, &db);
+        assert_eq!(run.status.code(), Some(2), "{what}: want exit 2\n{}\npolicy:\n{head}{tail}", run.dump());
+        assert!(
+            run.stderr.contains(&format!("line {line}")),
+            "{what}: stderr does not name line {line}\n{}\npolicy:\n{head}{tail}",
+            run.dump()
+        );
+    }
+}
+
+#[test]
+fn scan_does_not_cross_filesystems() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    write(&fx.t("here.txt"), "here\n");
+    let mnt = fx.t("mnt");
+    mkdir(&mnt);
+    let policy = fx.default_policy();
+    // A private mount namespace: the tmpfs exists only for this create and vanishes with it.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs kubefim-test "$1" && echo other-fs > "$1/inside.txt" && exec "$2" baseline create --policy "$3" --db "$4" --key "$5""#)
+        .arg("sh")
+        .arg(&mnt)
+        .arg(BIN)
+        .arg(&policy)
+        .arg(fx.db())
+        .arg(fx.key());
+    run_with_timeout(cmd, TIMEOUT).expect_code(0);
+
+    let records = fx.show();
+    record_for(&records, &fx.t("here.txt"));
+    let inside = mnt.join("inside.txt");
+    assert!(
+        !recorded_paths(&records).iter().any(|p| p == inside.to_str().unwrap()),
+        "the scan crossed into another filesystem: {:#?}",
+        recorded_paths(&records)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hashes equal b3sum
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hash_equals_b3sum_around_chunk_boundaries() {
+    let fx = Fixture::new();
+    let sizes = [0usize, 1, 1024, 1025, 65536, 65537, 3 << 20];
+    for (i, size) in sizes.iter().enumerate() {
+        write(&fx.t(format!("size-{size}")), random_bytes(i as u64 + 100, *size));
+    }
+    fx.create_default();
+    let records = fx.show();
+    for size in sizes {
+        let path = fx.t(format!("size-{size}"));
+        let record = record_for(&records, &path);
+        assert_eq!(record["size"], size, "{record:#}");
+        assert_eq!(record["hash"], b3sum(&path), "hash of a {size}-byte file differs from b3sum: {record:#}");
+    }
+}
+
+#[test]
+fn hash_of_2gib_sparse_file_equals_b3sum() {
+    let fx = Fixture::new();
+    let path = fx.t("sparse.img");
+    let file = File::create(&path).expect("create sparse file");
+    file.set_len(2 << 30).expect("set_len 2 GiB");
+    file.write_all_at(b"not all zeros", 1 << 30).expect("write in the middle");
+    drop(file);
+    fx.create_default();
+    let records = fx.show();
+    let record = record_for(&records, &path);
+    assert_eq!(record["size"], 2u64 << 30, "{record:#}");
+    assert_eq!(record["hash"], b3sum(&path), "{record:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs that must not hang, crash or escape the tree
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn fifo_socket_and_device_are_recorded_without_being_opened() {
+    let fx = Fixture::new();
+    write(&fx.t("regular"), "plain\n");
+    let fifo = fx.t("fifo");
+    tool("mkfifo", [fifo.as_os_str()]);
+    let sock = fx.t("sock");
+    let _listener = UnixListener::bind(&sock).expect("bind unix socket");
+    let dev = fx.t("null-dev");
+    if is_root() {
+        tool("mknod", [dev.as_os_str(), OsStr::new("c"), OsStr::new("1"), OsStr::new("3")]);
+    }
+    // create and verify run under the 60 s timeout: opening the FIFO would block forever.
+    fx.create_default();
+
+    let records = fx.show();
+    let mut want = vec![(fifo, "fifo"), (sock, "socket")];
+    if is_root() {
+        want.push((dev, "char"));
+    }
+    for (path, kind) in want {
+        let record = record_for(&records, &path);
+        assert_eq!(record["type"], kind, "{record:#}");
+        assert!(record["hash"].is_null(), "a {kind} has no content hash: {record:#}");
+    }
+    assert_eq!(record_for(&records, &fx.t("regular"))["hash"], b3sum(&fx.t("regular")));
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+}
+
+#[test]
+fn symlink_loops_are_recorded_not_followed() {
+    let fx = Fixture::new();
+    symlink("b", fx.t("a")).expect("symlink a -> b");
+    symlink("a", fx.t("b")).expect("symlink b -> a");
+    mkdir(&fx.t("dir"));
+    write(&fx.t("dir/file"), "x\n");
+    symlink("..", fx.t("dir/up")).expect("symlink dir/up -> ..");
+    symlink(fx.tree(), fx.t("dir/root")).expect("absolute symlink to the tree");
+    fx.create_default();
+
+    let records = fx.show();
+    for (link, target) in [
+        ("a", "b".to_owned()),
+        ("b", "a".to_owned()),
+        ("dir/up", "..".to_owned()),
+        ("dir/root", fx.tree().to_str().unwrap().to_owned()),
+    ] {
+        let record = record_for(&records, &fx.t(link));
+        assert_eq!(record["type"], "symlink", "{record:#}");
+        assert_eq!(record["link_target"], target.as_str(), "{record:#}");
+    }
+    let followed: Vec<_> =
+        recorded_paths(&records).into_iter().filter(|p| p.contains("/up/") || p.contains("/root/")).collect();
+    assert!(followed.is_empty(), "symlinks were followed: {followed:#?}");
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+}
+
+#[test]
+fn non_utf8_file_name_is_escaped_carries_path_hex_and_is_verified() {
+    let fx = Fixture::new();
+    let tree = fx.tree();
+    let bad = tree.join(OsStr::from_bytes(b"bad\xffname"));
+    let slashy = tree.join(OsStr::from_bytes(b"a\\b\xfe"));
+    let utf8_backslash = tree.join("plain\\name");
+    let odd_link = tree.join("odd-link");
+    symlink(OsStr::from_bytes(b"tgt\xfe"), &odd_link).expect("symlink to a non-UTF-8 target");
+    write(&bad, "one\n");
+    write(&slashy, "two\n");
+    write(&utf8_backslash, "three\n");
+    fx.create_default();
+
+    let records = fx.show();
+    let prefix = tree.to_str().unwrap();
+    for (path, printed) in [(&bad, format!(r"{prefix}/bad\xffname")), (&slashy, format!(r"{prefix}/a\\b\xfe"))] {
+        let hex = hex::encode(path.as_os_str().as_bytes());
+        let record = records
+            .iter()
+            .find(|r| r["path_hex"] == hex.as_str())
+            .unwrap_or_else(|| panic!("no record with path_hex {hex}; recorded: {:#?}", recorded_paths(&records)));
+        assert_eq!(record["path"], printed.as_str(), "{record:#}");
+        assert_eq!(record["hash"], b3sum(path), "{record:#}");
+    }
+    let link = record_for(&records, &odd_link);
+    assert_eq!(link["link_target"], r"tgt\xfe", "{link:#}");
+    assert_eq!(link["link_target_hex"], hex::encode(b"tgt\xfe"), "{link:#}");
+    let plain = record_for(&records, &utf8_backslash);
+    assert!(plain.get("path_hex").is_none_or(Value::is_null), "a UTF-8 path needs no path_hex: {plain:#}");
+
+    write(&bad, "one, modified\n");
+    let report = fx.verify(1);
+    let hex = hex::encode(bad.as_os_str().as_bytes());
+    let change = changes(&report)
+        .iter()
+        .find(|c| c["path_hex"] == hex.as_str())
+        .unwrap_or_else(|| panic!("the non-UTF-8 file's change is missing or lacks path_hex {hex}: {report:#}"));
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    assert_eq!(change["path"], format!(r"{prefix}/bad\xffname").as_str(), "{change:#}");
+    assert!(changed_attrs(change).contains(&"content"), "{change:#}");
+    assert_eq!(changes(&report).len(), 1, "only the modified file changed: {report:#}");
+}
+
+#[test]
+fn deep_tree_of_depth_300() {
+    let fx = Fixture::new();
+    let mut deep = fx.tree();
+    for _ in 0..300 {
+        deep.push("d");
+    }
+    mkdir(&deep);
+    let leaf = deep.join("leaf.txt");
+    write(&leaf, "deep\n");
+    fx.create_default();
+    let records = fx.show();
+    assert_eq!(record_for(&records, &leaf)["hash"], b3sum(&leaf));
+    fx.verify(0);
+
+    write(&leaf, "deeper\n");
+    let report = fx.verify(1);
+    assert_eq!(change_for(&report, &leaf)["kind"], "modified", "{report:#}");
+}
+
+#[test]
+fn unreadable_file_and_dir_are_warnings_not_fatal() {
+    if !is_root() {
+        eprintln!("skipped: needs root to drop to uid {NOBODY} with setpriv");
+        return;
+    }
+    let fx = Fixture::bare();
+    // The run as nobody must reach the tree, write its db and read its key.
+    chmod(fx.root.path(), 0o755);
+    let tree = fx.tree();
+    mkdir(&tree);
+    write(&tree.join("readable.txt"), "fine\n");
+    let unreadable = tree.join("unreadable.key");
+    write(&unreadable, "no peeking\n");
+    chmod(&unreadable, 0o000);
+    let locked = tree.join("locked");
+    mkdir(&locked);
+    write(&locked.join("inner.txt"), "hidden\n");
+    chmod(&locked, 0o000);
+    let state = fx.path("state");
+    mkdir(&state);
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).expect("chown state dir");
+    let keys = state.join("keys");
+    let db = state.join("db");
+    kubefim_as_nobody([OsStr::new("keygen"), OsStr::new("--out"), keys.as_os_str()]).expect_code(0);
+    let key = keys.join("kubefim.key");
+    let pubkey = keys.join("kubefim.pub");
+    let policy = fx.write_policy(&[Rule::new(&tree)]);
+    chmod(&policy, 0o644);
+
+    let create = kubefim_as_nobody(args(&[
+        "baseline".as_ref(),
+        "create".as_ref(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+    ]));
+    create.expect_code(0);
+    for path in [&unreadable, &locked] {
+        assert!(
+            create.stderr.contains(path.to_str().unwrap()),
+            "no warning naming {} on stderr\n{}",
+            path.display(),
+            create.dump()
+        );
+    }
+
+    // As nobody too: a root-run sled open could leave root-owned files in nobody's db.
+    let records = kubefim_as_nobody(args(&[
+        "baseline".as_ref(),
+        "show".as_ref(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--pubkey".as_ref(),
+        pubkey.as_os_str(),
+        "--format".as_ref(),
+        "jsonl".as_ref(),
+    ]));
+    records.expect_code(0);
+    let records = records.jsonl();
+    let file = record_for(&records, &unreadable);
+    assert_eq!(file["type"], "file", "{file:#}");
+    assert!(file["hash"].is_null(), "an unreadable file has no hash: {file:#}");
+    assert!(file["error"].is_string(), "an unreadable file records why: {file:#}");
+    let dir = record_for(&records, &locked);
+    assert_eq!(dir["type"], "dir", "{dir:#}");
+    record_for(&records, &tree.join("readable.txt"));
+
+    // Verify as the same user: the unreadable file cannot be verified, so not clean.
+    let verify = kubefim_as_nobody(args(&[
+        "verify".as_ref(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--pubkey".as_ref(),
+        pubkey.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]));
+    verify.expect_code(1);
+    let report = verify.json();
+    assert_eq!(report["summary"]["clean"], false, "{report:#}");
+    assert!(report["summary"]["unverified"].as_u64() >= Some(1), "{report:#}");
+    let errors = report["errors"].as_array().unwrap_or_else(|| panic!("no errors array: {report:#}"));
+    assert!(
+        errors.iter().any(|e| e["path"] == unreadable.to_str().unwrap()),
+        "errors do not list {}: {report:#}",
+        unreadable.display()
+    );
+
+    // Last, so the checks above run whatever this says: the dir's entries were never listed,
+    // so its record is not complete and must say why.
+    assert!(dir["error"].is_string(), "an unreadable dir records why: {dir:#}\ncreate's stderr:\n{}", create.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// accept
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn accept_of_one_path_leaves_the_other_change_and_accept_all_cleans() {
+    let fx = Fixture::new();
+    let a = fx.t("a.txt");
+    let b = fx.t("b.txt");
+    write(&a, "a1\n");
+    write(&b, "b1\n");
+    fx.create_default();
+    write(&a, "a2, changed\n");
+    write(&b, "b2, changed\n");
+    let report = fx.verify(1);
+    change_for(&report, &a);
+    change_for(&report, &b);
+
+    fx.accept(&[&a]).expect_code(0);
+    let report = fx.verify(1);
+    assert_eq!(changed_paths(&report), [b.to_str().unwrap()], "only b.txt should remain changed: {report:#}");
+    let records = fx.show();
+    assert_eq!(record_for(&records, &a)["hash"], b3sum(&a), "accepted content not recorded");
+
+    fx.accept(&[]).expect_code(0);
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// An untrusted baseline: exit 3
+// ---------------------------------------------------------------------------------------------
+
+/// Copies the fixture db, damages the copy's largest file with `damage`, and checks that
+/// verify and show both refuse it with exit 3, while the original still verifies.
+#[track_caller]
+fn assert_damaged_db_untrusted(fx: &Fixture, what: &str, damage: impl Fn(&Path)) {
+    fx.verify(0);
+    let tampered = fx.path("db-tampered");
+    copy_dir(&fx.db(), &tampered);
+    damage(&largest_file(&tampered));
+    // show gets its own copy: opening a damaged sled db may rewrite it.
+    let tampered_show = fx.path("db-tampered-show");
+    copy_dir(&tampered, &tampered_show);
+
+    let verify = fx.verify_with(&tampered, &fx.pubkey());
+    assert_eq!(verify.status.code(), Some(3), "{what}: verify want exit 3\n{}", verify.dump());
+    let show = fx.show_with(&tampered_show, &fx.pubkey());
+    assert_eq!(show.status.code(), Some(3), "{what}: show want exit 3\n{}", show.dump());
+    fx.verify(0);
+}
+
+/// A tree whose baseline has a recognisable file name to aim damage at.
+const MARKER: &str = "tamper-marker-7f3a9c.txt";
+
+fn tamper_fixture() -> Fixture {
+    let fx = Fixture::new();
+    for i in 0..20 {
+        write(&fx.t(format!("file-{i:02}.txt")), format!("content {i}\n"));
+    }
+    write(&fx.t(MARKER), "marker\n");
+    fx.create_default();
+    fx
+}
+
+#[test]
+fn flipped_byte_in_db_file_is_untrusted() {
+    let fx = tamper_fixture();
+    assert_damaged_db_untrusted(&fx, "flipped byte", |file| {
+        let mut bytes = fs::read(file).expect("read db file");
+        // Aim at a record (its key holds the marker's name); else the middle of the data.
+        let at = find_bytes(&bytes, MARKER.as_bytes()).map_or(used_len(&bytes) / 2, |i| i + 7);
+        bytes[at] ^= 0x01;
+        fs::write(file, bytes).expect("write db file");
+    });
+}
+
+#[test]
+fn truncated_db_file_is_untrusted() {
+    let fx = tamper_fixture();
+    assert_damaged_db_untrusted(&fx, "truncated", |file| {
+        let bytes = fs::read(file).expect("read db file");
+        let half = used_len(&bytes) / 2;
+        OpenOptions::new().write(true).open(file).expect("open").set_len(half as u64).expect("truncate");
+    });
+}
+
+#[test]
+fn garbled_db_file_is_untrusted() {
+    let fx = tamper_fixture();
+    assert_damaged_db_untrusted(&fx, "garbled", |file| {
+        let mut bytes = fs::read(file).expect("read db file");
+        let used = used_len(&bytes);
+        let start = (used / 2).saturating_sub(2048);
+        let end = (start + 4096).min(bytes.len());
+        bytes[start..end].copy_from_slice(&random_bytes(99, end - start));
+        fs::write(file, bytes).expect("write db file");
+    });
+}
+
+#[test]
+fn wrong_public_key_is_untrusted() {
+    let fx = tamper_fixture();
+    let other = fx.path("other-keys");
+    fx.keygen_into(&other);
+    let other_pub = other.join("kubefim.pub");
+    let verify = fx.verify_with(&fx.db(), &other_pub);
+    verify.expect_code(3);
+    fx.show_with(&fx.db(), &other_pub).expect_code(3);
+    let accept = kubefim(args(&[
+        "baseline".as_ref(),
+        "accept".as_ref(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--key".as_ref(),
+        fx.key().as_os_str(),
+        "--pubkey".as_ref(),
+        other_pub.as_os_str(),
+    ]));
+    accept.expect_code(3);
+    fx.verify(0);
+}
+
+#[test]
+fn missing_or_empty_public_key_is_an_error() {
+    let fx = tamper_fixture();
+    let missing = fx.path("no-such.pub");
+    let empty = fx.path("empty.pub");
+    write(&empty, "");
+    for pubkey in [&missing, &empty] {
+        for run in [fx.verify_with(&fx.db(), pubkey), fx.show_with(&fx.db(), pubkey)] {
+            let code = run.code();
+            assert!(code == 2 || code == 3, "{}: want exit 2 or 3, got {code}\n{}", run.cmdline, run.dump());
+        }
+    }
+}
+
+#[test]
+fn missing_db_is_untrusted() {
+    let fx = Fixture::new();
+    let db = fx.path("no-such-db");
+    fx.verify_with(&db, &fx.pubkey()).expect_code(3);
+    fx.show_with(&db, &fx.pubkey()).expect_code(3);
+}
+
+#[test]
+fn baseline_accepted_with_another_key_is_untrusted_under_the_first() {
+    let fx = tamper_fixture();
+    let b = fx.path("keys-b");
+    fx.keygen_into(&b);
+    // A's public key vouches for the old baseline; B signs the new one.
+    kubefim(args(&[
+        "baseline".as_ref(),
+        "accept".as_ref(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--key".as_ref(),
+        b.join("kubefim.key").as_os_str(),
+        "--pubkey".as_ref(),
+        fx.pubkey().as_os_str(),
+    ]))
+    .expect_code(0);
+    fx.verify_with(&fx.db(), &fx.pubkey()).expect_code(3);
+    fx.show_with(&fx.db(), &fx.pubkey()).expect_code(3);
+    fx.verify_with(&fx.db(), &b.join("kubefim.pub")).expect_code(0);
+}
+
+/// `kubefim debug tamper --db DB --op OP [--other-db OTHER] [--reseal-with KEY]`: edits the
+/// store directly, without re-signing; then verify and show must exit 3. Each edit is made
+/// twice: once as is (the file-level seal catches it) and once with the seal re-signed by
+/// the right key, so that only the signature over the records can catch it, and must.
+#[track_caller]
+fn assert_debug_tamper_untrusted(op: &str) {
+    for reseal in [false, true] {
+        let fx = tamper_fixture();
+        fx.verify(0);
+        let mut argv = args(&[
+            "debug".as_ref(),
+            "tamper".as_ref(),
+            "--db".as_ref(),
+            fx.db().as_os_str(),
+            "--op".as_ref(),
+            op.as_ref(),
+        ]);
+        if op == "swap-signature" {
+            // Another baseline signed by the same key: a valid signature, of something else.
+            let other_tree = fx.path("other-tree");
+            mkdir(&other_tree);
+            write(&other_tree.join("x"), "other\n");
+            let policy = fx.path("other-policy.yaml");
+            write(&policy, policy_yaml(&[Rule::new(&other_tree)]));
+            let other_db = fx.path("other-db");
+            fx.create_run(&policy, &other_db).expect_code(0);
+            fx.verify_with(&other_db, &fx.pubkey()).expect_code(0);
+            argv.push("--other-db".into());
+            argv.push(other_db.into());
+        }
+        if reseal {
+            argv.push("--reseal-with".into());
+            argv.push(fx.key().into());
+        }
+        kubefim(argv).expect_code(0);
+        let verify = fx.verify_run();
+        assert_eq!(
+            verify.status.code(),
+            Some(3),
+            "after {op} (reseal {reseal}): verify want exit 3\n{}",
+            verify.dump()
+        );
+        let caught_by = if reseal { "signature" } else { "seal" };
+        let other = if reseal { "seal" } else { "its signature" };
+        assert!(
+            verify.stderr.contains(caught_by) && !verify.stderr.contains(other),
+            "after {op} (reseal {reseal}): want it caught by the {caught_by}\n{}",
+            verify.dump()
+        );
+        let show = fx.show_with(&fx.db(), &fx.pubkey());
+        assert_eq!(show.status.code(), Some(3), "after {op} (reseal {reseal}): show want exit 3\n{}", show.dump());
+    }
+}
+
+#[test]
+fn edited_record_is_untrusted() {
+    assert_debug_tamper_untrusted("edit-record");
+}
+
+#[test]
+fn inserted_record_is_untrusted() {
+    assert_debug_tamper_untrusted("insert-record");
+}
+
+#[test]
+fn deleted_record_is_untrusted() {
+    assert_debug_tamper_untrusted("delete-record");
+}
+
+#[test]
+fn dropped_signature_is_untrusted() {
+    assert_debug_tamper_untrusted("drop-signature");
+}
+
+#[test]
+fn swapped_signature_is_untrusted() {
+    assert_debug_tamper_untrusted("swap-signature");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A create killed part-way
+// ---------------------------------------------------------------------------------------------
+
+/// Kill points spread over a full create of the 20k-file tree (about 0.8 s on a 2-core
+/// machine under load; longer on a slower one, which only moves the kills earlier).
+const KILL_DELAYS_MS: [u64; 4] = [50, 150, 300, 500];
+
+#[test]
+fn killed_create_leaves_previous_baseline_verifying() {
+    let fx = Fixture::new();
+    big_tree(&fx, 100, 200);
+    let policy = fx.default_policy();
+    let started = Instant::now();
+    fx.create(&policy);
+    eprintln!("full create of 20k files took {:?}", started.elapsed());
+    fx.verify(0);
+
+    for delay in KILL_DELAYS_MS {
+        let mut child = spawn_create(&fx, &policy, &fx.db());
+        thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let status = child.wait().expect("wait for killed create");
+        let verify = fx.verify_run();
+        assert_eq!(
+            verify.status.code(),
+            Some(0),
+            "after create was killed at {delay} ms ({status:?}) the previous baseline no longer verifies\n{}",
+            verify.dump()
+        );
+    }
+}
+
+#[test]
+fn killed_first_create_never_verifies() {
+    let fx = Fixture::new();
+    big_tree(&fx, 100, 200);
+    let policy = fx.default_policy();
+    for delay in KILL_DELAYS_MS {
+        let db = fx.path(format!("db-killed-{delay}"));
+        let mut child = spawn_create(&fx, &policy, &db);
+        thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let status = child.wait().expect("wait for killed create");
+        // A create that beat the kill exits 0 (an unreaped child ignores SIGKILL) and has
+        // written a whole baseline.
+        let finished_first = status.success();
+        let verify = fx.verify_with(&db, &fx.pubkey());
+        let want = if finished_first { 0 } else { 3 };
+        assert_eq!(
+            verify.status.code(),
+            Some(want),
+            "create killed at {delay} ms ({status:?}, finished first: {finished_first}): a partial baseline must be untrusted\n{}",
+            verify.dump()
+        );
+    }
+}
+
+#[test]
+fn added_or_removed_file_in_db_dir_is_untrusted() {
+    let fx = tamper_fixture();
+    // A planted file: sled would read e.g. a `snap.*` file as its snapshot.
+    let planted = fx.path("db-planted");
+    copy_dir(&fx.db(), &planted);
+    let big = largest_file(&planted);
+    fs::copy(&big, planted.join("snap.0000000000000000")).expect("plant a file");
+    fx.verify_with(&planted, &fx.pubkey()).expect_code(3);
+    fx.show_with(&planted, &fx.pubkey()).expect_code(3);
+
+    // Each file of the db dir removed in turn.
+    let mut files = Vec::new();
+    for_each_file(&fx.db(), &mut |path| files.push(path.strip_prefix(fx.db()).unwrap().to_owned()));
+    assert!(!files.is_empty(), "no files in the db dir");
+    for (i, rel) in files.iter().enumerate() {
+        let copy = fx.path(format!("db-missing-{i}"));
+        copy_dir(&fx.db(), &copy);
+        fs::remove_file(copy.join(rel)).expect("remove db file");
+        let verify = fx.verify_with(&copy, &fx.pubkey());
+        assert_eq!(
+            verify.status.code(),
+            Some(3),
+            "db without {}: verify want exit 3\n{}",
+            rel.display(),
+            verify.dump()
+        );
+    }
+    fx.verify(0);
+}
+
+#[test]
+fn db_path_that_is_a_file_is_untrusted() {
+    let fx = Fixture::new();
+    let db = fx.path("db-is-a-file");
+    write(&db, "not a database\n");
+    fx.verify_with(&db, &fx.pubkey()).expect_code(3);
+    fx.show_with(&db, &fx.pubkey()).expect_code(3);
+}
+
+#[test]
+fn rule_on_a_single_file() {
+    let fx = Fixture::new();
+    let watched = fx.t("watched.conf");
+    let other = fx.t("other.conf");
+    write(&watched, "a=1\n");
+    write(&other, "b=1\n");
+    let policy = fx.write_policy(&[Rule::new(&watched)]);
+    fx.create(&policy);
+    let records = fx.show();
+    assert_eq!(recorded_paths(&records), [watched.to_str().unwrap()], "a file rule records that file only");
+    write(&other, "b=2, not watched\n");
+    fx.verify(0);
+    write(&watched, "a=2, watched\n");
+    let report = fx.verify(1);
+    assert_eq!(change_for(&report, &watched)["kind"], "modified", "{report:#}");
+}
+
+#[test]
+fn removed_rule_root_is_reported_not_fatal() {
+    let fx = Fixture::new();
+    let root = fx.t("watched");
+    mkdir(&root.join("sub"));
+    write(&root.join("sub/file"), "x\n");
+    let policy = fx.write_policy(&[Rule::new(&root)]);
+    fx.create(&policy);
+    fs::remove_dir_all(&root).expect("remove the rule's root");
+    let report = fx.verify(1);
+    for path in [root.clone(), root.join("sub"), root.join("sub/file")] {
+        assert_eq!(change_for(&report, &path)["kind"], "removed", "{report:#}");
+    }
+}
+
+#[test]
+fn accept_of_added_and_removed_paths() {
+    let fx = Fixture::new();
+    let gone = fx.t("gone.txt");
+    let stays = fx.t("stays.txt");
+    write(&gone, "soon gone\n");
+    write(&stays, "v1\n");
+    fx.create_default();
+    fs::remove_file(&gone).expect("remove");
+    let new = fx.t("new.txt");
+    write(&new, "new\n");
+    write(&stays, "v2, not accepted\n");
+
+    fx.accept(&[&gone, &new]).expect_code(0);
+    let report = fx.verify(1);
+    assert!(!has_change(&report, &gone), "accepted removal still reported: {report:#}");
+    assert!(!has_change(&report, &new), "accepted addition still reported: {report:#}");
+    assert_eq!(change_for(&report, &stays)["kind"], "modified", "{report:#}");
+    let records = fx.show();
+    record_for(&records, &new);
+    assert!(
+        !recorded_paths(&records).iter().any(|p| p == gone.to_str().unwrap()),
+        "an accepted removal is still recorded"
+    );
+}
+
+#[test]
+fn missing_policy_or_key_exits_2() {
+    let fx = Fixture::new();
+    let run = fx.create_run(&fx.path("no-such-policy.yaml"), &fx.db());
+    run.expect_code(2);
+    let policy = fx.default_policy();
+    let run = kubefim(args(&[
+        "baseline".as_ref(),
+        "create".as_ref(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--key".as_ref(),
+        fx.path("no-such.key").as_os_str(),
+    ]));
+    run.expect_code(2);
+    assert!(!fx.db().exists(), "a failed create left a db behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage errors
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unknown_flag_exits_2() {
+    let fx = Fixture::new();
+    let run = kubefim(args(&[
+        "verify".as_ref(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--pubkey".as_ref(),
+        fx.pubkey().as_os_str(),
+        "--no-such-flag".as_ref(),
+    ]));
+    run.expect_code(2);
+    assert!(!run.stderr.is_empty(), "a usage error says why on stderr\n{}", run.dump());
+    kubefim(["no-such-subcommand"]).expect_code(2);
+}
+
+#[test]
+fn verify_without_db_exits_2() {
+    let fx = Fixture::new();
+    let run = kubefim(args(&["verify".as_ref(), "--pubkey".as_ref(), fx.pubkey().as_os_str()]));
+    run.expect_code(2);
+    assert!(run.stderr.contains("--db"), "the error should name the missing flag\n{}", run.dump());
+}
+
+#[test]
+fn unknown_format_exits_2() {
+    let fx = tamper_fixture();
+    let run = kubefim(args(&[
+        "verify".as_ref(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--pubkey".as_ref(),
+        fx.pubkey().as_os_str(),
+        "--format".as_ref(),
+        "xml".as_ref(),
+    ]));
+    run.expect_code(2);
+}
