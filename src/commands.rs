@@ -71,18 +71,16 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
 }
 
 pub fn verify(db: &Path, pubkey: &Path, json: bool) -> Result<u8> {
-    let trusted = open_trusted(db, pubkey)?;
-    verify_trusted(&trusted, json)
-}
-
-fn verify_trusted(trusted: &TrustedBaseline, json: bool) -> Result<u8> {
+    let key = PublicKey::load(pubkey)?;
     let progress = ScanProgress::default();
-    let report = Progress::show("verifying", &progress, || verifier::verify(trusted, &progress))
-        .with_context(|| format!("verifying against {}", trusted.path().display()))?;
+    let started = std::time::Instant::now();
+    let (trusted, report) = Progress::show("verifying", &progress, || verifier::verify_db(db, &key, &progress))
+        .with_context(|| format!("verifying against {}", db.display()))?;
+    tracing::debug!(elapsed = ?started.elapsed(), scanned = report.scanned, "verified");
     if json {
         output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report, &trusted.policy))?;
     } else {
-        output::status(&output::baseline_header(trusted));
+        output::status(&output::baseline_header(&trusted));
         output::verify_human(&report)?;
     }
     Ok(if report.is_clean() { exit::CLEAN } else { exit::DIFFERENCES })
@@ -121,8 +119,7 @@ pub fn run(state_dir: &Path, policy: Option<&Path>, json: bool) -> Result<u8> {
             "a baseline exists: verifying with the policy it was signed with (--policy is for new baselines)",
         );
     }
-    let trusted = open_trusted(&db, &pub_path)?;
-    verify_trusted(&trusted, json)
+    verify(&db, &pub_path, json)
 }
 
 /// Ways to edit a database behind kubefim's back, to prove verify notices.
@@ -169,7 +166,7 @@ pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>, reseal_with: Option
     store.flush()?;
     drop(store);
     if let Some(key) = reseal_with {
-        baseline::reseal_for_tests(db, &SigningKey::load(key)?)?;
+        kubefim_baseline::seal::reseal_for_tests(db, &SigningKey::load(key)?)?;
     }
     Ok(exit::CLEAN)
 }

@@ -14,7 +14,8 @@ use crate::hash::Hash;
 use crate::policy::{Policy, path_bytes};
 use crate::record::FileRecord;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
-use crate::sign::{self, CanonicalDigest, PublicKey, SigningKey};
+use crate::seal::{self, Seal};
+use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
 use crate::store::{self, SIGNATURE_KEY, Store, TreeKind};
 
 /// The layout version of a baseline; verify refuses others.
@@ -57,11 +58,18 @@ impl ScanSink for ChannelSink {
     }
 }
 
-fn write_entry(store: &Store, entry: &ScannedEntry) -> Result<()> {
-    if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
-        store.put_content(hash, content)?;
+/// Records written to the store in one batch (a batch costs sled much less than as many
+/// single inserts).
+const WRITE_BATCH: usize = 1024;
+
+fn write_entries(store: &Store, entries: &mut Vec<ScannedEntry>) -> Result<()> {
+    for entry in entries.iter() {
+        if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
+            store.put_content(hash, content)?;
+        }
     }
-    store.put_record(path_bytes(&entry.path), &entry.record)
+    let batch = entries.drain(..).map(|e| (path_bytes(&e.path).to_vec(), e.record.encode()));
+    store.put_batch(TreeKind::Records, batch)
 }
 
 /// Scans `scan` into `store`, pipelined: the scan's threads hash while this thread writes.
@@ -70,10 +78,17 @@ fn scan_into(store: &Store, scan: &Scan<'_>, progress: &ScanProgress) -> Result<
     std::thread::scope(|s| {
         let scanner = s.spawn(move || scan.run(&ChannelSink(tx), progress));
         let mut written = Ok(());
+        let mut pending = Vec::with_capacity(WRITE_BATCH);
         for entry in rx {
             if written.is_ok() {
-                written = write_entry(store, &entry);
+                pending.push(entry);
+                if pending.len() == WRITE_BATCH {
+                    written = write_entries(store, &mut pending);
+                }
             }
+        }
+        if written.is_ok() {
+            written = write_entries(store, &mut pending);
         }
         let summary = scanner.join().expect("the scan does not panic");
         written.map(|()| summary)
@@ -100,70 +115,11 @@ fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> R
     })?;
     store.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&digest.finish()))?;
     let dir = store.close()?;
-    let sealed = write_seal(&dir, key).and_then(|()| store::install(&dir, target));
+    let sealed = seal::write(&dir, key, &manifest.policy).and_then(|()| store::install(&dir, target));
     if sealed.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     sealed
-}
-
-/// First line of a seal file.
-const SEAL_HEADER: &str = "kubefim baseline seal v1\n";
-
-/// Signs the listing of every file of the closed store directory `dir` into its seal file.
-fn write_seal(dir: &Path, key: &SigningKey) -> Result<()> {
-    let mut body = SEAL_HEADER.as_bytes().to_vec();
-    body.extend(store::file_listing(dir).map_err(|e| Error::io(dir, e))?);
-    let signature = key.sign(&sign::seal_digest(&body));
-    let mut file = body;
-    file.extend_from_slice(format!("ed25519 {}\n", hex::encode(signature)).as_bytes());
-    let path = dir.join(store::SEAL_FILE);
-    std::fs::write(&path, file).map_err(|e| Error::io(&path, e))
-}
-
-/// Re-signs the file-level seal of the baseline at `db` as it is now, without looking at
-/// its content. Only for tests of the inner signature: it lets an edit made behind
-/// kubefim's back pass the seal, so that only the canonical digest can catch it.
-#[doc(hidden)]
-pub fn reseal_for_tests(db: &Path, key: &SigningKey) -> Result<()> {
-    write_seal(db, key)
-}
-
-/// Checks the seal of the baseline copy in `dir`: signed by `key`, and listing exactly the
-/// files there are, with exactly their bytes. `shown` names the baseline in errors.
-fn check_seal(dir: &Path, key: &PublicKey, shown: &Path) -> Result<()> {
-    let untrusted = |reason: String| Error::Untrusted { path: shown.to_owned(), reason };
-    let seal = std::fs::read(dir.join(store::SEAL_FILE))
-        .map_err(|e| untrusted(format!("its seal file {} cannot be read ({e})", store::SEAL_FILE)))?;
-    let body_end = seal[..seal.len().saturating_sub(1)].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let (body, last) = seal.split_at(body_end);
-    let signature = std::str::from_utf8(last)
-        .ok()
-        .and_then(|l| l.trim_end().strip_prefix("ed25519 "))
-        .and_then(|h| hex::decode(h).ok())
-        .ok_or_else(|| untrusted("its seal has no signature".into()))?;
-    if !body.starts_with(SEAL_HEADER.as_bytes()) || !key.verifies(&sign::seal_digest(body), &signature) {
-        return Err(untrusted(format!(
-            "its seal does not verify with public key {} (wrong key, or the database was modified)",
-            key.fingerprint()
-        )));
-    }
-    let listing = store::file_listing(dir).map_err(|e| untrusted(format!("cannot be read: {e}")))?;
-    let sealed = &body[SEAL_HEADER.len()..];
-    if listing != sealed {
-        let now: std::collections::BTreeSet<&[u8]> = listing.split(|&b| b == b'\n').collect();
-        let then: std::collections::BTreeSet<&[u8]> = sealed.split(|&b| b == b'\n').collect();
-        let culprit = now
-            .symmetric_difference(&then)
-            .filter_map(|l| l.splitn(3, |&b| b == b' ').nth(2))
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .next()
-            .unwrap_or_default();
-        return Err(untrusted(format!(
-            "it does not match its seal: file {culprit:?} was modified, added or removed after it was signed"
-        )));
-    }
-    Ok(())
 }
 
 fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<String>) -> Manifest {
@@ -184,9 +140,12 @@ fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<
 pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgress) -> Result<ScanSummary> {
     let store = Store::create_beside(db)?;
     let scan = Scan::whole_policy(policy).skip(absolute(db)).skip(absolute(store.path()));
+    let started = std::time::Instant::now();
     match scan_into(&store, &scan, progress) {
         Ok(summary) => {
+            tracing::debug!(elapsed = ?started.elapsed(), entries = summary.entries, "scanned into the store");
             seal(store, db, key, &manifest(policy, summary.entries, &summary, Vec::new()))?;
+            tracing::debug!(elapsed = ?started.elapsed(), "signed, sealed and installed");
             Ok(summary)
         }
         Err(e) => {
@@ -213,10 +172,16 @@ pub struct TrustedBaseline {
 }
 
 impl TrustedBaseline {
-    /// Opens `db` and checks its signature with `key`. Any failure is [`Error::Untrusted`].
+    /// Opens `db` and checks its seal and signature with `key`. Any failure is
+    /// [`Error::Untrusted`].
     pub fn open(db: &Path, key: &PublicKey) -> Result<TrustedBaseline> {
+        Self::open_sealed(db, key, &Seal::read_verified(db, key)?)
+    }
+
+    /// Like [`TrustedBaseline::open`], for a seal already read and verified.
+    pub fn open_sealed(db: &Path, key: &PublicKey, seal: &Seal) -> Result<TrustedBaseline> {
         let untrusted = |reason: String| Error::Untrusted { path: db.to_owned(), reason };
-        let store = Store::open_snapshot(db, |copy| check_seal(copy, key, db))?;
+        let store = Store::open_snapshot(db, |copy| seal.check_files(copy, db))?;
         let mut digest = CanonicalDigest::new();
         let (mut signature, mut manifest_bytes) = (None, None);
         let mut raw_records = Vec::new();
@@ -346,7 +311,7 @@ mod tests {
             tree.display()
         );
         let policy = Policy::from_yaml(&yaml, "test").unwrap();
-        let (k, p) = sign::generate(&dir.path().join("keys")).unwrap();
+        let (k, p) = crate::sign::generate(&dir.path().join("keys")).unwrap();
         let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
         let db = dir.path().join("db");
         create(&policy, &db, &key, &ScanProgress::default()).unwrap();
@@ -360,7 +325,7 @@ mod tests {
         edit(&store);
         store.flush().unwrap();
         drop(store);
-        write_seal(db, key).unwrap();
+        seal::reseal_for_tests(db, key).unwrap();
     }
 
     fn first_record(store: &Store) -> (Vec<u8>, Vec<u8>) {
@@ -427,7 +392,7 @@ mod tests {
         bytes[at] ^= 0xff;
         std::fs::write(&file, &bytes).unwrap();
         assert_untrusted(&db, &public, "file \"db\" was modified");
-        let (_, other_pub) = sign::generate(&dir.path().join("other")).unwrap();
+        let (_, other_pub) = crate::sign::generate(&dir.path().join("other")).unwrap();
         let (_dir2, db2, _, _) = fixture();
         assert_untrusted(&db2, &PublicKey::load(&other_pub).unwrap(), "seal does not verify");
     }

@@ -6,10 +6,12 @@
 pub mod baseline;
 pub mod error;
 pub mod hash;
+mod mapped;
 pub mod policy;
 pub mod record;
 pub mod report;
 pub mod scan;
+pub mod seal;
 pub mod sign;
 pub mod store;
 pub mod verify;

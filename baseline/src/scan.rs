@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use walkdir::WalkDir;
 
 use crate::hash;
+use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
 use crate::record::{FileKind, FileRecord};
 
@@ -27,6 +28,10 @@ const READ_ATTEMPTS: usize = 3;
 
 /// The read buffer of each thread: 16 subtrees, so large files are hashed on every core.
 const READ_BUFFER: usize = 1 << 20;
+
+/// Files at least this large are hashed through a read-only mapping (no copy into a buffer);
+/// smaller ones are cheaper to read.
+const MAP_THRESHOLD: u64 = 64 << 10;
 
 /// Listed entries waiting to be recorded.
 const WALK_QUEUE: usize = 8192;
@@ -331,9 +336,24 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize) -> io::Result<R
     }
     let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
     for attempt in 1..=READ_ATTEMPTS {
-        let read = BUFFER.with(|buf| hash::digest_reader(&mut &*file, &mut buf.borrow_mut(), keep));
+        let mapped = if keep.is_none() && meta.size() >= MAP_THRESHOLD {
+            mapped::digest_mapped(file, meta.size())
+        } else {
+            Mapped::Unavailable
+        };
+        let read = match mapped {
+            Mapped::Digest(d) => Ok(d),
+            Mapped::Unavailable => BUFFER.with(|buf| hash::digest_reader(&mut &*file, &mut buf.borrow_mut(), keep)),
+            // Shrank under the mapping: what follows treats it as changed while read.
+            Mapped::Truncated => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        };
         let read = match read {
             Ok(read) => read,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                meta = file.metadata()?;
+                record = FileRecord { xattrs: std::mem::take(&mut record.xattrs), ..base_record(&meta, rule_index) };
+                continue;
+            }
             Err(e) => {
                 let message = format!("cannot read content: {e}");
                 record.error = Some(message.clone());

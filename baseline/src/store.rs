@@ -160,6 +160,13 @@ impl Store {
         self.tree(kind)?.insert(key, value).map(drop).map_err(|e| store_err(&self.path, e))
     }
 
+    /// Writes many entries at once.
+    pub fn put_batch(&self, kind: TreeKind, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        entries.into_iter().for_each(|(k, v)| batch.insert(k, v));
+        self.tree(kind)?.apply_batch(batch).map_err(|e| store_err(&self.path, e))
+    }
+
     /// Removes an entry.
     pub fn remove(&self, kind: TreeKind, key: &[u8]) -> Result<()> {
         self.tree(kind)?.remove(key).map(drop).map_err(|e| store_err(&self.path, e))

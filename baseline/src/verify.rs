@@ -4,15 +4,19 @@
 //! entry that keeps the report from being clean.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use rayon::prelude::*;
 
 use crate::baseline::TrustedBaseline;
 use crate::error::Result;
 use crate::hash::changed_ranges;
-use crate::policy::{Attribute, path_bytes, path_from_bytes};
+use crate::policy::{Attribute, Policy, path_bytes, path_from_bytes};
 use crate::record::FileRecord;
-use crate::scan::{Scan, ScanProgress, ScanSink, ScannedEntry};
+use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
+use crate::seal::Seal;
+use crate::sign::PublicKey;
 
 /// What kind of change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,52 +150,73 @@ pub fn compare(
     Ok(Some(change))
 }
 
-struct VerifySink<'a> {
-    baseline: &'a TrustedBaseline,
-    seen: Mutex<HashSet<Vec<u8>>>,
-    changes: Mutex<Vec<Change>>,
-    failure: Mutex<Option<crate::Error>>,
-}
+/// Collects what a scan finds, for comparing once the baseline is trusted.
+#[derive(Default)]
+struct Collect(Mutex<Vec<ScannedEntry>>);
 
-impl ScanSink for VerifySink<'_> {
+impl ScanSink for Collect {
     fn entry(&self, entry: ScannedEntry) {
-        let key = path_bytes(&entry.path).to_vec();
-        let old = self.baseline.records.get(&key);
-        self.seen.lock().expect("no panics while holding").insert(key);
-        match compare(self.baseline, entry.path, old, entry.record, entry.content.as_deref()) {
-            Ok(Some(change)) => self.changes.lock().expect("no panics while holding").push(change),
-            Ok(None) => {}
-            Err(e) => {
-                self.failure.lock().expect("no panics while holding").get_or_insert(e);
-            }
-        }
+        self.0.lock().expect("no panics while holding").push(entry);
     }
 }
 
-/// Rescans everything the baseline's policy names and reports every difference.
+fn rescan(policy: &Policy, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
+    let sink = Collect::default();
+    let summary = Scan::whole_policy(policy).skip(std::path::absolute(db).unwrap_or_default()).run(&sink, progress);
+    (sink.0.into_inner().expect("no panics while holding"), summary)
+}
+
+/// Rescans everything a trusted baseline's policy names and reports every difference.
 pub fn verify(baseline: &TrustedBaseline, progress: &ScanProgress) -> Result<VerifyReport> {
-    let sink = VerifySink { baseline, seen: Mutex::default(), changes: Mutex::default(), failure: Mutex::default() };
-    let summary = Scan::whole_policy(&baseline.policy)
-        .skip(std::path::absolute(baseline.path()).unwrap_or_default())
-        .run(&sink, progress);
-    if let Some(e) = sink.failure.into_inner().expect("no panics while holding") {
-        return Err(e);
-    }
-    let seen = sink.seen.into_inner().expect("no panics while holding");
-    let mut changes = sink.changes.into_inner().expect("no panics while holding");
-    for (k, old) in &baseline.records {
-        if !seen.contains(k) {
-            changes.push(Change {
-                path: path_from_bytes(k).to_owned(),
-                kind: ChangeKind::Removed,
-                changed: Vec::new(),
-                old: Some(old.clone()),
-                new: None,
-                diff: None,
-                changed_ranges: None,
-            });
-        }
-    }
+    let (entries, summary) = rescan(&baseline.policy, baseline.path(), progress);
+    report(baseline, entries, &summary)
+}
+
+/// Opens the baseline at `db` and verifies the machine against it. The rescan starts as
+/// soon as the seal's signature has vouched for the policy, while the database itself is
+/// still being copied and checked; nothing is compared, and no result is given, unless
+/// every check of the baseline passes.
+pub fn verify_db(db: &Path, key: &PublicKey, progress: &ScanProgress) -> Result<(TrustedBaseline, VerifyReport)> {
+    let seal = Seal::read_verified(db, key)?;
+    let policy = Policy::from_yaml(&seal.policy, "the baseline's policy")
+        .map_err(|e| crate::Error::Untrusted { path: db.to_owned(), reason: e.to_string() })?;
+    let (baseline, (entries, summary)) = std::thread::scope(|s| {
+        let loader = s.spawn(|| TrustedBaseline::open_sealed(db, key, &seal));
+        let scanned = rescan(&policy, db, progress);
+        (loader.join().expect("loading the baseline does not panic"), scanned)
+    });
+    let baseline = baseline?;
+    let report = report(&baseline, entries, &summary)?;
+    Ok((baseline, report))
+}
+
+/// Compares scanned entries with the baseline: modified and added from the entries, removed
+/// from the records no entry matched.
+fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &ScanSummary) -> Result<VerifyReport> {
+    let seen: HashSet<&[u8]> = entries.iter().map(|e| path_bytes(&e.path)).collect();
+    let mut changes: Vec<Change> = baseline
+        .records
+        .iter()
+        .filter(|(k, _)| !seen.contains(k.as_slice()))
+        .map(|(k, old)| Change {
+            path: path_from_bytes(k).to_owned(),
+            kind: ChangeKind::Removed,
+            changed: Vec::new(),
+            old: Some(old.clone()),
+            new: None,
+            diff: None,
+            changed_ranges: None,
+        })
+        .collect();
+    drop(seen);
+    let compared: Vec<Option<Change>> = entries
+        .into_par_iter()
+        .map(|e| {
+            let old = baseline.records.get(path_bytes(&e.path));
+            compare(baseline, e.path, old, e.record, e.content.as_deref())
+        })
+        .collect::<Result<_>>()?;
+    changes.extend(compared.into_iter().flatten());
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let errors =
         summary.incomplete().map(|w| VerifyError { path: w.path.clone(), message: w.message.clone() }).collect();
