@@ -184,7 +184,7 @@ impl TrustedBaseline {
         let store = Store::open_snapshot(db, |copy| seal.check_files(copy, db))?;
         let mut digest = CanonicalDigest::new();
         let (mut signature, mut manifest_bytes) = (None, None);
-        let mut raw_records = Vec::new();
+        let mut decoded = Vec::new();
         store.for_each_entry(|tree, k, v| {
             if tree == TreeKind::Meta && k == SIGNATURE_KEY {
                 signature = Some(v.to_vec());
@@ -193,7 +193,8 @@ impl TrustedBaseline {
             digest.entry(tree, k, v);
             match tree {
                 TreeKind::Meta if k == MANIFEST_KEY => manifest_bytes = Some(v.to_vec()),
-                TreeKind::Records => raw_records.push((k.to_vec(), v.to_vec())),
+                // Decoded now (parsing only), believed only once the signature checks out.
+                TreeKind::Records => decoded.push((k.to_vec(), FileRecord::decode(v))),
                 _ => {}
             }
             Ok(())
@@ -217,12 +218,14 @@ impl TrustedBaseline {
         }
         let policy =
             Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
-        let mut records = BTreeMap::new();
-        for (k, v) in raw_records {
-            let record = FileRecord::decode(&v)
-                .ok_or_else(|| untrusted(format!("record {} has an unknown format", String::from_utf8_lossy(&k))))?;
-            records.insert(k, record);
-        }
+        // The store iterates in key order, so this builds the map without reshuffling.
+        let records = decoded
+            .into_iter()
+            .map(|(k, r)| match r {
+                Some(r) => Ok((k, r)),
+                None => Err(untrusted(format!("record {} has an unknown format", String::from_utf8_lossy(&k)))),
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(TrustedBaseline { store, manifest, policy, records })
     }
 

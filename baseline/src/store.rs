@@ -273,8 +273,10 @@ pub fn file_listing(dir: &Path) -> std::io::Result<Vec<u8>> {
     files.sort();
     let mut listing = Vec::new();
     for (rel, full) in files {
-        let bytes = std::fs::read(&full)?;
-        listing.extend_from_slice(format!("{} {} ", blake3::hash(&bytes).to_hex(), bytes.len()).as_bytes());
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(std::fs::File::open(&full)?)?;
+        let len = std::fs::metadata(&full)?.len();
+        listing.extend_from_slice(format!("{} {len} ", hasher.finalize().to_hex()).as_bytes());
         listing.extend_from_slice(crate::policy::path_bytes(&rel));
         listing.push(b'\n');
     }
