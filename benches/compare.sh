@@ -114,7 +114,7 @@ log "tree $TREE: counting"
 read -r N_FILES N_DIRS N_LINKS N_OTHER BYTES < <(
     find "$TREE" -xdev \( -type f -printf 'f %s\n' \) -o \( -type d -printf 'd\n' \) \
         -o \( -type l -printf 'l\n' \) -o -printf 'o\n' |
-        awk '{ n[$1]++ } $1 == "f" { b += $2 } END { printf "%d %d %d %d %d\n", n["f"], n["d"], n["l"], n["o"], b }'
+        awk '{ n[$1]++ } $1 == "f" { b += $2 } END { printf "%d %d %d %d %.0f\n", n["f"], n["d"], n["l"], n["o"], b }'
 )
 FSTYPE="$(findmnt -n -o FSTYPE -T "$TREE" 2>/dev/null || stat -f -c %T "$TREE")"
 
@@ -242,7 +242,7 @@ echo "# kubefim vs b3sum vs aide"
 echo
 echo "- command: \`$CMDLINE\`"
 echo "- tree: \`$TREE\` ($FSTYPE): $N_FILES files, $N_DIRS directories, $N_LINKS symlinks, $N_OTHER other;" \
-    "$(awk -v b="$BYTES" 'BEGIN { printf "%.2f GiB (%d bytes)", b / 1073741824, b }') in regular files"
+    "$(awk -v b="$BYTES" 'BEGIN { printf "%.2f GiB (%.0f bytes)", b / 1073741824, b }') in regular files"
 echo "- entries recorded: kubefim $KUBEFIM_SCANNED, aide ${AIDE_ENTRIES:-?}, b3sum $N_FILES (regular files only)"
 echo "- machine: $JOBS CPUs, $(uname -sr); $(version_of "$KUBEFIM_BIN" --version), $(version_of b3sum --version)," \
     "$(version_of aide --version); aide num_workers=$AIDE_WORKERS, xargs -P$JOBS"

@@ -19,7 +19,7 @@ apt_packages() {
     # fatrace, auditd, fio, podman and runc are used by the eBPF and container tests;
     # time gives peak RSS; hyperfine runs the side-by-side benchmarks.
     local pkgs=(ca-certificates curl git gcc libc6-dev pkg-config make b3sum aide bpftool
-        hyperfine time fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip)
+        hyperfine time file fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1313,3 +1313,51 @@ fn unknown_format_exits_2() {
     ]));
     run.expect_code(2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files that vanish or change while the scan runs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn files_vanishing_and_changing_during_the_scan_are_not_fatal() {
+    let fx = Fixture::new();
+    big_tree(&fx, 20, 250);
+    let churn_dir = fx.t("churn");
+    mkdir(&churn_dir);
+    let growing = fx.t("growing.log");
+    write(&growing, "start\n");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, churn_dir, growing) = (stop.clone(), churn_dir.clone(), growing.clone());
+        thread::spawn(move || {
+            let mut log = OpenOptions::new().append(true).open(&growing).expect("open growing file");
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = churn_dir.join(format!("f{}", n % 64));
+                let _ = fs::write(&p, vec![b'x'; 200_000]);
+                let _ = fs::remove_file(churn_dir.join(format!("f{}", (n + 32) % 64)));
+                let _ = std::io::Write::write_all(&mut log, &[b'y'; 4096]);
+                n += 1;
+            }
+            n
+        })
+    };
+    let policy = fx.default_policy();
+    let runs: Vec<Run> = (0..3).map(|_| fx.create_run(&policy, &fx.db())).collect();
+    let verify = fx.verify_run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn.join().expect("churn thread");
+    assert!(churned > 10, "the churn thread barely ran ({churned} rounds)");
+    for run in &runs {
+        run.expect_code(0);
+        for line in run.stderr.lines().filter(|l| l.starts_with("warning:")) {
+            assert!(
+                line.contains("vanished during the scan") || line.contains("changed while being read"),
+                "unexpected warning during churn: {line}\n{}",
+                run.dump()
+            );
+        }
+    }
+    // The tree kept changing after the last create: differences, never an error or "untrusted".
+    assert!(matches!(verify.code(), 0 | 1), "verify during churn must compare, got\n{}", verify.dump());
+}

@@ -445,3 +445,52 @@ pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
     let looks_like_file = std::fs::symlink_metadata(path).map(|m| m.is_file()).unwrap_or(false);
     Some(record_entry(path, looks_like_file, rule, rule_index))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_over(path: &Path) -> Policy {
+        let yaml = format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: t}}\nspec:\n  rules:\n    - path: {}\n",
+            path.display()
+        );
+        Policy::from_yaml(&yaml, "test").unwrap()
+    }
+
+    #[test]
+    fn a_file_whose_size_never_matches_what_is_read_is_unstable_not_hashed() {
+        // procfs reports size 0 for files that read as text: to the scanner that is a file
+        // that changed while it was read, every time.
+        let path = Path::new("/proc/self/status");
+        let policy = rule_over(Path::new("/proc"));
+        let r = record_entry(path, true, &policy.rules[0], 0).unwrap();
+        assert!(r.record.digest.is_none(), "an unstable read must not be recorded as a hash");
+        assert_eq!(r.warning.as_ref().map(|w| w.0), Some(WarningKind::Unstable), "{:?}", r.warning);
+        assert!(r.record.error.as_deref().unwrap().contains("changed while being read"));
+    }
+
+    #[test]
+    fn a_vanished_entry_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = rule_over(dir.path());
+        let gone = dir.path().join("gone");
+        for looks_like_file in [true, false] {
+            let err = record_entry(&gone, looks_like_file, &policy.rules[0], 0).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        }
+    }
+
+    #[test]
+    fn fifo_is_recorded_without_being_opened_even_if_listed_as_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o644), 0)
+            .unwrap();
+        let policy = rule_over(dir.path());
+        // As if the listing had said "regular file" and it was swapped for a FIFO since.
+        let r = record_entry(&fifo, true, &policy.rules[0], 0).unwrap();
+        assert_eq!(r.record.kind, FileKind::Fifo);
+        assert!(r.record.digest.is_none());
+    }
+}
