@@ -115,15 +115,7 @@ fn unchanged_tree_verifies_clean() {
     assert!(changes(&report).is_empty(), "changes in an unchanged tree: {report:#}");
 
     // The human formats work too and agree on the exit code.
-    let human = kubefim([
-        OsStr::new("verify"),
-        OsStr::new("--db"),
-        fx.db().as_os_str(),
-        OsStr::new("--pubkey"),
-        fx.pubkey().as_os_str(),
-        OsStr::new("--format"),
-        OsStr::new("human"),
-    ]);
+    let human = fx.verify_human();
     human.expect_code(0);
     let show_human = kubefim([
         OsStr::new("baseline"),
@@ -196,28 +188,11 @@ fn modified_content_has_diff_for_diff_rule_and_nothing_for_secret_rule() {
     assert!(secret.get("diff").is_none_or(Value::is_null), "diff shown for a secret rule: {secret:#}");
 
     // The secret never appears: not in verify (json or human), not in show, not in the db.
-    let human = kubefim([
-        OsStr::new("verify"),
-        OsStr::new("--db"),
-        fx.db().as_os_str(),
-        OsStr::new("--pubkey"),
-        fx.pubkey().as_os_str(),
-        OsStr::new("--format"),
-        OsStr::new("human"),
-    ]);
+    let human = fx.verify_human();
     human.expect_code(1);
     let show = fx.show_with(&fx.db(), &fx.pubkey());
     show.expect_code(0);
-    let show_human = kubefim([
-        OsStr::new("baseline"),
-        OsStr::new("show"),
-        OsStr::new("--db"),
-        fx.db().as_os_str(),
-        OsStr::new("--pubkey"),
-        fx.pubkey().as_os_str(),
-        OsStr::new("--format"),
-        OsStr::new("human"),
-    ]);
+    let show_human = fx.show_human();
     show_human.expect_code(0);
     for r in [&run, &human, &show, &show_human] {
         assert!(

@@ -364,6 +364,33 @@ impl Fixture {
         report
     }
 
+    /// `kubefim COMMAND... --db DB --pubkey PUB --format FORMAT` on the fixture's db.
+    #[track_caller]
+    fn on_db(&self, command: &[&str], format: &str) -> Run {
+        let mut argv: Vec<OsString> = command.iter().map(OsString::from).collect();
+        argv.extend([
+            "--db".into(),
+            self.db().into(),
+            "--pubkey".into(),
+            self.pubkey().into(),
+            "--format".into(),
+            format.into(),
+        ]);
+        kubefim(argv)
+    }
+
+    /// `verify --format human` of the fixture's db.
+    #[track_caller]
+    pub fn verify_human(&self) -> Run {
+        self.on_db(&["verify"], "human")
+    }
+
+    /// `baseline show --format human` of the fixture's db.
+    #[track_caller]
+    pub fn show_human(&self) -> Run {
+        self.on_db(&["baseline", "show"], "human")
+    }
+
     /// `baseline show --format jsonl` of `db` with `pubkey`.
     #[track_caller]
     pub fn show_with(&self, db: &Path, pubkey: &Path) -> Run {
