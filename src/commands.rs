@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
-use kubefim_baseline::record::FileRecord;
+use kubefim_baseline::record::{decode_chunk, encode_chunk};
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
@@ -141,19 +141,24 @@ pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>, reseal_with: Option
         }
         Ok(())
     })?;
-    let first = || first.clone().context("the baseline has no records to tamper with");
+    let (chunk_key, mut entries) = match first {
+        Some((k, v)) => (k, decode_chunk(&v).context("undecodable record chunk")?),
+        None => bail!("the baseline has no records to tamper with"),
+    };
+    let first = entries.first().cloned().context("the baseline has an empty record chunk")?;
     match op {
         TamperOp::EditRecord => {
-            let (k, v) = first()?;
-            let mut record = FileRecord::decode(&v).context("undecodable record")?;
-            record.mode ^= 0o002;
-            store.put_record(&k, &record)?;
+            entries[0].1.mode ^= 0o002;
+            store.put(TreeKind::Records, &chunk_key, &encode_chunk(&entries))?;
         }
         TamperOp::InsertRecord => {
-            let (_, v) = first()?;
-            store.put(TreeKind::Records, b"/kubefim-tamper-inserted", &v)?;
+            let inserted = [(b"/kubefim-tamper-inserted".to_vec(), first.1)];
+            store.put(TreeKind::Records, &u64::MAX.to_be_bytes(), &encode_chunk(&inserted))?;
         }
-        TamperOp::DeleteRecord => store.remove(TreeKind::Records, &first()?.0)?,
+        TamperOp::DeleteRecord => {
+            entries.remove(0);
+            store.put(TreeKind::Records, &chunk_key, &encode_chunk(&entries))?;
+        }
         TamperOp::DropSignature => store.remove(TreeKind::Meta, SIGNATURE_KEY)?,
         TamperOp::SwapSignature => {
             let Some(other) = other else { bail!("swap-signature needs --other-db") };

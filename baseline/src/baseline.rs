@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::policy::{Policy, path_bytes};
-use crate::record::FileRecord;
+use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, decode_chunk, encode_chunk};
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
 use crate::seal::{self, Seal};
 use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
@@ -58,40 +58,54 @@ impl ScanSink for ChannelSink {
     }
 }
 
-/// Records written to the store in one batch (a batch costs sled much less than as many
-/// single inserts).
-const WRITE_BATCH: usize = 1024;
-
-fn write_entries(store: &Store, entries: &mut Vec<ScannedEntry>) -> Result<()> {
-    for entry in entries.iter() {
-        if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
-            store.put_content(hash, content)?;
-        }
-    }
-    let batch = entries.drain(..).map(|e| (path_bytes(&e.path).to_vec(), e.record.encode()));
-    store.put_batch(TreeKind::Records, batch)
+/// Writes records into the store in chunks of [`CHUNK_RECORDS`], under increasing keys.
+struct ChunkWriter<'a> {
+    store: &'a Store,
+    next: u64,
+    pending: Vec<PathRecord>,
 }
 
-/// Scans `scan` into `store`, pipelined: the scan's threads hash while this thread writes.
-fn scan_into(store: &Store, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
+impl<'a> ChunkWriter<'a> {
+    fn new(store: &'a Store) -> Self {
+        ChunkWriter { store, next: 0, pending: Vec::with_capacity(CHUNK_RECORDS) }
+    }
+
+    fn push(&mut self, path: Vec<u8>, record: FileRecord) -> Result<()> {
+        self.pending.push((path, record));
+        if self.pending.len() == CHUNK_RECORDS { self.flush() } else { Ok(()) }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.store.put(TreeKind::Records, &self.next.to_be_bytes(), &encode_chunk(&self.pending))?;
+        self.next += 1;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+fn write_entry(writer: &mut ChunkWriter<'_>, entry: ScannedEntry) -> Result<()> {
+    if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
+        writer.store.put_content(hash, content)?;
+    }
+    writer.push(path_bytes(&entry.path).to_vec(), entry.record)
+}
+
+/// Scans `scan` into the store, pipelined: the scan's threads hash while this thread writes.
+fn scan_into(writer: &mut ChunkWriter<'_>, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
     let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
     std::thread::scope(|s| {
         let scanner = s.spawn(move || scan.run(&ChannelSink(tx), progress));
         let mut written = Ok(());
-        let mut pending = Vec::with_capacity(WRITE_BATCH);
         for entry in rx {
             if written.is_ok() {
-                pending.push(entry);
-                if pending.len() == WRITE_BATCH {
-                    written = write_entries(store, &mut pending);
-                }
+                written = write_entry(writer, entry);
             }
         }
-        if written.is_ok() {
-            written = write_entries(store, &mut pending);
-        }
         let summary = scanner.join().expect("the scan does not panic");
-        written.map(|()| summary)
+        written.and_then(|()| writer.flush()).map(|()| summary)
     })
 }
 
@@ -141,7 +155,7 @@ pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgr
     let store = Store::create_beside(db)?;
     let scan = Scan::whole_policy(policy).skip(absolute(db)).skip(absolute(store.path()));
     let started = std::time::Instant::now();
-    match scan_into(&store, &scan, progress) {
+    match scan_into(&mut ChunkWriter::new(&store), &scan, progress) {
         Ok(summary) => {
             tracing::debug!(elapsed = ?started.elapsed(), entries = summary.entries, "scanned into the store");
             seal(store, db, key, &manifest(policy, summary.entries, &summary, Vec::new()))?;
@@ -184,7 +198,7 @@ impl TrustedBaseline {
         let store = Store::open_snapshot(db, |copy| seal.check_files(copy, db))?;
         let mut digest = CanonicalDigest::new();
         let (mut signature, mut manifest_bytes) = (None, None);
-        let mut decoded = Vec::new();
+        let mut chunks = Vec::new();
         store.for_each_entry(|tree, k, v| {
             if tree == TreeKind::Meta && k == SIGNATURE_KEY {
                 signature = Some(v.to_vec());
@@ -193,8 +207,7 @@ impl TrustedBaseline {
             digest.entry(tree, k, v);
             match tree {
                 TreeKind::Meta if k == MANIFEST_KEY => manifest_bytes = Some(v.to_vec()),
-                // Decoded now (parsing only), believed only once the signature checks out.
-                TreeKind::Records => decoded.push((k.to_vec(), FileRecord::decode(v))),
+                TreeKind::Records => chunks.push(v.to_vec()),
                 _ => {}
             }
             Ok(())
@@ -218,14 +231,12 @@ impl TrustedBaseline {
         }
         let policy =
             Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
-        // The store iterates in key order, so this builds the map without reshuffling.
-        let records = decoded
-            .into_iter()
-            .map(|(k, r)| match r {
-                Some(r) => Ok((k, r)),
-                None => Err(untrusted(format!("record {} has an unknown format", String::from_utf8_lossy(&k)))),
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let mut records = BTreeMap::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let entries =
+                decode_chunk(chunk).ok_or_else(|| untrusted(format!("record chunk {i} has an unknown format")))?;
+            records.extend(entries);
+        }
         Ok(TrustedBaseline { store, manifest, policy, records })
     }
 
@@ -257,8 +268,10 @@ pub fn accept(
     }
     let mut roots = Vec::new();
     for p in paths {
-        let abs = crate::policy::normalise_absolute(&absolute(p))
-            .ok_or_else(|| Error::io(p, std::io::ErrorKind::InvalidInput.into()))?;
+        let abs = crate::policy::normalise_absolute(&absolute(p)).ok_or_else(|| Error::Store {
+            path: db.to_owned(),
+            message: format!("cannot accept {}: give the path without `..`", p.display()),
+        })?;
         if trusted.policy.rule_index_for(&abs).is_none() {
             return Err(Error::Store {
                 path: db.to_owned(),
@@ -271,17 +284,18 @@ pub fn accept(
     let result = (|| {
         let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
         let mut kept = 0u64;
+        let mut writer = ChunkWriter::new(&store);
         for (k, record) in trusted.records.iter().filter(|(k, _)| !under_accepted(k)) {
             if let (true, Some(hash)) = (record.content_stored, record.hash())
                 && let Some(content) = trusted.content(hash)?
             {
                 store.put_content(hash, &content)?;
             }
-            store.put_record(k, record)?;
+            writer.push(k.clone(), record.clone())?;
             kept += 1;
         }
         let scan = Scan::paths(&trusted.policy, roots.clone()).skip(absolute(db)).skip(absolute(store.path()));
-        let summary = scan_into(&store, &scan, progress)?;
+        let summary = scan_into(&mut writer, &scan, progress)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
         Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))
     })();
@@ -331,7 +345,7 @@ mod tests {
         seal::reseal_for_tests(db, key).unwrap();
     }
 
-    fn first_record(store: &Store) -> (Vec<u8>, Vec<u8>) {
+    fn first_chunk(store: &Store) -> (Vec<u8>, Vec<PathRecord>) {
         let mut first = None;
         store
             .for_each_entry(|tree, k, v| {
@@ -341,7 +355,8 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        first.unwrap()
+        let (k, v) = first.unwrap();
+        (k, decode_chunk(&v).unwrap())
     }
 
     fn assert_untrusted(db: &Path, public: &PublicKey, why: &str) {
@@ -356,16 +371,19 @@ mod tests {
         type Edit = fn(&Store);
         let edits: [(&str, Edit); 5] = [
             ("edited record", |s| {
-                let (k, v) = first_record(s);
-                let mut r = FileRecord::decode(&v).unwrap();
-                r.uid += 1;
-                s.put_record(&k, &r).unwrap();
+                let (k, mut entries) = first_chunk(s);
+                entries[0].1.uid += 1;
+                s.put(TreeKind::Records, &k, &encode_chunk(&entries)).unwrap();
             }),
             ("inserted record", |s| {
-                let (_, v) = first_record(s);
-                s.put(TreeKind::Records, b"/inserted", &v).unwrap();
+                let (_, entries) = first_chunk(s);
+                s.put(TreeKind::Records, &u64::MAX.to_be_bytes(), &encode_chunk(&entries[..1])).unwrap();
             }),
-            ("deleted record", |s| s.remove(TreeKind::Records, &first_record(s).0).unwrap()),
+            ("deleted record", |s| {
+                let (k, mut entries) = first_chunk(s);
+                entries.remove(0);
+                s.put(TreeKind::Records, &k, &encode_chunk(&entries)).unwrap();
+            }),
             ("edited content", |s| s.put(TreeKind::Content, &[0; 32], b"x").unwrap()),
             ("edited manifest", |s| {
                 let m = s.get(TreeKind::Meta, MANIFEST_KEY).unwrap().unwrap();

@@ -11,6 +11,33 @@ use crate::policy::{Attribute, AttributeSet};
 /// never reuse a number.
 pub const RECORD_FORMAT: u8 = 1;
 
+/// The version byte in front of every stored chunk of records.
+pub const CHUNK_FORMAT: u8 = 1;
+
+/// How many records a stored chunk holds. The store keeps records in chunks, not one per
+/// key: sled's cost is per key (a 133k-file tree took 2 s of CPU and 67 MB as single
+/// records), and a baseline is only ever read whole.
+pub const CHUNK_RECORDS: usize = 1024;
+
+/// A path (raw bytes) and its record.
+pub type PathRecord = (Vec<u8>, FileRecord);
+
+/// Encodes a chunk of records: the format byte, then zstd-compressed postcard.
+pub fn encode_chunk(entries: &[PathRecord]) -> Vec<u8> {
+    let raw = postcard::to_stdvec(entries).expect("records serialise");
+    let mut out = vec![CHUNK_FORMAT];
+    out.extend(zstd::bulk::compress(&raw, 1).expect("compressing into memory does not fail"));
+    out
+}
+
+/// Decodes a stored chunk; `None` if it is not a chunk of this format. Only call it on
+/// bytes whose signature has been checked: decompression trusts the input's sizes.
+pub fn decode_chunk(bytes: &[u8]) -> Option<Vec<PathRecord>> {
+    let (&CHUNK_FORMAT, packed) = bytes.split_first()? else { return None };
+    let raw = zstd::stream::decode_all(packed).ok()?;
+    postcard::from_bytes(&raw).ok()
+}
+
 /// The type of a file system entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -177,6 +204,13 @@ mod tests {
         other[0] = 99;
         assert_eq!(FileRecord::decode(&other), None);
         assert_eq!(FileRecord::decode(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn chunks_round_trip() {
+        let entries = vec![(b"/a".to_vec(), sample()), (b"/b\xff".to_vec(), sample())];
+        assert_eq!(decode_chunk(&encode_chunk(&entries)), Some(entries));
+        assert_eq!(decode_chunk(b"\x07garbage"), None);
     }
 
     #[test]

@@ -124,7 +124,10 @@ impl<'a> Scan<'a> {
 
     /// Paths never recorded, whatever the policy says (the baseline database itself).
     pub fn skip(mut self, path: PathBuf) -> Self {
-        self.skip.push(path);
+        // Every path starts with the empty path: never let one skip everything.
+        if !path.as_os_str().is_empty() {
+            self.skip.push(path);
+        }
         self
     }
 

@@ -1,5 +1,6 @@
 //! The baseline database, and the only module that knows it is sled. A baseline is a sled
-//! directory with three trees: `records` (path bytes -> encoded [`FileRecord`]), `content`
+//! directory with three trees: `records` (chunks of path + `FileRecord`, see
+//! [`crate::record::encode_chunk`]), `content`
 //! (BLAKE3 hash -> zstd-compressed text, for `diff: true` rules, deduplicated by hash) and
 //! `meta` (the manifest and the signature). A new baseline is written to a temporary
 //! directory beside the target and moved into place only once it is flushed and signed, so
@@ -9,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
-use crate::record::FileRecord;
 
 /// sled's page cache: small, because records are written once and read once per run.
 const CACHE_BYTES: u64 = 32 << 20;
@@ -150,21 +150,9 @@ impl Store {
         self.db.open_tree(kind.name()).map_err(|e| store_err(&self.path, e))
     }
 
-    /// Writes a record under its path.
-    pub fn put_record(&self, path: &[u8], record: &FileRecord) -> Result<()> {
-        self.put(TreeKind::Records, path, &record.encode())
-    }
-
     /// Writes a raw entry.
     pub fn put(&self, kind: TreeKind, key: &[u8], value: &[u8]) -> Result<()> {
         self.tree(kind)?.insert(key, value).map(drop).map_err(|e| store_err(&self.path, e))
-    }
-
-    /// Writes many entries at once.
-    pub fn put_batch(&self, kind: TreeKind, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        entries.into_iter().for_each(|(k, v)| batch.insert(k, v));
-        self.tree(kind)?.apply_batch(batch).map_err(|e| store_err(&self.path, e))
     }
 
     /// Removes an entry.
