@@ -1,5 +1,5 @@
 //! Criterion benchmarks of kubefim's hot paths: the subtree-keeping BLAKE3 digest against
-//! plain BLAKE3 (its overhead must stay near zero), the record codec, and a whole scan of a
+//! plain BLAKE3 (its overhead must stay near zero), the record chunk codec, and a whole scan of a
 //! generated tree (per-file overhead: open, fstat, xattrs, read, hash).
 
 use std::hint::black_box;
@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kubefim_baseline::hash::digest_bytes;
 use kubefim_baseline::policy::Policy;
-use kubefim_baseline::record::FileRecord;
+use kubefim_baseline::record::{CHUNK_RECORDS, FileRecord, PathRecord, decode_chunk, encode_chunk};
 use kubefim_baseline::scan::{Scan, ScanProgress, ScanSink, ScannedEntry};
 
 fn digest(c: &mut Criterion) {
@@ -42,9 +42,12 @@ fn codec(c: &mut Criterion) {
         rule: 0,
         error: None,
     };
-    let bytes = record.encode();
-    c.bench_function("record_encode", |b| b.iter(|| black_box(&record).encode()));
-    c.bench_function("record_decode", |b| b.iter(|| FileRecord::decode(black_box(&bytes))));
+    let chunk: Vec<PathRecord> = (0..CHUNK_RECORDS)
+        .map(|i| (format!("/usr/lib/x86_64-linux-gnu/lib{i}.so").into_bytes(), record.clone()))
+        .collect();
+    let bytes = encode_chunk(&chunk);
+    c.bench_function("record_chunk_encode", |b| b.iter(|| encode_chunk(black_box(&chunk))));
+    c.bench_function("record_chunk_decode", |b| b.iter(|| decode_chunk(black_box(&bytes))));
 }
 
 struct Count;
