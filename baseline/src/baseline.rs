@@ -149,17 +149,17 @@ fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<
     }
 }
 
-/// Scans everything `policy` names and writes a signed baseline at `db`, replacing any
-/// previous one only once the new one is complete.
-pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgress) -> Result<ScanSummary> {
+/// Writes a new baseline beside `db` with `fill`, then signs, seals and installs it; a
+/// failure discards the new one and leaves any previous baseline as it was.
+fn write_baseline(
+    db: &Path,
+    key: &SigningKey,
+    fill: impl FnOnce(&Store) -> Result<(Manifest, ScanSummary)>,
+) -> Result<ScanSummary> {
     let store = Store::create_beside(db)?;
-    let scan = Scan::whole_policy(policy).skip(absolute(db)).skip(absolute(store.path()));
-    let started = std::time::Instant::now();
-    match scan_into(&mut ChunkWriter::new(&store), &scan, progress) {
-        Ok(summary) => {
-            tracing::debug!(elapsed = ?started.elapsed(), entries = summary.entries, "scanned into the store");
-            seal(store, db, key, &manifest(policy, summary.entries, &summary, Vec::new()))?;
-            tracing::debug!(elapsed = ?started.elapsed(), "signed, sealed and installed");
+    match fill(&store) {
+        Ok((manifest, summary)) => {
+            seal(store, db, key, &manifest)?;
             Ok(summary)
         }
         Err(e) => {
@@ -169,8 +169,14 @@ pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgr
     }
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+/// Scans everything `policy` names and writes a signed baseline at `db`, replacing any
+/// previous one only once the new one is complete.
+pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgress) -> Result<ScanSummary> {
+    write_baseline(db, key, |store| {
+        let scan = Scan::whole_policy(policy).skip(db).skip(store.path());
+        let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress)?;
+        Ok((manifest(policy, summary.entries, &summary, Vec::new()), summary))
+    })
 }
 
 /// A baseline whose signature has been checked with the caller's public key; its records are
@@ -268,9 +274,11 @@ pub fn accept(
     }
     let mut roots = Vec::new();
     for p in paths {
-        let abs = crate::policy::normalise_absolute(&absolute(p)).ok_or_else(|| Error::Store {
-            path: db.to_owned(),
-            message: format!("cannot accept {}: give the path without `..`", p.display()),
+        let abs = std::path::absolute(p).ok().and_then(|a| crate::policy::normalise_absolute(&a)).ok_or_else(|| {
+            Error::Store {
+                path: db.to_owned(),
+                message: format!("cannot accept {}: give the path without `..`", p.display()),
+            }
         })?;
         if trusted.policy.rule_index_for(&abs).is_none() {
             return Err(Error::Store {
@@ -280,11 +288,10 @@ pub fn accept(
         }
         roots.push(abs);
     }
-    let store = Store::create_beside(db)?;
-    let result = (|| {
+    write_baseline(db, key, |store| {
         let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
         let mut kept = 0u64;
-        let mut writer = ChunkWriter::new(&store);
+        let mut writer = ChunkWriter::new(store);
         for (k, record) in trusted.records.iter().filter(|(k, _)| !under_accepted(k)) {
             if let (true, Some(hash)) = (record.content_stored, record.hash())
                 && let Some(content) = trusted.content(hash)?
@@ -294,22 +301,11 @@ pub fn accept(
             writer.push(k.clone(), record.clone())?;
             kept += 1;
         }
-        let scan = Scan::paths(&trusted.policy, roots.clone()).skip(absolute(db)).skip(absolute(store.path()));
+        let scan = Scan::paths(&trusted.policy, roots.clone()).skip(db).skip(store.path());
         let summary = scan_into(&mut writer, &scan, progress)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
         Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))
-    })();
-    match result {
-        Ok((manifest, summary)) => {
-            drop(trusted);
-            seal(store, db, key, &manifest)?;
-            Ok(summary)
-        }
-        Err(e) => {
-            store.discard();
-            Err(e)
-        }
-    }
+    })
 }
 
 #[cfg(test)]

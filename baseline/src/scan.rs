@@ -122,11 +122,12 @@ impl<'a> Scan<'a> {
         Scan { policy, roots, skip: Vec::new() }
     }
 
-    /// Paths never recorded, whatever the policy says (the baseline database itself).
-    pub fn skip(mut self, path: PathBuf) -> Self {
+    /// Paths never recorded, whatever the policy says (the baseline database itself),
+    /// relative ones taken from the current directory as the walk's paths are absolute.
+    pub fn skip(mut self, path: &Path) -> Self {
         // Every path starts with the empty path: never let one skip everything.
         if !path.as_os_str().is_empty() {
-            self.skip.push(path);
+            self.skip.push(std::path::absolute(path).unwrap_or_else(|_| path.to_owned()));
         }
         self
     }
@@ -337,34 +338,33 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize) -> io::Result<R
         // Swapped for something else since the listing; never read it.
         return Ok(Recorded { record, content: None, warning: None });
     }
-    let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
     for attempt in 1..=READ_ATTEMPTS {
+        let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
         let mapped = if keep.is_none() && meta.size() >= MAP_THRESHOLD {
             mapped::digest_mapped(file, meta.size())
         } else {
             Mapped::Unavailable
         };
         let read = match mapped {
-            Mapped::Digest(d) => Ok(d),
-            Mapped::Unavailable => BUFFER.with(|buf| hash::digest_reader(&mut &*file, &mut buf.borrow_mut(), keep)),
-            // Shrank under the mapping: what follows treats it as changed while read.
-            Mapped::Truncated => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-        };
-        let read = match read {
-            Ok(read) => read,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                meta = file.metadata()?;
-                record = FileRecord { xattrs: std::mem::take(&mut record.xattrs), ..base_record(&meta, rule_index) };
-                continue;
-            }
-            Err(e) => {
-                let message = format!("cannot read content: {e}");
-                record.error = Some(message.clone());
-                return Ok(Recorded { record, content: None, warning: Some((WarningKind::Unreadable, message)) });
-            }
+            Mapped::Digest(d) => Some(d),
+            // Shrank under the mapping: changed while read, like a size mismatch below.
+            Mapped::Truncated => None,
+            Mapped::Unavailable => match BUFFER
+                .with(|buf| hash::digest_reader(&mut &*file, &mut buf.borrow_mut(), keep))
+            {
+                Ok(read) => Some(read),
+                Err(e) => {
+                    let message = format!("cannot read content: {e}");
+                    record.error = Some(message.clone());
+                    return Ok(Recorded { record, content: None, warning: Some((WarningKind::Unreadable, message)) });
+                }
+            },
         };
         let after = file.metadata()?;
-        if stable(&meta, &after) && read.len == after.size() {
+        if let Some(read) = read
+            && stable(&meta, &after)
+            && read.len == after.size()
+        {
             let content = read.content.filter(|c| is_text(c));
             record.content_stored = content.is_some();
             record.digest = Some(read.digest);

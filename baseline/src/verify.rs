@@ -162,7 +162,7 @@ impl ScanSink for Collect {
 
 fn rescan(policy: &Policy, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
     let sink = Collect::default();
-    let summary = Scan::whole_policy(policy).skip(std::path::absolute(db).unwrap_or_default()).run(&sink, progress);
+    let summary = Scan::whole_policy(policy).skip(db).run(&sink, progress);
     (sink.0.into_inner().expect("no panics while holding"), summary)
 }
 
