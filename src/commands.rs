@@ -175,3 +175,13 @@ pub fn tamper(db: &Path, op: TamperOp, other: Option<&Path>, reseal_with: Option
     }
     Ok(exit::CLEAN)
 }
+
+/// `kubefim watch`: runs until SIGINT or SIGTERM.
+pub fn watch(opts: kubefim_watcher::WatchOptions) -> Result<u8> {
+    match kubefim_watcher::run(opts) {
+        Ok(()) => Ok(exit::CLEAN),
+        // Keep the baseline's own error so main sees an untrusted baseline for what it is.
+        Err(kubefim_watcher::Error::Baseline(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -65,6 +65,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = VerifyFormat::Human)]
         format: VerifyFormat,
     },
+    /// Watch the baseline's files through eBPF and report each change as it happens, with a
+    /// content diff and who made it (needs root: CAP_BPF, CAP_PERFMON, and tracefs).
+    Watch {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The public key the baseline must be signed with (the private key is never needed).
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Output format (default: jsonl when stdout is not a terminal, human otherwise).
+        #[arg(long, value_enum)]
+        format: Option<WatchFormat>,
+        /// Full rescan interval, the backstop for anything events could not show (e.g. 30s,
+        /// 15m, 1h).
+        #[arg(long, default_value = "1h", value_parser = parse_interval)]
+        rescan_interval: std::time::Duration,
+        /// File to write once the programs are attached and the first rescan is done.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// The journal of observed deviations (default: the database path + ".journal").
+        #[arg(long)]
+        journal: Option<PathBuf>,
+    },
     /// Print the embedded default policy.
     DefaultPolicy,
     /// Developer tools (tamper a database to test detection).
@@ -141,6 +164,20 @@ enum VerifyFormat {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WatchFormat {
+    Jsonl,
+    Human,
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (write it like 30s, 15m or 1h)"))?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("the rescan interval must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ShowFormat {
     Human,
     Jsonl,
@@ -161,6 +198,15 @@ fn main() -> ExitCode {
         Command::Verify { db, pubkey, format } => commands::verify(&db, &pubkey, format == VerifyFormat::Json),
         Command::Run { state_dir, policy, format } => {
             commands::run(&state_dir, policy.as_deref(), format == VerifyFormat::Json)
+        }
+        Command::Watch { db, pubkey, format, rescan_interval, ready_file, journal } => {
+            let format = match format {
+                Some(WatchFormat::Jsonl) => kubefim_watcher::Format::Jsonl,
+                Some(WatchFormat::Human) => kubefim_watcher::Format::Human,
+                None if std::io::IsTerminal::is_terminal(&std::io::stdout()) => kubefim_watcher::Format::Human,
+                None => kubefim_watcher::Format::Jsonl,
+            };
+            commands::watch(kubefim_watcher::WatchOptions { db, pubkey, format, rescan_interval, ready_file, journal })
         }
         Command::DefaultPolicy => {
             print!("{}", kubefim_baseline::policy::DEFAULT_POLICY);

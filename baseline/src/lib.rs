@@ -1,11 +1,12 @@
 //! kubefim-baseline: everything about a signed baseline and nothing about the kernel. It
-//! owns the policy, the walk and the BLAKE3 records, the sled store (behind one module), the
+//! owns the policy, the walk and the BLAKE3 records, the sled store (behind one module; the watcher's journal is a second, unsigned one), the
 //! canonical digest and its Ed25519 signature, and verify's comparison and diffs. No tokio,
 //! no eBPF: the watcher builds on these pieces.
 
 pub mod baseline;
 pub mod error;
 pub mod hash;
+pub mod journal;
 mod mapped;
 pub mod policy;
 pub mod record;

@@ -274,9 +274,22 @@ thread_local! {
 /// Records one entry under `rule`. `looks_like_file` comes from the directory listing; it is
 /// checked again on the opened descriptor, so a file swapped for a FIFO is never read.
 pub fn record_entry(path: &Path, looks_like_file: bool, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+    record_entry_with(path, looks_like_file, rule, rule_index, true)
+}
+
+/// [`record_entry`]; `may_map` lets large files be hashed through a mapping (the scan) or
+/// not (the watcher, whose files are the ones being changed: a truncation under a mapping
+/// is a SIGBUS, a read is just a short read).
+fn record_entry_with(
+    path: &Path,
+    looks_like_file: bool,
+    rule: &Rule,
+    rule_index: usize,
+    may_map: bool,
+) -> io::Result<Recorded> {
     let r = if looks_like_file && rule.attributes.contains(Attribute::Content) {
         match open_for_hash(path) {
-            Ok(file) => record_open_file(&file, rule, rule_index)?,
+            Ok(file) => record_open_file(&file, rule, rule_index, may_map)?,
             // Became a symlink since the listing: record what it is now.
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => record_by_path(path, rule, rule_index)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
@@ -327,7 +340,7 @@ fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Rec
     Ok(Recorded { record, content: None, warning: None })
 }
 
-fn record_open_file(file: &File, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) -> io::Result<Recorded> {
     let mut meta = file.metadata()?;
     let mut record = base_record(&meta, rule_index);
     if rule.attributes.contains(Attribute::Xattrs) {
@@ -340,7 +353,7 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize) -> io::Result<R
     }
     for attempt in 1..=READ_ATTEMPTS {
         let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
-        let mapped = if keep.is_none() && meta.size() >= MAP_THRESHOLD {
+        let mapped = if may_map && keep.is_none() && meta.size() >= MAP_THRESHOLD {
             mapped::digest_mapped(file, meta.size())
         } else {
             Mapped::Unavailable
@@ -438,7 +451,8 @@ fn read_xattrs(
 }
 
 /// Records one path as it is now under the policy's rule for it (the watcher's targeted
-/// rehash); `None` when no rule covers it or its rule excludes it.
+/// rehash): content is read from one descriptor, never mapped. `None` when no rule covers
+/// it or its rule excludes it.
 pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
     let rule_index = policy.rule_index_for(path)?;
     let rule = &policy.rules[rule_index];
@@ -446,7 +460,7 @@ pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
         return None;
     }
     let looks_like_file = std::fs::symlink_metadata(path).map(|m| m.is_file()).unwrap_or(false);
-    Some(record_entry(path, looks_like_file, rule, rule_index))
+    Some(record_entry_with(path, looks_like_file, rule, rule_index, false))
 }
 
 #[cfg(test)]

@@ -109,6 +109,19 @@ pub fn compare(
     new: FileRecord,
     new_content: Option<&[u8]>,
 ) -> Result<Option<Change>> {
+    compare_with(&baseline.policy, path, old, new, new_content, |hash| baseline.content(hash))
+}
+
+/// Compares an entry as it is now with an earlier record of it under `policy`;
+/// `old_content` fetches the earlier content by hash, for the diff. `None` when they match.
+pub fn compare_with(
+    policy: &Policy,
+    path: PathBuf,
+    old: Option<&FileRecord>,
+    new: FileRecord,
+    new_content: Option<&[u8]>,
+    old_content: impl FnOnce(&crate::hash::Hash) -> Result<Option<Vec<u8>>>,
+) -> Result<Option<Change>> {
     let Some(old) = old else {
         return Ok(Some(Change {
             path,
@@ -120,7 +133,7 @@ pub fn compare(
             changed_ranges: None,
         }));
     };
-    let rule = &baseline.policy.rules[usize::try_from(new.rule).expect("rule index fits")];
+    let rule = &policy.rules[usize::try_from(new.rule).expect("rule index fits")];
     let changed = old.changed_attributes(&new, rule.attributes);
     if changed.is_empty() {
         return Ok(None);
@@ -140,7 +153,7 @@ pub fn compare(
         }
         if let (true, Some(hash), Some(now)) = (old.content_stored && !rule.secret, old.hash(), new_content)
             && let Ok(now) = std::str::from_utf8(now)
-            && let Some(before) = baseline.content(hash)?
+            && let Some(before) = old_content(hash)?
             && let Ok(before) = std::str::from_utf8(&before)
         {
             change.diff = Some(unified_diff(&change.path, before, now));

@@ -1,8 +1,82 @@
-//! kubefim's kernel-side programs. Empty until the watch-mode work (issue 3) adds the
-//! tracepoint hooks; it sits outside the workspace because it only builds for the BPF target.
+//! kubefim's kernel-side programs: static tracepoints (the only attach type the target
+//! machines allow, see ../shared/notes/ebpf-on-these-machines.md) that see every way a file
+//! can change, keep only what touches a watched inode or a monitored name, and hand it to the
+//! watcher through one ring buffer. Hooks are grouped by what they watch: `fd_ops` (changes
+//! through a file descriptor), `path_ops` (changes by path), `open` (opens for writing and
+//! creates), `dirty` (what no syscall shows: shared mappings and io_uring). `kernel` reads
+//! kernel structs at offsets the watcher found in the running kernel's BTF; `emit` fills and
+//! sends events. No panics: every fallible step returns early.
 #![no_std]
 #![no_main]
 
+mod dirty;
+mod emit;
+mod fd_ops;
+mod kernel;
+mod open;
+mod path_ops;
+
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
+use kubefim_common::{Config, InodeKey};
+
+/// Watched inodes (`WATCH_*` bits); sized by the watcher at load time.
+#[map(name = "WATCHED")]
+static WATCHED: HashMap<InodeKey, u32> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Name hashes of every monitored entry; sized by the watcher at load time.
+#[map(name = "NAMES")]
+static NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Events for the watcher.
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Events dropped because the ring buffer was full.
+#[map(name = "LOST")]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id.
+#[map(name = "OPENS")]
+static OPENS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Set by the watcher before load (see [`Config`]).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    self_pid: 0,
+    ready: 0,
+    offsets: kubefim_common::Offsets {
+        task_files: 0,
+        task_fs: 0,
+        task_real_parent: 0,
+        task_tgid: 0,
+        task_flags: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_inode: 0,
+        file_dentry: 0,
+        file_mode: 0,
+        inode_ino: 0,
+        inode_sb: 0,
+        sb_dev: 0,
+        dentry_parent: 0,
+        dentry_inode: 0,
+        fs_pwd_dentry: 0,
+        kiocb_file: 0,
+        kiocb_opcode: 0,
+    },
+};
+
+/// The configuration, read through a volatile load so the compiler cannot fold the
+/// zero initialiser into the code.
+#[inline(always)]
+fn config() -> Config {
+    // SAFETY: a plain read of a global the loader patched before load.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -1,4 +1,20 @@
-//! kubefim watch mode: loads and attaches the eBPF programs of ebpf/, keeps the in-kernel
-//! filter maps filled from the baseline, reads the ring buffer, debounces and rehashes the
-//! files that changed. Filled in by the watch-mode work (issue 3); today it only owns its
-//! place in the workspace.
+//! kubefim watch mode: loads and attaches the eBPF programs of ebpf/ (`programs`), keeps
+//! their filter maps filled from the baseline (`state`), reads the ring buffer (`event`),
+//! maps each event to the monitored paths it touches (`resolve`), debounces (`pending`),
+//! rehashes and compares with the last known state, attributes the change to a process and
+//! container (`actor`), and prints it (`output`). `watch` is the loop that ties them.
+
+pub mod actor;
+pub mod btf;
+pub mod error;
+pub mod event;
+pub mod output;
+pub mod pending;
+pub mod programs;
+pub mod resolve;
+pub mod state;
+pub mod watch;
+
+pub use error::{Error, Result};
+pub use output::Format;
+pub use watch::{WatchOptions, run};

@@ -1,0 +1,107 @@
+//! The watcher's journal: the last state it observed of every path whose state differs from
+//! the signed baseline, so a restart does not forget a deviation. It is a sled database of
+//! its own (the signed baseline is never written by the watcher), keyed by path bytes, tied
+//! to one baseline by that baseline's creation stamp: a journal of another baseline is
+//! cleared, not trusted. Unsigned on purpose: it only ever makes the watcher report more.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::record::FileRecord;
+
+const OBSERVED_TREE: &str = "observed";
+const BASELINE_KEY: &[u8] = b"baseline";
+
+/// What the watcher last saw of a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The record, or `None` when the path was gone.
+    pub record: Option<FileRecord>,
+    /// The content, where the rule keeps content (for the next diff).
+    pub content: Option<Vec<u8>>,
+}
+
+/// An open journal.
+pub struct Journal {
+    db: sled::Db,
+    observed: sled::Tree,
+    path: PathBuf,
+}
+
+fn journal_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Store {
+        path: path.to_owned(),
+        message: format!("journal: {e} (delete it to start over; it only holds what the watcher observed)"),
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path` for the baseline identified by `baseline_id`.
+    pub fn open(path: &Path, baseline_id: &str) -> Result<Journal> {
+        let db = sled::Config::new().path(path).open().map_err(|e| journal_err(path, e))?;
+        let observed = db.open_tree(OBSERVED_TREE).map_err(|e| journal_err(path, e))?;
+        let journal = Journal { db, observed, path: path.to_owned() };
+        let id = journal.db.get(BASELINE_KEY).map_err(|e| journal_err(path, e))?;
+        if id.as_deref() != Some(baseline_id.as_bytes()) {
+            journal.observed.clear().map_err(|e| journal_err(path, e))?;
+            journal.db.insert(BASELINE_KEY, baseline_id.as_bytes()).map_err(|e| journal_err(path, e))?;
+            journal.flush()?;
+        }
+        Ok(journal)
+    }
+
+    /// Everything observed, by path bytes. Unreadable entries are skipped: they only make the
+    /// watcher fall back to the baseline, which it then rehashes against.
+    pub fn load(&self) -> Result<Vec<(Vec<u8>, Observed)>> {
+        let mut out = Vec::new();
+        for item in self.observed.iter() {
+            let (k, v) = item.map_err(|e| journal_err(&self.path, e))?;
+            if let Ok(observed) = postcard::from_bytes::<Observed>(&v) {
+                out.push((k.to_vec(), observed));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records what was observed of `path` (`None`: it matches the baseline again).
+    pub fn put(&self, path: &[u8], observed: Option<&Observed>) -> Result<()> {
+        match observed {
+            Some(o) => {
+                let bytes = postcard::to_stdvec(o).map_err(|e| journal_err(&self.path, e))?;
+                self.observed.insert(path, bytes).map_err(|e| journal_err(&self.path, e))?;
+            }
+            None => {
+                self.observed.remove(path).map_err(|e| journal_err(&self.path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything recorded durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| journal_err(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_and_is_cleared_for_another_baseline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let observed = Observed { record: None, content: Some(b"x".to_vec()) };
+        {
+            let j = Journal::open(&path, "a").unwrap();
+            j.put(b"/etc/x", Some(&observed)).unwrap();
+            j.put(b"/etc/y", Some(&observed)).unwrap();
+            j.put(b"/etc/y", None).unwrap();
+            j.flush().unwrap();
+        }
+        assert_eq!(Journal::open(&path, "a").unwrap().load().unwrap(), vec![(b"/etc/x".to_vec(), observed)]);
+        assert!(Journal::open(&path, "b").unwrap().load().unwrap().is_empty());
+    }
+}

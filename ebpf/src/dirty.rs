@@ -1,0 +1,96 @@
+//! What no syscall of a monitored file shows. Stores through a shared writable mapping made
+//! after the fd was closed, and io_uring requests, which do not pass through the syscall
+//! tracepoints of the operation they perform. Raw tracepoints (raw: they get the kernel
+//! pointers the trace records do not carry):
+//! - `writeback_mark_inode_dirty(struct inode *inode, int flags)` fires in the writer's
+//!   context when an inode of a disk-backed file system is dirtied, whatever the path
+//!   (write, mmap store, io_uring worker). tmpfs does not dirty inodes this way.
+//! - `io_uring_file_get(struct io_kiocb *req, int fd)` fires when a request looks up the
+//!   file of its fd; `io_uring_submit_req(struct io_kiocb *req)` when a request is issued
+//!   (for path operations, which have no fd).
+//!
+//! Checked on 6.18 (include/trace/events/writeback.h, include/trace/events/io_uring.h).
+
+use aya_ebpf::macros::raw_tracepoint;
+use aya_ebpf::programs::RawTracePointContext;
+use kubefim_common::{EVENT_URING_PATH_OP, EventHeader, Op, WATCH_FILE};
+
+use crate::emit::{active, fill_header, inode_event, lost, watched};
+use crate::kernel::{current_task, file_key, file_of_fd, inode_key, read};
+use crate::{EVENTS, OPENS};
+
+#[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
+pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
+    let inode: u64 = ctx.arg(0);
+    let flags: u64 = ctx.arg(1);
+    let Some((cfg, pid_tgid)) = active() else { return 0 };
+    // Inside an open (O_TRUNC dirties the inode): the open's exit reports it as what it is.
+    // SAFETY: only tested for presence.
+    if unsafe { OPENS.get(pid_tgid as u32) }.is_some() {
+        return 0;
+    }
+    let Some(key) = inode_key(&cfg, inode) else { return 0 };
+    if watched(&key) & WATCH_FILE == 0 {
+        return 0;
+    }
+    inode_event(&cfg, current_task(), pid_tgid, Op::Dirty as u32, 0, flags as u32, key);
+    0
+}
+
+/// io_uring opcodes that write to the file of their fd (include/uapi/linux/io_uring.h, 6.18):
+/// WRITEV, WRITE_FIXED, FALLOCATE, WRITE, SPLICE, TEE, FSETXATTR, FTRUNCATE.
+#[inline(always)]
+fn uring_writes(opcode: u8) -> bool {
+    matches!(opcode, 2 | 5 | 17 | 23 | 30 | 33 | 41 | 55)
+}
+
+/// io_uring opcodes that act by path: OPENAT, OPENAT2, RENAMEAT, UNLINKAT, MKDIRAT,
+/// SYMLINKAT, LINKAT, SETXATTR.
+#[inline(always)]
+fn uring_by_path(opcode: u8) -> bool {
+    matches!(opcode, 18 | 28 | 35..=39 | 42)
+}
+
+/// `io_uring_file_get(struct io_kiocb *req, int fd)`: a request getting the file of its fd,
+/// in the submitter's or a worker's context (both share the submitter's file table).
+#[raw_tracepoint(tracepoint = "io_uring_file_get")]
+pub fn io_uring_file_get(ctx: RawTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(0);
+    let fd: u64 = ctx.arg(1);
+    let Some((cfg, pid_tgid)) = active() else { return 0 };
+    let opcode: u8 = read(req, cfg.offsets.kiocb_opcode).unwrap_or(0);
+    if !uring_writes(opcode) {
+        return 0;
+    }
+    let task = current_task();
+    let Some(file) = file_of_fd(&cfg, task, fd as i32 as i64) else { return 0 };
+    let Some(key) = file_key(&cfg, file) else { return 0 };
+    if watched(&key) & WATCH_FILE == 0 {
+        return 0;
+    }
+    inode_event(&cfg, task, pid_tgid, Op::IoUring as u32, 0, opcode as u32, key);
+    0
+}
+
+/// `io_uring_submit_req(struct io_kiocb *req)`: path operations, whose paths this hook
+/// cannot see; the watcher answers with a rescan.
+#[raw_tracepoint(tracepoint = "io_uring_submit_req")]
+pub fn io_uring_submit_req(ctx: RawTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(0);
+    let Some((cfg, pid_tgid)) = active() else { return 0 };
+    let opcode: u8 = read(req, cfg.offsets.kiocb_opcode).unwrap_or(0);
+    if !uring_by_path(opcode) {
+        return 0;
+    }
+    let task = current_task();
+    match EVENTS.reserve::<EventHeader>(0) {
+        Some(mut entry) => {
+            // SAFETY: sized for an EventHeader; filled here.
+            let h = unsafe { &mut *entry.as_mut_ptr() };
+            fill_header(h, &cfg, task, pid_tgid, Op::IoUring as u32, EVENT_URING_PATH_OP, opcode as u32);
+            entry.submit(0);
+        }
+        None => lost(),
+    }
+    0
+}

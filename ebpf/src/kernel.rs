@@ -1,0 +1,91 @@
+//! Reads of kernel structs at the offsets in [`Config`]: fd -> `struct file` -> inode and
+//! dentry, the task's cwd, its parent. Each read is one `bpf_probe_read_kernel`; a failed read
+//! (a NULL or stale pointer) ends the lookup with `None`.
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use kubefim_common::{Config, InodeKey};
+
+/// `FMODE_WRITE` (include/linux/fs.h, 6.18).
+pub const FMODE_WRITE: u32 = 0x2;
+/// `PF_IO_WORKER` (include/linux/sched.h, 6.18): the task is an io_uring worker thread.
+pub const PF_IO_WORKER: u32 = 0x10;
+
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// `current->files->fdt->fd[fd]`, bounds-checked against `max_fds`.
+#[inline(always)]
+pub fn file_of_fd(cfg: &Config, task: u64, fd: i64) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    let o = &cfg.offsets;
+    let files: u64 = read(task, o.task_files)?;
+    let fdt: u64 = read(files, o.files_fdt)?;
+    let max: u32 = read(fdt, o.fdt_max_fds)?;
+    if fd >= max as i64 {
+        return None;
+    }
+    let fds: u64 = read(fdt, o.fdt_fd)?;
+    let file: u64 = read(fds, (fd as u32).wrapping_mul(8))?;
+    (file != 0).then_some(file)
+}
+
+/// (`inode->i_sb->s_dev`, `inode->i_ino`).
+#[inline(always)]
+pub fn inode_key(cfg: &Config, inode: u64) -> Option<InodeKey> {
+    let o = &cfg.offsets;
+    let sb: u64 = read(inode, o.inode_sb)?;
+    let dev: u32 = read(sb, o.sb_dev)?;
+    let ino: u64 = read(inode, o.inode_ino)?;
+    Some(InodeKey { dev: dev as u64, ino })
+}
+
+#[inline(always)]
+pub fn file_inode(cfg: &Config, file: u64) -> Option<u64> {
+    read(file, cfg.offsets.file_inode)
+}
+
+#[inline(always)]
+pub fn file_key(cfg: &Config, file: u64) -> Option<InodeKey> {
+    inode_key(cfg, file_inode(cfg, file)?)
+}
+
+/// The inode of the directory holding the file's dentry.
+#[inline(always)]
+pub fn file_parent_key(cfg: &Config, file: u64) -> Option<InodeKey> {
+    let o = &cfg.offsets;
+    let dentry: u64 = read(file, o.file_dentry)?;
+    let parent: u64 = read(dentry, o.dentry_parent)?;
+    let inode: u64 = read(parent, o.dentry_inode)?;
+    inode_key(cfg, inode)
+}
+
+/// The inode of the directory a relative path starts from: `dirfd`'s, or the cwd's.
+#[inline(always)]
+pub fn start_dir_key(cfg: &Config, task: u64, dirfd: i64) -> Option<InodeKey> {
+    if dirfd == AT_FDCWD {
+        let o = &cfg.offsets;
+        let fs: u64 = read(task, o.task_fs)?;
+        let dentry: u64 = read(fs, o.fs_pwd_dentry)?;
+        let inode: u64 = read(dentry, o.dentry_inode)?;
+        inode_key(cfg, inode)
+    } else {
+        file_key(cfg, file_of_fd(cfg, task, dirfd)?)
+    }
+}
+
+/// `AT_FDCWD`, as the syscalls receive it.
+pub const AT_FDCWD: i64 = -100;

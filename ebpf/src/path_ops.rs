@@ -1,0 +1,154 @@
+//! Changes made by path: rename, unlink, rmdir, link, symlink, mkdir, mknod, and the
+//! by-path forms of truncate, chmod, chown, setxattr, removexattr and utimes. A path cannot be
+//! resolved to an inode from a tracepoint, so the event carries the path as the syscall got
+//! it, the inode of the directory a relative path starts from, and the actor; the filter here
+//! keeps it when the path's last or next-to-last component is a monitored name, or when a
+//! relative path starts in a watched directory (or the path did not fit: never a silent
+//! miss). The watcher resolves it in the actor's root and cwd and rehashes what it names.
+//!
+//! Argument layouts are the syscalls' (x86-64, 6.18), read as in `fd_ops`.
+
+use aya_ebpf::helpers::bpf_probe_read_user_str_bytes;
+use aya_ebpf::macros::tracepoint;
+use aya_ebpf::programs::TracePointContext;
+use kubefim_common::{EVENT_EXCHANGE, EVENT_HAS_PATHS, EVENT_PATH_TRUNCATED, Op, PATH_CAP, PathEvent, WATCH_DIR};
+
+use crate::EVENTS;
+use crate::emit::{active, fill_header, lost, path_names_known, watched};
+use crate::fd_ops::arg;
+use crate::kernel::{AT_FDCWD, current_task, start_dir_key};
+
+/// Sends a path event for up to two (dirfd, user path pointer) pairs (a zero pointer is no
+/// path) if the filter keeps it.
+#[inline(always)]
+pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags: u32) {
+    let Some((cfg, pid_tgid)) = active() else { return };
+    let task = current_task();
+    let Some(mut entry) = EVENTS.reserve::<PathEvent>(0) else {
+        lost();
+        return;
+    };
+    // SAFETY: the reservation is sized for a PathEvent; the header is filled below and each
+    // path slot is NUL-terminated before it is read.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(&mut ev.header, &cfg, task, pid_tgid, op as u32, flags | EVENT_HAS_PATHS, 0);
+    let mut keep = false;
+    let mut i = 0;
+    while i < 2 {
+        let (dirfd, ptr) = paths[i];
+        let slot = &mut ev.paths[i];
+        slot[0] = 0;
+        if ptr != 0 {
+            // SAFETY: the helper bounds the copy by the slot and NUL-terminates it.
+            let len = match unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, slot) } {
+                Ok(s) => s.len(),
+                Err(_) => 0,
+            };
+            if len >= PATH_CAP - 1 {
+                ev.header.flags |= EVENT_PATH_TRUNCATED;
+                keep = true;
+            }
+            ev.header.dirfd[i] = dirfd as i32;
+            if slot[0] != b'/'
+                && let Some(key) = start_dir_key(&cfg, task, dirfd)
+            {
+                ev.header.start[i] = key;
+                if watched(&key) & WATCH_DIR != 0 {
+                    keep = true;
+                }
+            }
+            if !keep && path_names_known(slot) {
+                keep = true;
+            }
+        }
+        i += 1;
+    }
+    if keep {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+}
+
+macro_rules! path_hook {
+    // name, op, dirfd arg index (None = AT_FDCWD), path arg index
+    ($name:ident, $op:expr, $dfd:expr, $path:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let dfd = match $dfd {
+                Some(n) => arg(&ctx, n),
+                None => AT_FDCWD,
+            };
+            path_event(&ctx, $op, [(dfd, arg(&ctx, $path)), (0, 0)], 0);
+            0
+        }
+    };
+}
+
+path_hook!(sys_enter_truncate, Op::Truncate, None, 0);
+path_hook!(sys_enter_chmod, Op::Chmod, None, 0);
+path_hook!(sys_enter_fchmodat, Op::Chmod, Some(0), 1);
+path_hook!(sys_enter_fchmodat2, Op::Chmod, Some(0), 1);
+path_hook!(sys_enter_chown, Op::Chown, None, 0);
+path_hook!(sys_enter_lchown, Op::Chown, None, 0);
+path_hook!(sys_enter_fchownat, Op::Chown, Some(0), 1);
+path_hook!(sys_enter_setxattr, Op::Setxattr, None, 0);
+path_hook!(sys_enter_lsetxattr, Op::Setxattr, None, 0);
+path_hook!(sys_enter_setxattrat, Op::Setxattr, Some(0), 1);
+path_hook!(sys_enter_removexattr, Op::Removexattr, None, 0);
+path_hook!(sys_enter_lremovexattr, Op::Removexattr, None, 0);
+path_hook!(sys_enter_removexattrat, Op::Removexattr, Some(0), 1);
+path_hook!(sys_enter_utimes, Op::Utimes, None, 0);
+path_hook!(sys_enter_utime, Op::Utimes, None, 0);
+path_hook!(sys_enter_futimesat, Op::Utimes, Some(0), 1);
+path_hook!(sys_enter_unlink, Op::Unlink, None, 0);
+path_hook!(sys_enter_rmdir, Op::Rmdir, None, 0);
+path_hook!(sys_enter_mkdir, Op::Mkdir, None, 0);
+path_hook!(sys_enter_mkdirat, Op::Mkdir, Some(0), 1);
+path_hook!(sys_enter_mknod, Op::Mknod, None, 0);
+path_hook!(sys_enter_mknodat, Op::Mknod, Some(0), 1);
+// symlink(target, linkpath): only where the link is made matters; the target is content.
+path_hook!(sys_enter_symlink, Op::Symlink, None, 1);
+path_hook!(sys_enter_symlinkat, Op::Symlink, Some(1), 2);
+
+/// `unlinkat(dfd, pathname, flags)`: AT_REMOVEDIR makes it an rmdir.
+#[tracepoint]
+pub fn sys_enter_unlinkat(ctx: TracePointContext) -> u32 {
+    const AT_REMOVEDIR: i64 = 0x200;
+    let op = if arg(&ctx, 2) & AT_REMOVEDIR != 0 { Op::Rmdir } else { Op::Unlink };
+    path_event(&ctx, op, [(arg(&ctx, 0), arg(&ctx, 1)), (0, 0)], 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
+    path_event(&ctx, Op::Rename, [(AT_FDCWD, arg(&ctx, 0)), (AT_FDCWD, arg(&ctx, 1))], 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
+    path_event(&ctx, Op::Rename, [(arg(&ctx, 0), arg(&ctx, 1)), (arg(&ctx, 2), arg(&ctx, 3))], 0);
+    0
+}
+
+/// `renameat2(olddfd, oldname, newdfd, newname, flags)`.
+#[tracepoint]
+pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
+    const RENAME_EXCHANGE: i64 = 0x2;
+    let flags = if arg(&ctx, 4) & RENAME_EXCHANGE != 0 { EVENT_EXCHANGE } else { 0 };
+    path_event(&ctx, Op::Rename, [(arg(&ctx, 0), arg(&ctx, 1)), (arg(&ctx, 2), arg(&ctx, 3))], flags);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
+    path_event(&ctx, Op::Link, [(AT_FDCWD, arg(&ctx, 0)), (AT_FDCWD, arg(&ctx, 1))], 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
+    path_event(&ctx, Op::Link, [(arg(&ctx, 0), arg(&ctx, 1)), (arg(&ctx, 2), arg(&ctx, 3))], 0);
+    0
+}

@@ -1,0 +1,226 @@
+//! Who made a change: the process (from the event: pid, tid, uid, gid, comm, cgroup id; from
+//! /proc while the process lives: exe, cmdline) and the container it runs in (cgroup id ->
+//! cgroup path -> container id, for the path formats of containerd, CRI-O, Docker and
+//! podman). Read when the event arrives, before the process can exit, and cached briefly so a
+//! storm of writes does not become a storm of /proc reads.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::event::KernelEvent;
+
+/// How long a process's /proc details are reused.
+const CACHE_FOR: Duration = Duration::from_secs(2);
+
+/// The actor of a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// Command name.
+    pub comm: String,
+    /// Executable, when /proc still had it.
+    pub exe: Option<String>,
+    /// Command line, when /proc still had it.
+    pub cmdline: Option<String>,
+    /// The cgroup (v2) path, when known.
+    pub cgroup: Option<String>,
+    /// The container id, when the cgroup path names one.
+    pub container_id: Option<String>,
+    /// The container runtime the cgroup path's format belongs to.
+    pub runtime: Option<&'static str>,
+}
+
+impl Actor {
+    /// `process` of a report line.
+    pub fn process_json(&self) -> Value {
+        json!({
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "comm": self.comm,
+            "exe": self.exe,
+            "cmdline": self.cmdline,
+        })
+    }
+
+    /// `container` of a report line: null for a host process.
+    pub fn container_json(&self) -> Value {
+        match &self.container_id {
+            Some(id) => json!({ "id": id, "runtime": self.runtime, "cgroup": self.cgroup }),
+            None => Value::Null,
+        }
+    }
+}
+
+struct Details {
+    at: Instant,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    cgroup: Option<String>,
+}
+
+/// Resolves actors, with caches of /proc details and cgroup paths.
+pub struct Attribution {
+    cgroup_root: PathBuf,
+    processes: HashMap<u32, Details>,
+    cgroups: HashMap<u64, Option<String>>,
+}
+
+impl Default for Attribution {
+    fn default() -> Self {
+        Self::new(Path::new("/sys/fs/cgroup"))
+    }
+}
+
+impl Attribution {
+    /// Attribution with the cgroup v2 hierarchy mounted at `cgroup_root`.
+    pub fn new(cgroup_root: &Path) -> Self {
+        Attribution { cgroup_root: cgroup_root.to_owned(), processes: HashMap::new(), cgroups: HashMap::new() }
+    }
+
+    /// The actor of an event.
+    pub fn actor(&mut self, event: &KernelEvent) -> Arc<Actor> {
+        let h = &event.header;
+        let now = Instant::now();
+        if self.processes.len() > 4096 {
+            self.processes.retain(|_, d| now.duration_since(d.at) < CACHE_FOR);
+        }
+        let fresh = self.processes.get(&h.pid).is_some_and(|d| now.duration_since(d.at) < CACHE_FOR);
+        if !fresh {
+            let proc = PathBuf::from(format!("/proc/{}", h.pid));
+            let exe = std::fs::read_link(proc.join("exe")).ok().map(|p| p.to_string_lossy().into_owned());
+            let cmdline = std::fs::read(proc.join("cmdline")).ok().filter(|c| !c.is_empty()).map(|c| {
+                let args: Vec<String> =
+                    c.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
+                args.join(" ")
+            });
+            let cgroup = std::fs::read_to_string(proc.join("cgroup"))
+                .ok()
+                .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+            self.processes.insert(h.pid, Details { at: now, exe, cmdline, cgroup });
+        }
+        let details = &self.processes[&h.pid];
+        let (exe, cmdline) = (details.exe.clone(), details.cmdline.clone());
+        let cgroup = match &details.cgroup {
+            Some(c) => Some(c.clone()),
+            None => self.cgroup_path(h.cgroup_id),
+        };
+        let found = cgroup.as_deref().and_then(container_of);
+        Arc::new(Actor {
+            pid: h.pid,
+            ppid: h.ppid,
+            uid: h.uid,
+            gid: h.gid,
+            comm: event.comm(),
+            exe,
+            cmdline,
+            container_id: found.as_ref().map(|(id, _)| id.clone()),
+            runtime: found.map(|(_, r)| r),
+            cgroup,
+        })
+    }
+
+    /// The cgroup v2 path of a cgroup id (the id is the inode number of the cgroup's
+    /// directory), found by walking the hierarchy once per unknown id.
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(found) = self.cgroups.get(&id) {
+            return found.clone();
+        }
+        let found = walk_for_inode(&self.cgroup_root, id).map(|p| {
+            let rel = p.strip_prefix(&self.cgroup_root).unwrap_or(&p);
+            format!("/{}", rel.display())
+        });
+        self.cgroups.insert(id, found.clone());
+        found
+    }
+}
+
+fn walk_for_inode(root: &Path, ino: u64) -> Option<PathBuf> {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == ino) {
+            return Some(dir);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
+/// The container id and runtime a cgroup path names, for the formats of the common
+/// runtimes: systemd-managed (`docker-<id>.scope`, `cri-containerd-<id>.scope`,
+/// `crio-<id>.scope`, `libpod-<id>.scope`) and cgroupfs-managed (`/docker/<id>`,
+/// `/kubepods/.../<id>`, `/libpod_parent/libpod-<id>`). Conmon's own cgroup is not a container.
+pub fn container_of(cgroup: &str) -> Option<(String, &'static str)> {
+    const PREFIXES: [(&str, &str); 5] =
+        [("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker"), ("libpod-", "podman"), ("", "")];
+    for segment in cgroup.rsplit('/') {
+        let segment = segment.strip_suffix(".scope").unwrap_or(segment);
+        if segment.starts_with("libpod-conmon-") || segment.starts_with("crio-conmon-") {
+            return None;
+        }
+        for (prefix, runtime) in PREFIXES {
+            if let Some(id) = segment.strip_prefix(prefix)
+                && id.len() == 64
+                && id.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                let runtime = match runtime {
+                    "" if cgroup.contains("/docker/") => "docker",
+                    "" if cgroup.contains("kubepods") => "kubernetes",
+                    "" => "unknown",
+                    r => r,
+                };
+                return Some((id.to_owned(), runtime));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_from_runtime_cgroup_paths() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (path, runtime) in [
+            (format!("/system.slice/docker-{id}.scope"), "docker"),
+            (format!("/docker/{id}"), "docker"),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podx.slice/cri-containerd-{id}.scope"
+                ),
+                "containerd",
+            ),
+            (format!("/kubepods.slice/kubepods-pod1.slice/crio-{id}.scope"), "cri-o"),
+            (format!("/kubepods/burstable/pod1234/{id}"), "kubernetes"),
+            (format!("/machine.slice/libpod-{id}.scope/container"), "podman"),
+            (format!("/libpod_parent/libpod-{id}"), "podman"),
+        ] {
+            assert_eq!(container_of(&path), Some((id.to_owned(), runtime)), "{path}");
+        }
+        assert_eq!(container_of("/user.slice/user-0.slice/session-1.scope"), None);
+        assert_eq!(container_of(&format!("/machine.slice/libpod-conmon-{id}.scope")), None);
+        assert_eq!(container_of("/"), None);
+    }
+}

@@ -1,0 +1,162 @@
+//! The kernel side as user space sees it: the embedded eBPF object, loaded with the struct
+//! offsets of the running kernel (from its BTF) and the watcher's own pid, its filter maps
+//! sized for the baseline, and every program attached to its tracepoint. Tracepoints this
+//! kernel does not have are reported, not fatal: what they would have seen is named.
+
+use std::collections::HashSet;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{Program, RawTracePoint, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use kubefim_common::{Config, InodeKey, Offsets, maps};
+
+use crate::btf::KernelBtf;
+use crate::error::{Error, Result};
+
+/// The object built by watcher/build.rs from ../ebpf (empty when the build skipped it).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kubefim"));
+
+/// The loaded, attached programs and the maps the watcher uses. Dropping it detaches
+/// everything.
+pub struct Programs {
+    /// Owns the programs and their links.
+    _ebpf: Ebpf,
+    /// Watched inodes.
+    pub watched: BpfHashMap<MapData, InodeKey, u32>,
+    /// Monitored names.
+    pub names: BpfHashMap<MapData, u64, u8>,
+    /// Events.
+    pub events: RingBuf<MapData>,
+    /// Lost-event counters.
+    pub lost: PerCpuArray<MapData, u64>,
+    /// Tracepoints this kernel lacks (their programs are not attached).
+    pub missing: Vec<String>,
+    /// How many inodes the watched map can hold.
+    pub capacity: u32,
+}
+
+/// Reads the offsets the programs need from kernel BTF.
+fn offsets(btf: &KernelBtf) -> Result<Offsets> {
+    let m = |s: &str, f: &str| btf.member_offset(s, f);
+    let path_dentry = m("path", "dentry")?;
+    Ok(Offsets {
+        task_files: m("task_struct", "files")?,
+        task_fs: m("task_struct", "fs")?,
+        task_real_parent: m("task_struct", "real_parent")?,
+        task_tgid: m("task_struct", "tgid")?,
+        task_flags: m("task_struct", "flags")?,
+        files_fdt: m("files_struct", "fdt")?,
+        fdt_max_fds: m("fdtable", "max_fds")?,
+        fdt_fd: m("fdtable", "fd")?,
+        file_inode: m("file", "f_inode")?,
+        file_dentry: m("file", "f_path")? + path_dentry,
+        file_mode: m("file", "f_mode")?,
+        inode_ino: m("inode", "i_ino")?,
+        inode_sb: m("inode", "i_sb")?,
+        sb_dev: m("super_block", "s_dev")?,
+        dentry_parent: m("dentry", "d_parent")?,
+        dentry_inode: m("dentry", "d_inode")?,
+        fs_pwd_dentry: m("fs_struct", "pwd")? + path_dentry,
+        kiocb_file: m("io_kiocb", "file")?,
+        kiocb_opcode: m("io_kiocb", "opcode")?,
+    })
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::Map { name, message: "missing from the object".into() })?;
+    T::try_from(map).map_err(|e| Error::Map { name, message: e.to_string() })
+}
+
+impl Programs {
+    /// Loads the programs for a watcher of `pid`, with room for `capacity` watched inodes
+    /// and `names` monitored names, and attaches them.
+    pub fn load(pid: u32, capacity: u32, names: u32) -> Result<Programs> {
+        if OBJECT.is_empty() {
+            return Err(Error::NotBuilt);
+        }
+        let btf = KernelBtf::from_sys_fs()?;
+        let config = Config { self_pid: pid, ready: 1, offsets: offsets(&btf)? };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(maps::CONFIG, &config, true)
+            .map_max_entries(maps::WATCHED, capacity)
+            .map_max_entries(maps::NAMES, names)
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+        let available = available_syscall_tracepoints();
+        if available.is_empty() {
+            return Err(Error::Tracefs);
+        }
+        let mut missing = Vec::new();
+        for (name, program) in ebpf.programs_mut() {
+            let started = std::time::Instant::now();
+            match program {
+                Program::TracePoint(tp) => {
+                    if !available.contains(name) {
+                        missing.push(format!("syscalls/{name}"));
+                        continue;
+                    }
+                    load_tp(tp, name)?;
+                }
+                Program::RawTracePoint(tp) => load_raw(tp, name)?,
+                _ => {}
+            }
+            tracing::debug!(program = name, ms = started.elapsed().as_millis(), "loaded and attached");
+        }
+        Ok(Programs {
+            watched: take(&mut ebpf, maps::WATCHED)?,
+            names: take(&mut ebpf, maps::NAMES)?,
+            events: take(&mut ebpf, maps::EVENTS)?,
+            lost: take(&mut ebpf, maps::LOST)?,
+            _ebpf: ebpf,
+            missing,
+            capacity,
+        })
+    }
+
+    /// A descriptor of the ring buffer, to wait on.
+    pub fn events_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.events).try_clone_to_owned()
+    }
+
+    /// Events dropped by the kernel side since load.
+    pub fn lost_total(&self) -> u64 {
+        self.lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+    }
+
+    /// Watches an inode (`bits`: `WATCH_FILE` / `WATCH_DIR`). False when the map is full.
+    pub fn watch(&mut self, key: InodeKey, bits: u32) -> bool {
+        let now = self.watched.get(&key, 0).unwrap_or(0);
+        now | bits == now || self.watched.insert(key, now | bits, 0).is_ok()
+    }
+
+    /// Adds a monitored name's hash. False when the map is full.
+    pub fn watch_name(&mut self, name: &[u8]) -> bool {
+        self.names.insert(kubefim_common::name_hash(name), 1, 0).is_ok()
+    }
+}
+
+fn load_tp(tp: &mut TracePoint, name: &str) -> Result<()> {
+    let err = |source| Error::Program { name: name.to_owned(), source };
+    tp.load().map_err(err)?;
+    tp.attach("syscalls", name).map_err(err)?;
+    Ok(())
+}
+
+fn load_raw(tp: &mut RawTracePoint, name: &str) -> Result<()> {
+    let err = |source| Error::Program { name: name.to_owned(), source };
+    tp.load().map_err(err)?;
+    tp.attach(name).map_err(err)?;
+    Ok(())
+}
+
+/// The syscall tracepoints this kernel has (names as `sys_enter_openat`).
+fn available_syscall_tracepoints() -> HashSet<String> {
+    ["/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls"]
+        .iter()
+        .find_map(|dir| std::fs::read_dir(dir).ok())
+        .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,195 @@
+//! From what the kernel saw to the monitored paths to rehash. Inode events name a watched
+//! (device, inode) and map through the state's index. Path events carry the path as the
+//! actor passed it: it is resolved in the actor's own root and cwd (`/proc/PID/root`,
+//! `/proc/PID/cwd`, `/proc/PID/fd/N`, with `RESOLVE_IN_ROOT`), so a bind-mount alias, a
+//! relative path, a chroot or another mount namespace all land on the directory inode the
+//! state knows. When the actor is already gone, the kernel's start-directory inode and the
+//! monitored names stand in: the result may then hold more candidates than the one changed,
+//! which costs a rehash each, never a miss.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use kubefim_baseline::policy::{Policy, normalise_absolute};
+use kubefim_baseline::record::FileKind;
+use kubefim_common::InodeKey;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::state::State;
+
+/// `AT_FDCWD` as the kernel records it.
+const AT_FDCWD: i32 = -100;
+
+/// Paths to rehash and directories whose entries to compare with the state.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// Monitored paths that may have changed.
+    pub paths: BTreeSet<PathBuf>,
+    /// Monitored directories whose entries may have changed.
+    pub dirs: BTreeSet<PathBuf>,
+}
+
+impl Targets {
+    /// Adds `path` if the policy monitors it.
+    fn add(&mut self, policy: &Policy, path: PathBuf) {
+        if covered(policy, &path) {
+            self.paths.insert(path);
+        }
+    }
+}
+
+/// Whether a rule covers `path` and does not exclude it.
+pub fn covered(policy: &Policy, path: &Path) -> bool {
+    policy.rule_index_for(path).is_some_and(|i| !policy.rules[i].excludes(path))
+}
+
+/// The key of what an fd refers to.
+fn key_of_fd(fd: &OwnedFd) -> Option<InodeKey> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    Some(InodeKey::from_stat(st.st_dev, st.st_ino))
+}
+
+/// Opens `rel` (a directory) below `base` without following the last component out of the
+/// actor's root.
+fn open_below(base: &Path, rel: &Path, in_root: bool) -> Option<OwnedFd> {
+    let base = rustix::fs::open(base, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let resolve = if in_root { ResolveFlags::IN_ROOT } else { ResolveFlags::empty() };
+    rustix::fs::openat2(&base, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve).ok()
+}
+
+/// Splits a path into (parent, file name), ignoring trailing slashes; the name is empty for
+/// `/`, `.` and `..`, which are then resolved as directories.
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    let mut end = path.len();
+    while end > 1 && path[end - 1] == b'/' {
+        end -= 1;
+    }
+    let path = &path[..end];
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => {
+            let name = &path[i + 1..];
+            let parent = if i == 0 { &path[..1] } else { &path[..i] };
+            if name == b"." || name == b".." { (path, b"") } else { (parent, name) }
+        }
+        None if path == b"." || path == b".." => (path, b""),
+        None => (b"", path),
+    }
+}
+
+/// Resolves one path of a path event to the monitored paths and directories it may touch.
+pub fn resolve_path(
+    state: &State,
+    policy: &Policy,
+    pid: u32,
+    dirfd: i32,
+    start: InodeKey,
+    path: &[u8],
+    out: &mut Targets,
+) {
+    let absolute = path.first() == Some(&b'/');
+    let (parent, name) = split(path);
+    let name = OsStr::from_bytes(name);
+    let parent_rel = Path::new(OsStr::from_bytes(parent.strip_prefix(b"/").unwrap_or(parent)));
+    let base = if absolute {
+        PathBuf::from(format!("/proc/{pid}/root"))
+    } else if dirfd == AT_FDCWD {
+        PathBuf::from(format!("/proc/{pid}/cwd"))
+    } else {
+        PathBuf::from(format!("/proc/{pid}/fd/{dirfd}"))
+    };
+    let mut resolved = false;
+    if let Some(dir_fd) = open_below(&base, parent_rel, absolute) {
+        if let Some(key) = key_of_fd(&dir_fd)
+            && let Some(dir) = state.dir_of_inode(&key)
+        {
+            resolved = true;
+            into(out, policy, &dir, name);
+        }
+        // The directory as this process sees it: right for actors that share our root and
+        // mounts, and the way to a rule whose root is a file in an unmonitored directory.
+        if let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
+            && seen.is_absolute()
+        {
+            let before = out.paths.len();
+            into(out, policy, &seen, name);
+            resolved |= out.paths.len() > before;
+        }
+    }
+    if resolved {
+        return;
+    }
+    // The actor is gone (or its view of the path is not ours): fall back on what the kernel
+    // recorded and on the monitored names.
+    if !absolute && let Some(dir) = state.dir_of_inode(&start) {
+        let joined = dir.join(Path::new(OsStr::from_bytes(path)));
+        if let Some(p) = normalise_absolute(&joined) {
+            out.add(policy, p);
+        }
+    }
+    if absolute && let Some(p) = normalise_absolute(Path::new(OsStr::from_bytes(path))) {
+        out.add(policy, p);
+    }
+    if !name.is_empty() {
+        for p in state.paths_named(name.as_bytes()) {
+            out.add(policy, p);
+        }
+    }
+    if let Some(parent_name) = Path::new(OsStr::from_bytes(parent)).file_name() {
+        for dir in state.paths_named(parent_name.as_bytes()) {
+            if state.get(&dir).is_some_and(|k| k.record.kind == FileKind::Dir) {
+                into(out, policy, &dir, name);
+            }
+        }
+    }
+}
+
+/// Adds `dir/name` (or `dir` itself when `name` is empty) and marks `dir` for an entry check.
+fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr) {
+    if name.is_empty() {
+        out.add(policy, dir.to_owned());
+        return;
+    }
+    if Path::new(name).components().any(|c| !matches!(c, Component::Normal(_))) {
+        return;
+    }
+    out.add(policy, dir.join(name));
+    if covered(policy, dir) {
+        out.dirs.insert(dir.to_owned());
+        out.paths.insert(dir.to_owned());
+    }
+}
+
+/// The entries of `dir` that differ from the state's: new on disk, or known and gone.
+pub fn dir_changes(state: &State, policy: &Policy, dir: &Path, out: &mut Targets) {
+    let known = state.children(dir);
+    let on_disk: BTreeSet<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+        Err(_) => BTreeSet::new(),
+    };
+    for p in on_disk.iter().filter(|p| !known.contains(p)) {
+        out.add(policy, p.clone());
+    }
+    for p in known.into_iter().filter(|p| !on_disk.contains(p)) {
+        out.add(policy, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn splits_paths_like_the_kernel_walks_them() {
+        assert_eq!(split(b"/etc/passwd"), (&b"/etc"[..], &b"passwd"[..]));
+        assert_eq!(split(b"/etc/dir/"), (&b"/etc"[..], &b"dir"[..]));
+        assert_eq!(split(b"/passwd"), (&b"/"[..], &b"passwd"[..]));
+        assert_eq!(split(b"passwd"), (&b""[..], &b"passwd"[..]));
+        assert_eq!(split(b"a/b"), (&b"a"[..], &b"b"[..]));
+        assert_eq!(split(b"/etc/.."), (&b"/etc/.."[..], &b""[..]));
+        assert_eq!(split(b"."), (&b"."[..], &b""[..]));
+    }
+}

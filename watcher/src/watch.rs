@@ -1,0 +1,659 @@
+//! The watch loop: trust the baseline, load the programs, fill their maps from the state,
+//! rescan once, say ready; then turn ring buffer events into pending paths, rehash them when
+//! due, report what differs from the last known state, and keep the state, the journal and
+//! the kernel's maps current. Lost events and the rescan interval trigger full rescans.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kubefim_baseline::baseline::TrustedBaseline;
+use kubefim_baseline::hash::Hash;
+use kubefim_baseline::journal::Journal;
+use kubefim_baseline::policy::{Attribute, AttributeSet, path_bytes};
+use kubefim_baseline::record::{FileKind, FileRecord};
+use kubefim_baseline::scan::{Scan, ScanProgress, ScanSink, ScannedEntry, rehash};
+use kubefim_baseline::sign::PublicKey;
+use kubefim_baseline::verify::{Change, ChangeKind, compare_with};
+use kubefim_common::{
+    EVENT_EXCHANGE, EVENT_HAS_PARENT, EVENT_IO_WORKER, EVENT_URING_PATH_OP, InodeKey, Op, WATCH_DIR, WATCH_FILE,
+};
+use serde_json::{Value, json};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::actor::{Actor, Attribution};
+use crate::error::{Error, Result};
+use crate::event::KernelEvent;
+use crate::output::{ChangeLine, DetectedBy, Format, Printer, state_line};
+use crate::pending::{Pending, Queue};
+use crate::programs::Programs;
+use crate::resolve::{Targets, covered, dir_changes, resolve_path};
+use crate::state::{Known, State, journal_entry, key_of};
+
+/// How `kubefim watch` was asked to run.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// The signed baseline.
+    pub db: PathBuf,
+    /// Its public key.
+    pub pubkey: PathBuf,
+    /// Output format.
+    pub format: Format,
+    /// Full rescan interval (the backstop).
+    pub rescan_interval: Duration,
+    /// Touched once ready.
+    pub ready_file: Option<PathBuf>,
+    /// The journal (default: beside the database, `<db>.journal`).
+    pub journal: Option<PathBuf>,
+}
+
+/// How often the kernel's lost-event counter is read.
+const LOST_POLL: Duration = Duration::from_millis(200);
+/// How long after an io_uring path operation the rescan starts (time for it to complete).
+const URING_RESCAN_DELAY: Duration = Duration::from_millis(300);
+/// How often the journal is made durable while changes come in.
+const JOURNAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// Runs the watcher until SIGINT or SIGTERM.
+pub fn run(opts: WatchOptions) -> Result<()> {
+    let key = PublicKey::load(&opts.pubkey)?;
+    let baseline = TrustedBaseline::open(&opts.db, &key)?;
+    let journal_path = opts.journal.clone().unwrap_or_else(|| {
+        let mut p = opts.db.clone().into_os_string();
+        p.push(".journal");
+        PathBuf::from(p)
+    });
+    let id = format!("{}:{}", baseline.manifest.created_unix_ns, baseline.manifest.host);
+    let journal = Journal::open(&journal_path, &id)?;
+    let state = State::load(&baseline, &journal)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let mut watcher = Watcher::start(opts, baseline, journal, journal_path, state)?;
+    runtime.block_on(watcher.run())
+}
+
+struct Watcher {
+    opts: WatchOptions,
+    baseline: TrustedBaseline,
+    journal: Journal,
+    journal_path: PathBuf,
+    journal_dirty: bool,
+    state: State,
+    programs: Programs,
+    queue: Queue,
+    attribution: Attribution,
+    printer: Printer,
+    /// Inodes created in a monitored directory and not yet listed, with the directory.
+    new_inodes: HashMap<InodeKey, PathBuf>,
+    lost_seen: u64,
+    /// When to rescan for io_uring path operations (which carry no paths).
+    uring_rescan_at: Option<std::time::Instant>,
+    boot_offset: Duration,
+    full_map_reported: bool,
+}
+
+/// Wall time minus boot time, to turn `bpf_ktime_get_boot_ns` into wall time.
+fn boot_offset() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let boot = Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0));
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().saturating_sub(boot)
+}
+
+impl Watcher {
+    fn start(
+        opts: WatchOptions,
+        baseline: TrustedBaseline,
+        journal: Journal,
+        journal_path: PathBuf,
+        state: State,
+    ) -> Result<Watcher> {
+        let entries = u32::try_from(state.len()).unwrap_or(u32::MAX);
+        // Room for the baseline, what gets created while watching, and renames' new inodes.
+        let capacity = entries.saturating_mul(2).max(1 << 16);
+        let programs = Programs::load(std::process::id(), capacity, capacity)?;
+        let mut w = Watcher {
+            printer: Printer::new(opts.format),
+            opts,
+            baseline,
+            journal,
+            journal_path,
+            journal_dirty: false,
+            state,
+            programs,
+            queue: Queue::default(),
+            attribution: Attribution::default(),
+            new_inodes: HashMap::new(),
+            lost_seen: 0,
+            uring_rescan_at: None,
+            boot_offset: boot_offset(),
+            full_map_reported: false,
+        };
+        w.fill_maps();
+        if !w.programs.missing.is_empty() {
+            let missing = w.programs.missing.clone();
+            w.print(&state_line(
+                "degraded",
+                json!({"reason": "tracepoints this kernel does not have; the rescan covers what they would see", "missing": missing}),
+            ))?;
+        }
+        Ok(w)
+    }
+
+    fn fill_maps(&mut self) {
+        let mut entries: Vec<(InodeKey, u32, Vec<u8>)> = Vec::new();
+        for (path, known) in self.state.iter() {
+            let bits = if known.record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
+            let name = path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()).unwrap_or_default();
+            entries.push((key_of(&known.record), bits, name));
+        }
+        let roots: Vec<Vec<u8>> = self
+            .baseline
+            .policy
+            .rules
+            .iter()
+            .filter_map(|r| r.path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()))
+            .collect();
+        let mut ok = true;
+        for (key, bits, name) in entries {
+            ok &= self.programs.watch(key, bits);
+            ok &= self.programs.watch_name(&name);
+        }
+        for name in roots {
+            ok &= self.programs.watch_name(&name);
+        }
+        if !ok {
+            self.map_full();
+        }
+    }
+
+    fn map_full(&mut self) {
+        if self.full_map_reported {
+            return;
+        }
+        self.full_map_reported = true;
+        let line = state_line(
+            "degraded",
+            json!({"reason": "the in-kernel filter is full; changes to paths beyond it are found by the rescan only", "capacity": self.programs.capacity}),
+        );
+        let _ = self.print(&line);
+    }
+
+    fn print(&mut self, line: &Value) -> Result<()> {
+        self.printer.print(line).map_err(|e| Error::io("writing to stdout", e))
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        self.rescan("startup")?;
+        eprintln!("ready");
+        if let Some(ready) = &self.opts.ready_file {
+            std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
+        }
+        self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
+        let events_fd = self.programs.events_fd().map_err(|e| Error::io("polling the ring buffer", e))?;
+        // SAFETY: an OwnedFd of our own, open until the AsyncFd is dropped at the end of this
+        // function.
+        let events = unsafe { AsyncFd::register_with_interest(events_fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| Error::io("polling the ring buffer", e.into()))?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
+        let mut lost_poll = tokio::time::interval(LOST_POLL);
+        let mut journal_flush = tokio::time::interval(JOURNAL_FLUSH);
+        let start = tokio::time::Instant::now() + self.opts.rescan_interval;
+        let mut rescans = tokio::time::interval_at(start, self.opts.rescan_interval);
+        loop {
+            let next_due =
+                self.queue.next_due().into_iter().chain(self.uring_rescan_at).min().map(tokio::time::Instant::from_std);
+            let sleep = tokio::time::sleep_until(next_due.unwrap_or_else(|| tokio::time::Instant::now() + LOST_POLL));
+            tokio::select! {
+                guard = events.readable() => {
+                    let mut guard = guard.map_err(|e| Error::io("polling the ring buffer", e))?;
+                    self.drain();
+                    guard.clear_ready();
+                }
+                _ = sleep => {
+                    self.flush_due()?;
+                    if self.uring_rescan_at.is_some_and(|at| at <= std::time::Instant::now()) {
+                        self.uring_rescan_at = None;
+                        self.rescan("io_uring path operation")?;
+                    }
+                }
+                _ = lost_poll.tick() => self.check_lost()?,
+                _ = journal_flush.tick() => self.flush_journal()?,
+                _ = rescans.tick() => self.rescan("interval")?,
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+            self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
+        }
+        // Report what is pending before detaching: nothing seen is dropped.
+        self.drain();
+        self.flush_all()?;
+        self.flush_journal()?;
+        self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
+        Ok(())
+    }
+
+    /// Reads every event waiting in the ring buffer.
+    fn drain(&mut self) {
+        let mut batch = Vec::new();
+        while let Some(item) = self.programs.events.next() {
+            if let Some(ev) = KernelEvent::decode(&item) {
+                batch.push(ev);
+            }
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        for ev in batch {
+            self.on_event(ev);
+        }
+    }
+
+    fn event_time(&self, boot_ns: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + self.boot_offset + Duration::from_nanos(boot_ns)
+    }
+
+    fn on_event(&mut self, ev: KernelEvent) {
+        if ev.op == Op::IoUring && ev.header.flags & EVENT_URING_PATH_OP != 0 {
+            // Its paths are not visible to the kernel side: rescan once it has completed.
+            self.uring_rescan_at.get_or_insert_with(|| std::time::Instant::now() + URING_RESCAN_DELAY);
+            return;
+        }
+        let actor = Arc::new(self.attribution.actor(&ev));
+        let time = self.event_time(ev.header.time_ns);
+        let pid = ev.header.pid;
+        let policy = &self.baseline.policy;
+        let mut targets = Targets::default();
+        let mut slots: Vec<Targets> = Vec::new();
+        match ev.op {
+            Op::Create => {
+                if ev.header.flags & EVENT_HAS_PARENT != 0
+                    && let Some(dir) = self.state.dir_of_inode(&ev.header.parent)
+                {
+                    if let Some(key) = ev.target() {
+                        self.new_inodes.insert(key, dir.clone());
+                    }
+                    targets.dirs.insert(dir.clone());
+                    targets.paths.insert(dir);
+                }
+            }
+            _ if ev.paths.is_empty() => {
+                if let Some(key) = ev.target() {
+                    targets.paths.extend(self.state.paths_of_inode(&key).into_iter().filter(|p| covered(policy, p)));
+                    if targets.paths.is_empty()
+                        && let Some(dir) = self.new_inodes.get(&key)
+                    {
+                        targets.dirs.insert(dir.clone());
+                        targets.paths.insert(dir.clone());
+                    }
+                }
+            }
+            _ => {
+                for (i, path) in ev.paths.iter().enumerate() {
+                    let mut slot = Targets::default();
+                    if !path.is_empty() {
+                        let (dirfd, start) = (ev.header.dirfd[i], ev.header.start[i]);
+                        resolve_path(&self.state, policy, pid, dirfd, start, path, &mut slot);
+                    }
+                    targets.paths.extend(slot.paths.iter().cloned());
+                    targets.dirs.extend(slot.dirs.iter().cloned());
+                    slots.push(slot);
+                }
+            }
+        }
+        let op_name = match ev.op {
+            Op::OpenWrite | Op::Close => None,
+            Op::Dirty if ev.header.flags & EVENT_IO_WORKER != 0 => Some(Op::IoUring.name()),
+            Op::Dirty => Some(Op::Mmap.name()),
+            op => Some(op.name()),
+        };
+        for path in &targets.paths {
+            let op = match ev.op {
+                // Dirtying by a process that wrote the file through a syscall is that write.
+                Op::Dirty if self.queue.had_syscall(path, pid) => None,
+                _ => op_name,
+            };
+            self.queue.note(path, op, &actor, time, ev.op == Op::Close);
+            match ev.op {
+                Op::Dirty if op == Some(Op::Mmap.name()) => self.queue.dirty_by(path, pid),
+                Op::Dirty | Op::Mmap | Op::IoUring => {}
+                _ => self.queue.syscall_by(path, pid),
+            }
+        }
+        for dir in &targets.dirs {
+            self.queue.list_entries(dir);
+        }
+        if ev.op == Op::Rename && ev.header.flags & EVENT_EXCHANGE == 0 && slots.len() == 2 {
+            let files = |t: &Targets| -> Vec<PathBuf> { t.paths.difference(&t.dirs).cloned().collect() };
+            if let ([from], [to]) = (files(&slots[0]).as_slice(), files(&slots[1]).as_slice()) {
+                self.queue.renamed(to, from);
+            }
+        }
+    }
+
+    fn check_lost(&mut self) -> Result<()> {
+        let total = self.programs.lost_total();
+        if total > self.lost_seen {
+            let lost = total - self.lost_seen;
+            self.lost_seen = total;
+            self.print(&state_line(
+                "lost",
+                json!({"events": lost, "total": total, "action": "rescan of every monitored path"}),
+            ))?;
+            self.drain();
+            self.flush_all()?;
+            self.rescan("lost events")?;
+        }
+        Ok(())
+    }
+
+    fn flush_due(&mut self) -> Result<()> {
+        let due = self.queue.take_due();
+        self.process(due)
+    }
+
+    fn flush_all(&mut self) -> Result<()> {
+        loop {
+            let due = self.queue.take_due();
+            if due.is_empty() && self.queue.is_empty() {
+                return Ok(());
+            }
+            if due.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            self.process(due)?;
+        }
+    }
+
+    /// Rehashes due paths and reports what changed.
+    fn process(&mut self, due: Vec<(PathBuf, Pending)>) -> Result<()> {
+        let mut done: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut work: Vec<(PathBuf, Arc<Pending>)> = Vec::new();
+        for (path, pending) in due {
+            let pending = Arc::new(pending);
+            if pending.list_entries {
+                let mut entries = Targets::default();
+                dir_changes(&self.state, &self.baseline.policy, &path, &mut entries);
+                for entry in entries.paths {
+                    if !self.queue.contains(&entry) {
+                        work.push((entry, pending.clone()));
+                    }
+                }
+            }
+            work.push((path, pending));
+        }
+        // Destinations of renames first: they may account for their source.
+        work.sort_by_key(|(_, p)| p.renamed_from.is_none());
+        for (path, pending) in work {
+            if !done.insert(path.clone()) {
+                continue;
+            }
+            if let Some(from) = &pending.renamed_from
+                && !done.contains(from)
+                && self.report_rename(from, &path, &pending)?
+            {
+                done.insert(from.clone());
+                continue;
+            }
+            self.rehash_and_report(&path, &pending.ops, pending.actor.as_deref(), pending.time, DetectedBy::Event)?;
+        }
+        Ok(())
+    }
+
+    /// Rehashes `path` now; `None` when the policy does not cover it or it could not be read.
+    fn rehash_now(&mut self, path: &Path) -> Option<Option<Known>> {
+        match rehash(path, &self.baseline.policy)? {
+            Ok(r) => Some(Some(Known { record: r.record, content: r.content })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Some(None),
+            Err(e) => {
+                let line = state_line("error", json!({"path": path.display().to_string(), "error": e.to_string()}));
+                let _ = self.print(&line);
+                None
+            }
+        }
+    }
+
+    fn old_content(&self, path: &Path) -> impl FnOnce(&Hash) -> kubefim_baseline::Result<Option<Vec<u8>>> + '_ {
+        let known = self.state.get(path).and_then(|k| k.content.clone());
+        move |hash| match known {
+            Some(c) => Ok(Some(c)),
+            None => self.baseline.content(hash),
+        }
+    }
+
+    fn diff(&self, path: &Path, old: Option<&FileRecord>, now: Option<&Known>) -> Result<Option<Change>> {
+        let policy = &self.baseline.policy;
+        Ok(match (old, now) {
+            (None, None) => None,
+            (Some(o), None) => Some(Change {
+                path: path.to_owned(),
+                kind: ChangeKind::Removed,
+                changed: Vec::new(),
+                old: Some(o.clone()),
+                new: None,
+                diff: None,
+                changed_ranges: None,
+            }),
+            (o, Some(n)) => compare_with(
+                policy,
+                path.to_owned(),
+                o,
+                n.record.clone(),
+                n.content.as_deref(),
+                self.old_content(path),
+            )?,
+        })
+    }
+
+    fn rehash_and_report(
+        &mut self,
+        path: &Path,
+        ops: &[&'static str],
+        actor: Option<&Actor>,
+        time: SystemTime,
+        by: DetectedBy,
+    ) -> Result<()> {
+        let Some(now) = self.rehash_now(path) else { return Ok(()) };
+        let old = self.state.get(path).map(|k| k.record.clone());
+        let change = self.diff(path, old.as_ref(), now.as_ref())?;
+        if let Some(change) = change {
+            let line = ChangeLine {
+                change: &change,
+                renamed_to: None,
+                ops,
+                actor,
+                time,
+                baseline_match: self.baseline_match(path, now.as_ref().map(|k| &k.record)),
+                detected_by: by,
+            };
+            let json = line.json(&self.baseline.policy);
+            self.print(&json)?;
+        }
+        self.update(path, now)
+    }
+
+    /// Reports `from` renamed to `to` when that is what happened: `from` is gone, `to` is new
+    /// and is the inode `from` was. False when it is something else (then each is reported
+    /// on its own).
+    fn report_rename(&mut self, from: &Path, to: &Path, pending: &Pending) -> Result<bool> {
+        let Some(source) = self.state.get(from).map(|k| k.record.clone()) else { return Ok(false) };
+        if self.state.get(to).is_some() || std::fs::symlink_metadata(from).is_ok() {
+            return Ok(false);
+        }
+        let Some(Some(now)) = self.rehash_now(to) else { return Ok(false) };
+        if now.record.inode != source.inode || now.record.dev != source.dev {
+            return Ok(false);
+        }
+        let mut ops = pending.ops.clone();
+        if let Some(p) = self.queue.take(from) {
+            ops.extend(p.ops.into_iter().filter(|o| !pending.ops.contains(o)));
+        }
+        let rule = &self.baseline.policy.rules[usize::try_from(now.record.rule).unwrap_or(0)];
+        let change = Change {
+            path: from.to_owned(),
+            kind: ChangeKind::Modified,
+            changed: source.changed_attributes(&now.record, rule.attributes),
+            old: Some(source),
+            new: Some(now.record.clone()),
+            diff: None,
+            changed_ranges: None,
+        };
+        let line = ChangeLine {
+            change: &change,
+            renamed_to: Some(to),
+            ops: &ops,
+            actor: pending.actor.as_deref(),
+            time: pending.time,
+            baseline_match: self.baseline_match(from, None),
+            detected_by: DetectedBy::Event,
+        };
+        let json = line.json(&self.baseline.policy);
+        self.print(&json)?;
+        self.update(from, None)?;
+        self.update(to, Some(now))?;
+        Ok(true)
+    }
+
+    /// Whether `now` equals the signed baseline's record of `path` in every monitored
+    /// attribute but the ones a restore cannot bring back (times, inode number).
+    fn baseline_match(&self, path: &Path, now: Option<&FileRecord>) -> bool {
+        match (self.baseline.records.get(path_bytes(path)), now) {
+            (None, None) => true,
+            (Some(signed), Some(now)) => {
+                let rule = usize::try_from(now.rule).ok().and_then(|i| self.baseline.policy.rules.get(i));
+                let attrs: AttributeSet = rule
+                    .map(|r| r.attributes)
+                    .unwrap_or_else(AttributeSet::all)
+                    .iter()
+                    .filter(|a| !matches!(a, Attribute::Mtime | Attribute::Ctime | Attribute::Inode))
+                    .collect();
+                signed.changed_attributes(now, attrs).is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes `now` as the state of `path`: journal, indexes, kernel maps.
+    fn update(&mut self, path: &Path, now: Option<Known>) -> Result<()> {
+        let entry = journal_entry(&self.baseline, path, now.as_ref());
+        let unchanged = match (&entry, self.state.get(path)) {
+            (None, Some(k)) => self.baseline.records.get(path_bytes(path)) == Some(&k.record),
+            _ => false,
+        };
+        if !unchanged {
+            self.journal.put(path_bytes(path), entry.as_ref())?;
+            self.journal_dirty = true;
+        }
+        if let Some(known) = &now {
+            let key = key_of(&known.record);
+            self.new_inodes.remove(&key);
+            let bits = if known.record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
+            let name = path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()).unwrap_or_default();
+            if !(self.programs.watch(key, bits) && self.programs.watch_name(&name)) {
+                self.map_full();
+            }
+        }
+        self.state.set(path, now);
+        Ok(())
+    }
+
+    fn flush_journal(&mut self) -> Result<()> {
+        if self.journal_dirty {
+            self.journal.flush()?;
+            self.journal_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Rescans everything the policy names and reports what differs from the state, except
+    /// paths with pending events (their rehash reports them, with who did it).
+    fn rescan(&mut self, reason: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        let policy = self.baseline.policy.clone();
+        let skip = [self.opts.db.clone(), self.journal_path.clone()];
+        let sink = Collect::default();
+        let summary = {
+            let mut scan = Scan::whole_policy(&policy);
+            for s in &skip {
+                scan = scan.skip(s);
+            }
+            scan.run(&sink, &ScanProgress::default())
+        };
+        let entries = sink.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut changes = 0u64;
+        let now = SystemTime::now();
+        for entry in entries {
+            seen.insert(entry.path.clone());
+            if self.queue.contains(&entry.path) {
+                continue;
+            }
+            let known = Known { record: entry.record, content: entry.content };
+            let old = self.state.get(&entry.path).map(|k| k.record.clone());
+            if let Some(change) = self.diff(&entry.path, old.as_ref(), Some(&known))? {
+                changes += 1;
+                self.report_rescanned(&change, Some(&known.record), now)?;
+            }
+            self.update(&entry.path, Some(known))?;
+        }
+        let incomplete: BTreeSet<PathBuf> = summary.incomplete().map(|w| w.path.clone()).collect();
+        let gone: Vec<PathBuf> = self
+            .state
+            .iter()
+            .map(|(p, _)| p.to_owned())
+            .filter(|p| !seen.contains(p) && !self.queue.contains(p) && !incomplete.iter().any(|i| p.starts_with(i)))
+            .collect();
+        for path in gone {
+            let old = self.state.get(&path).map(|k| k.record.clone());
+            if let Some(change) = self.diff(&path, old.as_ref(), None)? {
+                changes += 1;
+                self.report_rescanned(&change, None, now)?;
+            }
+            self.update(&path, None)?;
+        }
+        let unverified: Vec<Value> =
+            summary.incomplete().map(|w| json!({"path": w.path.display().to_string(), "error": w.message})).collect();
+        self.print(&state_line(
+            "rescan",
+            json!({
+                "reason": reason,
+                "scanned": summary.entries,
+                "changes": changes,
+                "unverified": unverified,
+                "seconds": started.elapsed().as_secs_f64(),
+            }),
+        ))?;
+        self.flush_journal()
+    }
+
+    fn report_rescanned(&mut self, change: &Change, now: Option<&FileRecord>, time: SystemTime) -> Result<()> {
+        let line = ChangeLine {
+            change,
+            renamed_to: None,
+            ops: &[],
+            actor: None,
+            time,
+            baseline_match: self.baseline_match(&change.path, now),
+            detected_by: DetectedBy::Rescan,
+        };
+        let json = line.json(&self.baseline.policy);
+        self.print(&json)
+    }
+}
+
+#[derive(Default)]
+struct Collect(Mutex<Vec<ScannedEntry>>);
+
+impl ScanSink for Collect {
+    fn entry(&self, entry: ScannedEntry) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+    }
+}
