@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod watch;
+
 /// How long any single invocation of the binary may take before the test calls it a hang.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -246,6 +248,20 @@ impl Fixture {
     #[track_caller]
     pub fn new() -> Self {
         let fx = Self::bare();
+        fs::create_dir(fx.tree()).expect("create tree dir");
+        fx.keygen_into(&fx.keys());
+        fx
+    }
+
+    /// Like [`Fixture::new`], under cargo's target directory: a disk-backed file system even
+    /// where /tmp is tmpfs (which does not dirty inodes, so mmap stores would go unseen).
+    #[track_caller]
+    pub fn on_disk() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("kubefim-watch-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("create temp dir under CARGO_TARGET_TMPDIR");
+        let fx = Fixture { root };
         fs::create_dir(fx.tree()).expect("create tree dir");
         fx.keygen_into(&fx.keys());
         fx
