@@ -17,9 +17,11 @@ need_root() {
 apt_packages() {
     # b3sum and aide are the peers the tests and benchmarks compare against; bpftool,
     # fatrace, auditd, fio, podman and runc are used by the eBPF and container tests;
-    # time gives peak RSS; hyperfine runs the side-by-side benchmarks.
+    # time gives peak RSS; hyperfine runs the side-by-side benchmarks; busybox-static is
+    # the whole root file system of the test container image (no registry is reachable).
     local pkgs=(ca-certificates curl git gcc libc6-dev pkg-config make b3sum aide bpftool
-        hyperfine time file fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip)
+        hyperfine time file fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip
+        busybox-static)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

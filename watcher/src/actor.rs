@@ -80,9 +80,23 @@ pub struct Attribution {
 }
 
 impl Default for Attribution {
+    /// Attribution with the cgroup v2 hierarchy where this system mounts it
+    /// (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid systems).
     fn default() -> Self {
-        Self::new(Path::new("/sys/fs/cgroup"))
+        Self::new(&cgroup2_mount().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")))
     }
+}
+
+/// Where cgroup v2 is mounted, from /proc/self/mountinfo (`... - cgroup2 ...`).
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if !after.starts_with("cgroup2 ") {
+            return None;
+        }
+        before.split(' ').nth(4).map(PathBuf::from)
+    })
 }
 
 impl Attribution {
