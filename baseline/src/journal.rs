@@ -40,7 +40,8 @@ fn journal_err(path: &Path, e: impl std::fmt::Display) -> Error {
 impl Journal {
     /// Opens (or creates) the journal at `path` for the baseline identified by `baseline_id`.
     pub fn open(path: &Path, baseline_id: &str) -> Result<Journal> {
-        let db = sled::Config::new().path(path).open().map_err(|e| journal_err(path, e))?;
+        // A small cache: the journal holds deviations only, written as they are seen.
+        let db = sled::Config::new().path(path).cache_capacity(2 << 20).open().map_err(|e| journal_err(path, e))?;
         let observed = db.open_tree(OBSERVED_TREE).map_err(|e| journal_err(path, e))?;
         let journal = Journal { db, observed, path: path.to_owned() };
         let id = journal.db.get(BASELINE_KEY).map_err(|e| journal_err(path, e))?;

@@ -13,6 +13,9 @@ use crate::hash::Hash;
 
 /// sled's page cache: small, because records are written once and read once per run.
 const CACHE_BYTES: u64 = 32 << 20;
+/// The page cache of a store opened for reading: its entries are read once, in order (the
+/// long-running watcher keeps it open for diffs, so what it caches is what it costs).
+const READ_CACHE_BYTES: u64 = 4 << 20;
 
 /// Version byte in front of every stored content blob.
 const CONTENT_FORMAT: u8 = 1;
@@ -230,7 +233,7 @@ impl Store {
 const NO_BASELINE: &str = "no baseline database there (create one with `kubefim baseline create`)";
 
 fn open_sled(dir: &Path, shown: &Path) -> Result<sled::Db> {
-    match guarded(|| sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open()) {
+    match guarded(|| sled::Config::new().path(dir).cache_capacity(READ_CACHE_BYTES).flush_every_ms(None).open()) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(untrusted(shown, format!("corrupt database: {e}"))),
         Err(_) => Err(untrusted(shown, "corrupt database: the store failed to open it")),

@@ -3,7 +3,7 @@
 //! due, report what differs from the last known state, and keep the state, the journal and
 //! the kernel's maps current. Lost events and the rescan interval trigger full rescans.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -30,7 +30,7 @@ use crate::output::{ChangeLine, DetectedBy, Format, Printer, state_line};
 use crate::pending::{Pending, Queue};
 use crate::programs::Programs;
 use crate::resolve::{Targets, covered, dir_changes, resolve_path};
-use crate::state::{Known, State, journal_entry, key_of};
+use crate::state::{Known, State, key_of};
 
 /// How `kubefim watch` was asked to run.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ const JOURNAL_FLUSH: Duration = Duration::from_secs(1);
 /// Runs the watcher until SIGINT or SIGTERM.
 pub fn run(opts: WatchOptions) -> Result<()> {
     let key = PublicKey::load(&opts.pubkey)?;
-    let baseline = TrustedBaseline::open(&opts.db, &key)?;
+    let mut baseline = TrustedBaseline::open(&opts.db, &key)?;
     let journal_path = opts.journal.clone().unwrap_or_else(|| {
         let mut p = opts.db.clone().into_os_string();
         p.push(".journal");
@@ -67,7 +67,7 @@ pub fn run(opts: WatchOptions) -> Result<()> {
     });
     let id = format!("{}:{}", baseline.manifest.created_unix_ns, baseline.manifest.host);
     let journal = Journal::open(&journal_path, &id)?;
-    let state = State::load(&baseline, &journal)?;
+    let state = State::load(&mut baseline, &journal)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -94,6 +94,16 @@ struct Watcher {
     uring_rescan_at: Option<std::time::Instant>,
     boot_offset: Duration,
     full_map_reported: bool,
+}
+
+/// Hands memory freed after a peak (parsing kernel BTF while loading, a rescan's scratch)
+/// back to the system: the watcher runs for months, and glibc keeps freed heap otherwise.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Wall time minus boot time, to turn `bpf_ktime_get_boot_ns` into wall time.
@@ -147,10 +157,10 @@ impl Watcher {
 
     fn fill_maps(&mut self) {
         let mut entries: Vec<(InodeKey, u32, Vec<u8>)> = Vec::new();
-        for (path, known) in self.state.iter() {
-            let bits = if known.record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
+        for (path, record) in self.state.iter() {
+            let bits = if record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
             let name = path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()).unwrap_or_default();
-            entries.push((key_of(&known.record), bits, name));
+            entries.push((key_of(record), bits, name));
         }
         let roots: Vec<Vec<u8>> = self
             .baseline
@@ -190,6 +200,7 @@ impl Watcher {
 
     async fn run(&mut self) -> Result<()> {
         self.rescan("startup")?;
+        release_freed_memory();
         eprintln!("ready");
         if let Some(ready) = &self.opts.ready_file {
             std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
@@ -213,8 +224,10 @@ impl Watcher {
             tokio::select! {
                 guard = events.readable() => {
                     let mut guard = guard.map_err(|e| Error::io("polling the ring buffer", e))?;
-                    self.drain();
-                    guard.clear_ready();
+                    // Readiness is edge-triggered: only clear it once the buffer is empty.
+                    if self.drain() {
+                        guard.clear_ready();
+                    }
                 }
                 _ = sleep => {
                     self.flush_due()?;
@@ -232,27 +245,30 @@ impl Watcher {
             self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
         }
         // Report what is pending before detaching: nothing seen is dropped.
-        self.drain();
+        while !self.drain() {}
         self.flush_all()?;
         self.flush_journal()?;
         self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
         Ok(())
     }
 
-    /// Reads every event waiting in the ring buffer.
-    fn drain(&mut self) {
+    /// Reads up to a batch of events from the ring buffer; true when it is empty.
+    fn drain(&mut self) -> bool {
         let mut batch = Vec::new();
+        let mut empty = true;
         while let Some(item) = self.programs.events.next() {
             if let Some(ev) = KernelEvent::decode(&item) {
                 batch.push(ev);
             }
             if batch.len() >= 4096 {
+                empty = false;
                 break;
             }
         }
         for ev in batch {
             self.on_event(ev);
         }
+        empty
     }
 
     fn event_time(&self, boot_ns: u64) -> SystemTime {
@@ -346,7 +362,7 @@ impl Watcher {
                 "lost",
                 json!({"events": lost, "total": total, "action": "rescan of every monitored path"}),
             ))?;
-            self.drain();
+            while !self.drain() {}
             self.flush_all()?;
             self.rescan("lost events")?;
         }
@@ -422,7 +438,7 @@ impl Watcher {
     }
 
     fn old_content(&self, path: &Path) -> impl FnOnce(&Hash) -> kubefim_baseline::Result<Option<Vec<u8>>> + '_ {
-        let known = self.state.get(path).and_then(|k| k.content.clone());
+        let known = self.state.get(path).and_then(|k| k.content.cloned());
         move |hash| match known {
             Some(c) => Ok(Some(c)),
             None => self.baseline.content(hash),
@@ -525,7 +541,7 @@ impl Watcher {
     /// Whether `now` equals the signed baseline's record of `path` in every monitored
     /// attribute but the ones a restore cannot bring back (times, inode number).
     fn baseline_match(&self, path: &Path, now: Option<&FileRecord>) -> bool {
-        match (self.baseline.records.get(path_bytes(path)), now) {
+        match (self.state.signed(path), now) {
             (None, None) => true,
             (Some(signed), Some(now)) => {
                 let rule = usize::try_from(now.rule).ok().and_then(|i| self.baseline.policy.rules.get(i));
@@ -543,15 +559,7 @@ impl Watcher {
 
     /// Takes `now` as the state of `path`: journal, indexes, kernel maps.
     fn update(&mut self, path: &Path, now: Option<Known>) -> Result<()> {
-        let entry = journal_entry(&self.baseline, path, now.as_ref());
-        let unchanged = match (&entry, self.state.get(path)) {
-            (None, Some(k)) => self.baseline.records.get(path_bytes(path)) == Some(&k.record),
-            _ => false,
-        };
-        if !unchanged {
-            self.journal.put(path_bytes(path), entry.as_ref())?;
-            self.journal_dirty = true;
-        }
+        let deviated_before = self.state.journal_entry(path).is_some();
         if let Some(known) = &now {
             let key = key_of(&known.record);
             self.new_inodes.remove(&key);
@@ -562,6 +570,11 @@ impl Watcher {
             }
         }
         self.state.set(path, now);
+        let entry = self.state.journal_entry(path);
+        if deviated_before || entry.is_some() {
+            self.journal.put(path_bytes(path), entry.as_ref())?;
+            self.journal_dirty = true;
+        }
         Ok(())
     }
 
@@ -578,21 +591,22 @@ impl Watcher {
     fn rescan(&mut self, reason: &str) -> Result<()> {
         let started = std::time::Instant::now();
         let policy = self.baseline.policy.clone();
-        let skip = [self.opts.db.clone(), self.journal_path.clone()];
-        let sink = Collect::default();
-        let summary = {
-            let mut scan = Scan::whole_policy(&policy);
-            for s in &skip {
-                scan = scan.skip(s);
+        let (differing, seen, summary) = {
+            // Entries equal to the state are only counted as seen: a rescan of a large tree
+            // keeps just the paths, not every record, in memory.
+            let sink = Collect { state: &self.state, differing: Mutex::default(), seen: Mutex::default() };
+            let mut scan = Scan::whole_policy(&policy).skip(&self.opts.db).skip(&self.journal_path);
+            if let Some(ready) = &self.opts.ready_file {
+                scan = scan.skip(ready);
             }
-            scan.run(&sink, &ScanProgress::default())
+            let summary = scan.run(&sink, &ScanProgress::default());
+            let differing = sink.differing.into_inner().unwrap_or_else(|e| e.into_inner());
+            let seen = sink.seen.into_inner().unwrap_or_else(|e| e.into_inner());
+            (differing, seen, summary)
         };
-        let entries = sink.0.into_inner().unwrap_or_else(|e| e.into_inner());
-        let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
         let mut changes = 0u64;
         let now = SystemTime::now();
-        for entry in entries {
-            seen.insert(entry.path.clone());
+        for entry in differing {
             if self.queue.contains(&entry.path) {
                 continue;
             }
@@ -604,12 +618,14 @@ impl Watcher {
             }
             self.update(&entry.path, Some(known))?;
         }
-        let incomplete: BTreeSet<PathBuf> = summary.incomplete().map(|w| w.path.clone()).collect();
+        let incomplete: Vec<PathBuf> = summary.incomplete().map(|w| w.path.clone()).collect();
         let gone: Vec<PathBuf> = self
             .state
             .iter()
-            .map(|(p, _)| p.to_owned())
-            .filter(|p| !seen.contains(p) && !self.queue.contains(p) && !incomplete.iter().any(|i| p.starts_with(i)))
+            .map(|(p, _)| p)
+            .filter(|p| !seen.contains(&path_digest(p)) && !self.queue.contains(p))
+            .filter(|p| !incomplete.iter().any(|i| p.starts_with(i)))
+            .map(Path::to_owned)
             .collect();
         for path in gone {
             let old = self.state.get(&path).map(|k| k.record.clone());
@@ -631,6 +647,7 @@ impl Watcher {
                 "seconds": started.elapsed().as_secs_f64(),
             }),
         ))?;
+        release_freed_memory();
         self.flush_journal()
     }
 
@@ -649,11 +666,28 @@ impl Watcher {
     }
 }
 
-#[derive(Default)]
-struct Collect(Mutex<Vec<ScannedEntry>>);
+fn path_digest(path: &Path) -> [u8; 16] {
+    let hash = blake3::hash(path_bytes(path));
+    let mut out = [0; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
 
-impl ScanSink for Collect {
+/// What a rescan keeps: entries that differ from the state, and the paths of all.
+struct Collect<'a> {
+    state: &'a State,
+    differing: Mutex<Vec<ScannedEntry>>,
+    /// 128-bit BLAKE3 of each path seen (not the path: a rescan of a large tree should cost
+    /// little; a collision is 2^-64-unlikely for 100M paths).
+    seen: Mutex<HashSet<[u8; 16]>>,
+}
+
+impl ScanSink for Collect<'_> {
     fn entry(&self, entry: ScannedEntry) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(path_digest(&entry.path));
+        if self.state.get(&entry.path).is_some_and(|k| *k.record == entry.record) {
+            return;
+        }
+        self.differing.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
     }
 }
