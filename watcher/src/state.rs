@@ -222,12 +222,9 @@ impl State {
     /// baseline.
     pub fn journal_entry(&self, path: &Path) -> Option<Observed> {
         let bytes = path_bytes(path);
-        match self.overlay.get(bytes) {
-            None => None,
-            Some(now) => Some(Observed {
-                record: now.as_ref().map(|k| k.record.clone()),
-                content: now.as_ref().and_then(|k| k.content.clone()),
-            }),
-        }
+        self.overlay.get(bytes).map(|now| Observed {
+            record: now.as_ref().map(|k| k.record.clone()),
+            content: now.as_ref().and_then(|k| k.content.clone()),
+        })
     }
 }
