@@ -87,6 +87,9 @@ enum Command {
         /// The journal of observed deviations (default: the database path + ".journal").
         #[arg(long)]
         journal: Option<PathBuf>,
+        /// Ring buffer size in KiB (a power of two >= 4; default 8192). For tests of overflow.
+        #[arg(long, hide = true, value_parser = parse_ring_kib)]
+        ring_buffer_kib: Option<u32>,
     },
     /// Print the embedded default policy.
     DefaultPolicy,
@@ -177,6 +180,13 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_ring_kib(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(k) if k >= 4 && k <= (1 << 20) && k.is_power_of_two() => Ok(k),
+        _ => Err("a power of two between 4 and 1048576 (KiB)".into()),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ShowFormat {
     Human,
@@ -199,14 +209,23 @@ fn main() -> ExitCode {
         Command::Run { state_dir, policy, format } => {
             commands::run(&state_dir, policy.as_deref(), format == VerifyFormat::Json)
         }
-        Command::Watch { db, pubkey, format, rescan_interval, ready_file, journal } => {
+        Command::Watch { db, pubkey, format, rescan_interval, ready_file, journal, ring_buffer_kib } => {
             let format = match format {
                 Some(WatchFormat::Jsonl) => kubefim_watcher::Format::Jsonl,
                 Some(WatchFormat::Human) => kubefim_watcher::Format::Human,
                 None if std::io::IsTerminal::is_terminal(&std::io::stdout()) => kubefim_watcher::Format::Human,
                 None => kubefim_watcher::Format::Jsonl,
             };
-            commands::watch(kubefim_watcher::WatchOptions { db, pubkey, format, rescan_interval, ready_file, journal })
+            let ring_buffer_bytes = ring_buffer_kib.map(|k| k * 1024);
+            commands::watch(kubefim_watcher::WatchOptions {
+                db,
+                pubkey,
+                format,
+                rescan_interval,
+                ready_file,
+                journal,
+                ring_buffer_bytes,
+            })
         }
         Command::DefaultPolicy => {
             print!("{}", kubefim_baseline::policy::DEFAULT_POLICY);

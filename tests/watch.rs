@@ -5,10 +5,16 @@
 
 mod common;
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
 
-use common::watch::{REPORT_WITHIN, Watcher, names, python, s, sh};
-use common::{Fixture, is_root};
+use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s};
+use common::{Fixture, Rule, is_root};
+use serde_json::{Value, json};
 
 #[track_caller]
 fn root_or_skip() -> bool {
@@ -18,6 +24,99 @@ fn root_or_skip() -> bool {
         return false;
     }
     true
+}
+
+/// The content most tests start from (11 bytes).
+const ORIGINAL: &str = "alpha\nbeta\n";
+
+/// `path` as a Python string literal.
+fn lit(path: &Path) -> String {
+    format!("{:?}", s(path))
+}
+
+/// Writes a fixture file and makes it durable before the baseline: dirty pages left to the
+/// kernel's flusher would be written back mid-test, by a kernel thread (see
+/// [`writeback_by_the_kernel_flusher_is_not_reported_as_a_store`]).
+#[track_caller]
+fn put(path: &Path, content: &str) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(content.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A fixture whose tree holds `name` with [`ORIGINAL`], a watcher on it, and the file's path.
+/// Each test uses a name of its own: a path event about a same-named file elsewhere (a
+/// parallel test's cleanup) may have the watcher consider this one too, by design when the
+/// actor is gone before its path is resolved.
+#[track_caller]
+fn one_file(name: &str) -> (Fixture, Watcher, PathBuf) {
+    let fx = Fixture::on_disk();
+    put(&fx.t(name), ORIGINAL);
+    let w = Watcher::start(&fx, None);
+    let path = fx.t(name);
+    (fx, w, path)
+}
+
+/// Panics unless the report has this kind, these changed attributes and these ops.
+#[track_caller]
+fn assert_change(line: &Value, kind: &str, changed: &[&str], ops: &[&str]) {
+    assert_eq!(line["kind"], kind, "kind of {line:#}");
+    assert_eq!(names(line, "changed"), changed, "changed of {line:#}");
+    assert_eq!(names(line, "ops"), ops, "ops of {line:#}");
+}
+
+/// Panics unless `line` is an event report of the child `pid` named `comm`, on the host.
+#[track_caller]
+fn assert_actor(line: &Value, pid: u32, comm: &str) {
+    assert_eq!(line["process"]["pid"], pid, "not attributed to the child: {line:#}");
+    assert_eq!(line["process"]["comm"], comm, "{line:#}");
+    assert_eq!(line["detected_by"], "event", "{line:#}");
+    assert!(line["container"].is_null(), "a host process has no container: {line:#}");
+}
+
+/// The report's diff text; panics if there is none.
+#[track_caller]
+fn diff_of(line: &Value) -> &str {
+    line["diff"].as_str().unwrap_or_else(|| panic!("no diff in {line:#}"))
+}
+
+/// The `n`-th (from 0) change report for `path`, waiting up to [`REPORT_WITHIN`].
+#[track_caller]
+fn nth_change_for(w: &Watcher, path: &Path, n: usize) -> Value {
+    let deadline = Instant::now() + REPORT_WITHIN;
+    loop {
+        let changes = w.changes_for(path);
+        if let Some(line) = changes.get(n) {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report #{n} of {} within {REPORT_WITHIN:?}\n{}",
+            path.display(),
+            w.dump()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Panics if, within a second, the watcher reports any change at all or prints any line
+/// that names `outside` (where the child worked, outside the monitored tree).
+#[track_caller]
+fn assert_quiet_about(w: &Watcher, outside: &Path) {
+    w.assert_nothing_under(outside, Duration::from_secs(1));
+    let changes: Vec<Value> = w.lines().into_iter().filter(is_change).collect();
+    assert!(changes.is_empty(), "changes reported though nothing monitored changed: {changes:#?}\n{}", w.dump());
+    let needle = s(outside);
+    let mentions: Vec<Value> = w.lines().into_iter().filter(|l| l.to_string().contains(&needle)).collect();
+    assert!(mentions.is_empty(), "lines that name {needle}: {mentions:#?}\n{}", w.dump());
+}
+
+/// Sets a file's mtime to `secs` after the epoch.
+#[track_caller]
+fn set_mtime(path: &Path, secs: u64) {
+    let f = File::options().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+    f.sync_all().unwrap();
 }
 
 #[test]
@@ -38,7 +137,552 @@ fn append_with_write_reports_content_diff_and_the_writer() {
     assert_eq!(line["baseline_match"], false);
     assert!(line["diff"].as_str().unwrap().contains("\n+gamma\n"), "{line:#}");
     assert!(line["container"].is_null());
-    let _ = REPORT_WITHIN;
-    let _ = sh;
+    assert!(w.stop().success());
+}
+
+#[test]
+fn overwrite_in_place_with_write_keeps_the_size() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("overwrite.conf");
+    let pid =
+        python(&format!("import os; fd = os.open({}, os.O_WRONLY); os.write(fd, b'ALPHA'); os.close(fd)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "mtime", "ctime"], &["write"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 11, "{line:#}");
+    assert!(diff_of(&line).contains("\n-alpha\n+ALPHA\n"), "{line:#}");
+    assert_eq!(line["changed_ranges"], json!([[0, 11]]), "{line:#}");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn pwrite_in_the_middle_reports_the_changed_line() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("pwrite.conf");
+    let pid =
+        python(&format!("import os; fd = os.open({}, os.O_WRONLY); os.pwrite(fd, b'BETA', 6); os.close(fd)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "mtime", "ctime"], &["write"]);
+    assert_actor(&line, pid, "python3");
+    assert!(diff_of(&line).contains("\n alpha\n-beta\n+BETA\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn writev_append_reports_the_new_line() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("writev.conf");
+    let pid = python(&format!(
+        "import os; fd = os.open({}, os.O_WRONLY | os.O_APPEND); os.writev(fd, [b'gam', b'ma\\n']); os.close(fd)",
+        lit(&p)
+    ));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["write"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 17, "{line:#}");
+    assert!(diff_of(&line).contains("\n beta\n+gamma\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn open_with_o_trunc_then_write_reports_truncate_and_write() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("otrunc.conf");
+    let pid = python(&format!("f = open({}, 'w'); f.write('fresh\\n'); f.close()", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate", "write"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 6, "{line:#}");
+    assert!(diff_of(&line).contains("\n-alpha\n-beta\n+fresh\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn truncate_by_path_reports_the_cut_line() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("truncate.conf");
+    let pid = python(&format!("import os; os.truncate({}, 6)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 6, "{line:#}");
+    assert!(diff_of(&line).contains("\n alpha\n-beta\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn ftruncate_reports_truncate() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("ftruncate.conf");
+    let pid = python(&format!("import os; fd = os.open({}, os.O_WRONLY); os.ftruncate(fd, 6); os.close(fd)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 6, "{line:#}");
+    assert!(diff_of(&line).contains("\n alpha\n-beta\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn fallocate_growing_the_file_reports_fallocate_and_no_diff_of_the_zeros() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("fallocate.conf");
+    let pid = python(&format!(
+        "import os; fd = os.open({}, os.O_WRONLY); os.posix_fallocate(fd, 0, 8192); os.close(fd)",
+        lit(&p)
+    ));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["fallocate"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 8192, "{line:#}");
+    // NUL bytes are not text: no diff, but the changed range is there.
+    assert!(line["diff"].is_null(), "{line:#}");
+    assert_eq!(line["changed_ranges"], json!([[0, 8192]]), "{line:#}");
+    assert!(w.stop().success());
+}
+
+/// Python: `libc` through ctypes with `mmap`, `msync` and `munmap` typed for 64-bit pointers.
+const CTYPES_MMAP: &str = "import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+";
+
+#[test]
+fn store_through_a_shared_mapping_after_close_reports_mmap() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("mmap.conf");
+    // ctypes, not Python's mmap module: that one keeps a dup of the fd open.
+    let code = format!(
+        "{CTYPES_MMAP}fd = os.open({}, os.O_RDWR)
+addr = libc.mmap(None, 11, 3, 1, fd, 0)
+assert addr is not None and addr != ctypes.c_void_p(-1).value, ctypes.get_errno()
+os.close(fd)
+time.sleep(0.3)
+ctypes.memmove(addr, b'ALPHA', 5)
+assert libc.msync(addr, 11, 4) == 0, ctypes.get_errno()
+assert libc.munmap(addr, 11) == 0
+",
+        lit(&p)
+    );
+    let pid = python(&code);
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "mtime", "ctime"], &["mmap"]);
+    assert_actor(&line, pid, "python3");
+    assert!(diff_of(&line).contains("\n-alpha\n+ALPHA\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn io_uring_write_by_fio_reports_io_uring_and_the_job() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let p = fx.t("uring.data");
+    let text: String = (0..5000).map(|i| format!("line {i:05} of text ok\n")).collect();
+    put(&p, &text[..100 * 1024]);
+    let w = Watcher::start(&fx, None);
+    let mut fio = Command::new("fio");
+    fio.args(["--name=w", "--ioengine=io_uring", "--rw=write", "--bs=4k", "--size=8k"])
+        .arg(format!("--filename={}", s(&p)));
+    let pid = run_child(fio);
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "mtime", "ctime"], &["io_uring"]);
+    // fio runs its job in a process of its own, forked by the one we started.
+    assert_eq!(line["process"]["ppid"], pid, "not fio's job: {line:#}");
+    assert_eq!(line["process"]["comm"], "fio", "{line:#}");
+    assert_eq!(line["detected_by"], "event", "{line:#}");
+    assert_eq!(line["new"]["size"], 100 * 1024, "{line:#}");
+    // fio's buffers are not text; its 8 KiB are in the first 64 KiB range.
+    assert!(line["diff"].is_null(), "{line:#}");
+    assert_eq!(line["changed_ranges"], json!([[0, 65536]]), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn rename_from_an_unmonitored_sibling_over_a_monitored_file_reports_a_new_inode() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    fs::create_dir(fx.path("outside")).unwrap();
+    let p = fx.t("replaced.conf");
+    put(&p, ORIGINAL);
+    let w = Watcher::start(&fx, None);
+    let incoming = fx.path("outside/incoming.conf");
+    let pid = python(&format!(
+        "import os\nwith open({src}, 'w') as f: f.write('replaced\\n')\nos.rename({src}, {dst})",
+        src = lit(&incoming),
+        dst = lit(&p)
+    ));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime", "inode"], &["rename"]);
+    assert_actor(&line, pid, "python3");
+    assert!(diff_of(&line).contains("\n-alpha\n-beta\n+replaced\n"), "{line:#}");
+    assert_eq!(w.changes_for(&incoming), Vec::<Value>::new(), "the source is not monitored\n{}", w.dump());
+    assert!(w.stop().success());
+}
+
+#[test]
+fn rename_exchange_of_two_monitored_files_reports_both() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let (a, b) = (fx.t("xchg-a.conf"), fx.t("xchg-b.conf"));
+    put(&a, "apple\n");
+    put(&b, "banana!\n");
+    // Distinct mtimes whatever the timestamp granularity.
+    set_mtime(&a, 1_000_000_000);
+    set_mtime(&b, 1_100_000_000);
+    let w = Watcher::start(&fx, None);
+    let pid = python(&format!(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+         r = libc.renameat2(-100, os.fsencode({a}), -100, os.fsencode({b}), 2)  # RENAME_EXCHANGE\n\
+         assert r == 0, os.strerror(ctypes.get_errno())",
+        a = lit(&a),
+        b = lit(&b)
+    ));
+    let la = w.change_for(&a);
+    let lb = w.change_for(&b);
+    for (line, before, after) in [(&la, "apple", "banana!"), (&lb, "banana!", "apple")] {
+        assert_change(line, "modified", &["content", "size", "mtime", "ctime", "inode"], &["rename"]);
+        assert_actor(line, pid, "python3");
+        assert!(diff_of(line).contains(&format!("\n-{before}\n+{after}\n")), "{line:#}");
+    }
+    assert_eq!(la["new"]["inode"], lb["old"]["inode"], "a is b's inode now:\n{la:#}\n{lb:#}");
+    assert_eq!(lb["new"]["inode"], la["old"]["inode"], "b is a's inode now:\n{la:#}\n{lb:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn unlink_reports_removed() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("unlink.conf");
+    let pid = python(&format!("import os; os.unlink({})", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "removed", &[], &["unlink"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["old"]["size"], 11, "{line:#}");
+    assert!(line["new"].is_null(), "{line:#}");
+    assert!(line["diff"].is_null(), "{line:#}");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn hardlink_from_outside_into_a_monitored_dir_reports_added() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    fs::create_dir(fx.path("outside")).unwrap();
+    let src = fx.path("outside/hardlink-src.conf");
+    put(&src, "shared\n");
+    let w = Watcher::start(&fx, None);
+    let linked = fx.t("hardlink.conf");
+    let pid = python(&format!("import os; os.link({}, {})", lit(&src), lit(&linked)));
+    let line = w.change_for(&linked);
+    assert_change(&line, "added", &[], &["link"]);
+    assert_actor(&line, pid, "python3");
+    assert!(line["old"].is_null(), "{line:#}");
+    assert_eq!(line["new"]["type"], "file", "{line:#}");
+    assert_eq!(line["new"]["nlink"], 2, "{line:#}");
+    assert_eq!(line["new"]["size"], 7, "{line:#}");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn symlink_swapped_by_rename_reports_the_new_target() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    put(&fx.t("swap-a.conf"), "apple\n");
+    put(&fx.t("swap-b.conf"), "berry\n");
+    let link = fx.t("swap.link");
+    std::os::unix::fs::symlink("swap-a.conf", &link).unwrap();
+    let w = Watcher::start(&fx, None);
+    let tmp = fx.t("swap.link.tmp");
+    let pid = python(&format!(
+        "import os; os.symlink('swap-b.conf', {tmp}); os.rename({tmp}, {link})",
+        tmp = lit(&tmp),
+        link = lit(&link)
+    ));
+    let line = w.change_for(&link);
+    // Both targets are 11 bytes: the size stays.
+    assert_change(&line, "modified", &["mtime", "ctime", "inode", "link_target"], &["rename"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["old"]["link_target"], "swap-a.conf", "{line:#}");
+    assert_eq!(line["new"]["link_target"], "swap-b.conf", "{line:#}");
+    assert_eq!(line["new"]["type"], "symlink", "{line:#}");
+    assert!(line["diff"].is_null(), "{line:#}");
+    assert_eq!(w.changes_for(&tmp), Vec::<Value>::new(), "the temporary name came and went\n{}", w.dump());
+    assert!(w.stop().success());
+}
+
+#[test]
+fn chmod_reports_mode() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("chmod.conf");
+    let pid = python(&format!("import os; os.chmod({}, 0o600)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["mode", "ctime"], &["chmod"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["old"]["mode"], 0o644, "{line:#}");
+    assert_eq!(line["new"]["mode"], 0o600, "{line:#}");
+    assert!(line["diff"].is_null(), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn chown_reports_uid_and_gid() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("chown.conf");
+    let pid = python(&format!("import os; os.chown({}, 1, 1)", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["uid", "gid", "ctime"], &["chown"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!((&line["new"]["uid"], &line["new"]["gid"]), (&json!(1), &json!(1)), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn setxattr_reports_xattrs() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("setxattr.conf");
+    let pid = python(&format!("import os; os.setxattr({}, 'user.test', b'on')", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["ctime", "xattrs"], &["setxattr"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["old"]["xattrs"], json!({}), "{line:#}");
+    assert_eq!(line["new"]["xattrs"], json!({"user.test": "on"}), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn utimensat_with_explicit_times_reports_mtime() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("utime.conf");
+    let when: u64 = 1_500_000_000_123_456_789;
+    let pid = python(&format!("import os; os.utime({}, ns=({when}, {when}))", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["mtime", "ctime"], &["utimes"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["mtime"], when, "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn new_file_in_a_monitored_dir_reports_added_with_create() {
+    if !root_or_skip() {
+        return;
+    }
+    let (fx, w, _) = one_file("create-other.conf");
+    let p = fx.t("created.conf");
+    let pid = python(&format!("f = open({}, 'w'); f.write('hello\\n'); f.close()", lit(&p)));
+    let line = w.change_for(&p);
+    assert_change(&line, "added", &[], &["create", "write"]);
+    assert_actor(&line, pid, "python3");
+    assert!(line["old"].is_null(), "{line:#}");
+    assert_eq!(line["new"]["type"], "file", "{line:#}");
+    assert_eq!(line["new"]["size"], 6, "{line:#}");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    assert!(w.stop().success());
+}
+
+/// A fixture with `name` in the tree and, in the unmonitored sibling `outside/`, a file of
+/// the same name (the kernel's name filter lets its path events through) and others.
+#[track_caller]
+fn outside_fixture(name: &str) -> (Fixture, Watcher, PathBuf) {
+    let fx = Fixture::on_disk();
+    put(&fx.t(name), ORIGINAL);
+    let out = fx.path("outside");
+    fs::create_dir(&out).unwrap();
+    for file in [name, "data.txt", "gone.txt", "old.txt"] {
+        put(&out.join(file), ORIGINAL);
+    }
+    let w = Watcher::start(&fx, None);
+    (fx, w, out)
+}
+
+#[test]
+fn fd_operations_outside_the_tree_report_nothing() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, out) = outside_fixture("outside-fd.conf");
+    let code = format!(
+        "{CTYPES_MMAP}same, data = {same}, {data}
+fd = os.open(same, os.O_WRONLY | os.O_APPEND); os.write(fd, b'gamma\\n'); os.close(fd)
+fd = os.open(same, os.O_WRONLY); os.pwrite(fd, b'BETA', 6); os.writev(fd, [b'AL', b'PHA']); os.close(fd)
+f = open(data, 'w'); f.write('fresh\\n'); f.close()
+fd = os.open(data, os.O_RDWR); os.ftruncate(fd, 2); os.posix_fallocate(fd, 0, 8192)
+os.fchmod(fd, 0o600); os.fchown(fd, 1, 1); os.setxattr(fd, 'user.test', b'on'); os.utime(fd, ns=(1, 1))
+addr = libc.mmap(None, 4096, 3, 1, fd, 0); os.close(fd)
+time.sleep(0.3); ctypes.memmove(addr, b'stored', 6); assert libc.msync(addr, 4096, 4) == 0
+f = open({new}, 'w'); f.write('new\\n'); f.close()
+",
+        same = lit(&out.join("outside-fd.conf")),
+        data = lit(&out.join("data.txt")),
+        new = lit(&out.join("new.txt")),
+    );
+    python(&code);
+    assert_quiet_about(&w, &out);
+    assert!(w.stop().success());
+}
+
+#[test]
+fn path_operations_outside_the_tree_report_nothing() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, out) = outside_fixture("outside-path.conf");
+    let code = format!(
+        "import os
+same, data = {same}, {data}
+os.truncate(same, 6); os.chmod(same, 0o600); os.chown(same, 1, 1); os.setxattr(same, 'user.test', b'on')
+os.utime(same, ns=(1, 1)); os.link(same, {hard}); os.symlink('data.txt', {sym})
+os.rename({old}, data); os.unlink({gone}); os.mkdir({dir}); os.rmdir({dir})
+",
+        same = lit(&out.join("outside-path.conf")),
+        data = lit(&out.join("data.txt")),
+        hard = lit(&out.join("hard.txt")),
+        sym = lit(&out.join("sym")),
+        old = lit(&out.join("old.txt")),
+        gone = lit(&out.join("gone.txt")),
+        dir = lit(&out.join("dir")),
+    );
+    python(&code);
+    assert_quiet_about(&w, &out);
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_same_named_file_outside_the_tree_adds_nothing_to_a_report() {
+    if !root_or_skip() {
+        return;
+    }
+    // The unlink's path names a directory the actor (alive) resolves, and it is not
+    // monitored: the monitored file of the same name has nothing to do with it.
+    let (fx, w, out) = outside_fixture("same-name.conf");
+    let p = fx.t("same-name.conf");
+    let pid =
+        python(&format!("import os; os.chmod({}, 0o600); os.unlink({})", lit(&p), lit(&out.join("same-name.conf"))));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["mode", "ctime"], &["chmod"]);
+    assert_actor(&line, pid, "python3");
+    w.assert_nothing_under(&out, Duration::from_millis(500));
+    assert!(w.stop().success());
+}
+
+#[test]
+fn writeback_by_the_kernel_flusher_is_not_reported_as_a_store() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("writeback.conf");
+    // The append needs a new block (delayed allocation); syncfs(2) has the flusher, a kernel
+    // thread, write it back, and allocating the block dirties the inode in that thread: no
+    // store through a mapping. Empty writes until syncfs returns keep the path's events
+    // going, so the writeback lands in the same report whatever the load.
+    let code = format!(
+        "import ctypes, os, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open({}, os.O_WRONLY | os.O_APPEND)
+os.write(fd, b'gamma\\n' * 1000)
+done = []
+t = threading.Thread(target=lambda: done.append(libc.syncfs(fd)))
+t.start()
+while t.is_alive():
+    os.write(fd, b'')
+    time.sleep(0.01)
+assert done == [0], done
+os.close(fd)
+",
+        lit(&p)
+    );
+    let pid = python(&code);
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["write"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["new"]["size"], 6011, "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn writing_the_original_bytes_back_reports_baseline_match() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, p) = one_file("restore.conf");
+    let first = python(&format!("f = open({}, 'w'); f.write('changed\\n'); f.close()", lit(&p)));
+    let line = nth_change_for(&w, &p, 0);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate", "write"]);
+    assert_actor(&line, first, "python3");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    let second = python(&format!("f = open({}, 'w'); f.write({ORIGINAL:?}); f.close()", lit(&p)));
+    let line = nth_change_for(&w, &p, 1);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate", "write"]);
+    assert_actor(&line, second, "python3");
+    assert_eq!(line["baseline_match"], true, "{line:#}");
+    assert_eq!((&line["old"]["size"], &line["new"]["size"]), (&json!(8), &json!(11)), "{line:#}");
+    assert!(diff_of(&line).contains("\n-changed\n+alpha\n+beta\n"), "{line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn secret_rule_reports_the_change_without_content() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let p = fx.t("secret.token");
+    put(&p, "password=hunter2\n");
+    // The new value comes from a file outside the tree, so the child's command line (which
+    // the report carries) does not hold it either.
+    let src = fx.path("new-token");
+    put(&src, "password=correct-horse\n");
+    let w = Watcher::start(&fx, Some(&[Rule::new(fx.tree()).diff().secret()]));
+    let pid = python(&format!("f = open({}, 'w'); f.write(open({}).read()); f.close()", lit(&p), lit(&src)));
+    let line = w.change_for(&p);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate", "write"]);
+    assert_actor(&line, pid, "python3");
+    assert!(line["diff"].is_null(), "a secret's diff was printed: {line:#}");
+    let out = w.dump();
+    for word in ["hunter2", "correct-horse", "password"] {
+        assert!(!out.contains(word), "{word:?} printed for a secret\n{out}");
+    }
     assert!(w.stop().success());
 }

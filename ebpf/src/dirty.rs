@@ -16,7 +16,7 @@ use aya_ebpf::programs::RawTracePointContext;
 use kubefim_common::{EVENT_URING_PATH_OP, EventHeader, Op, WATCH_FILE};
 
 use crate::emit::{active, fill_header, inode_event, lost, watched};
-use crate::kernel::{current_task, file_key, file_of_fd, inode_key, read};
+use crate::kernel::{PF_KTHREAD, current_task, file_key, file_of_fd, inode_key, read};
 use crate::{EVENTS, OPENS};
 
 #[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
@@ -29,11 +29,18 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     if unsafe { OPENS.get(pid_tgid as u32) }.is_some() {
         return 0;
     }
+    let task = current_task();
+    // The flusher (a kernel thread) dirties inodes while it writes back what a process
+    // wrote earlier (ext4 allocates delayed blocks then): that process's write was reported.
+    let task_flags: u32 = read(task, cfg.offsets.task_flags).unwrap_or(0);
+    if task_flags & PF_KTHREAD != 0 {
+        return 0;
+    }
     let Some(key) = inode_key(&cfg, inode) else { return 0 };
     if watched(&key) & WATCH_FILE == 0 {
         return 0;
     }
-    inode_event(&cfg, current_task(), pid_tgid, Op::Dirty as u32, 0, flags as u32, key);
+    inode_event(&cfg, task, pid_tgid, Op::Dirty as u32, 0, flags as u32, key);
     0
 }
 

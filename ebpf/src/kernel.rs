@@ -9,6 +9,8 @@ use kubefim_common::{Config, InodeKey};
 pub const FMODE_WRITE: u32 = 0x2;
 /// `PF_IO_WORKER` (include/linux/sched.h, 6.18): the task is an io_uring worker thread.
 pub const PF_IO_WORKER: u32 = 0x10;
+/// `PF_KTHREAD` (include/linux/sched.h, 6.18): a kernel thread (the writeback flusher).
+pub const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[inline(always)]
 pub fn read<T>(base: u64, offset: u32) -> Option<T> {

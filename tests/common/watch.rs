@@ -91,14 +91,18 @@ impl Watcher {
         });
         let mut w = Watcher { child: Some(child), lines, raw, stderr };
         let deadline = Instant::now() + READY_WITHIN;
-        while !ready.exists() {
+        // Both the file and the "ready" line on stderr (read by a thread that may lag).
+        while !(ready.exists() && w.stderr.lock().unwrap().contains("ready")) {
             if let Some(status) = w.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("kubefim watch exited before it was ready: {status}\n{}", w.dump());
             }
-            assert!(Instant::now() < deadline, "kubefim watch not ready within {READY_WITHIN:?}\n{}", w.dump());
+            assert!(
+                Instant::now() < deadline,
+                "kubefim watch not ready (ready file and \"ready\" on stderr) within {READY_WITHIN:?}\n{}",
+                w.dump()
+            );
             thread::sleep(Duration::from_millis(20));
         }
-        assert!(w.stderr.lock().unwrap().contains("ready"), "no \"ready\" on stderr\n{}", w.dump());
         w
     }
 

@@ -73,18 +73,21 @@ where
 impl Programs {
     /// Loads the programs for a watcher of `pid`, with room for `capacity` watched inodes
     /// and `names` monitored names, and attaches them.
-    pub fn load(pid: u32, capacity: u32, names: u32) -> Result<Programs> {
+    pub fn load(pid: u32, capacity: u32, names: u32, ring_bytes: Option<u32>) -> Result<Programs> {
         if OBJECT.is_empty() {
             return Err(Error::NotBuilt);
         }
         let btf = KernelBtf::from_sys_fs()?;
         let config = Config { self_pid: pid, ready: 1, offsets: offsets(&btf)? };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(maps::CONFIG, &config, true)
             .map_max_entries(maps::WATCHED, capacity)
-            .map_max_entries(maps::NAMES, names)
-            .load(OBJECT)
-            .map_err(Error::Load)?;
+            .map_max_entries(maps::NAMES, names);
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries(maps::EVENTS, bytes);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(Error::Load)?;
         let available = available_syscall_tracepoints();
         if available.is_empty() {
             return Err(Error::Tracefs);

@@ -101,12 +101,12 @@ pub fn resolve_path(
     } else {
         PathBuf::from(format!("/proc/{pid}/fd/{dirfd}"))
     };
-    let mut resolved = false;
     if let Some(dir_fd) = open_below(&base, parent_rel, absolute) {
+        // The actor's directory, as it sees it: exactly what the path names. If it is not a
+        // monitored one, the path is not monitored, whatever names match.
         if let Some(key) = key_of_fd(&dir_fd)
             && let Some(dir) = state.dir_of_inode(&key)
         {
-            resolved = true;
             into(out, policy, &dir, name);
         }
         // The directory as this process sees it: right for actors that share our root and
@@ -114,12 +114,8 @@ pub fn resolve_path(
         if let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
             && seen.is_absolute()
         {
-            let before = out.paths.len();
             into(out, policy, &seen, name);
-            resolved |= out.paths.len() > before;
         }
-    }
-    if resolved {
         return;
     }
     // The actor is gone (or its view of the path is not ours): fall back on what the kernel

@@ -47,6 +47,9 @@ pub struct WatchOptions {
     pub ready_file: Option<PathBuf>,
     /// The journal (default: beside the database, `<db>.journal`).
     pub journal: Option<PathBuf>,
+    /// Ring buffer size in bytes (a power of two, at least a page); default 8 MiB. Small
+    /// sizes exist to test that overflow turns into a rescan.
+    pub ring_buffer_bytes: Option<u32>,
 }
 
 /// How often the kernel's lost-event counter is read.
@@ -126,7 +129,7 @@ impl Watcher {
         let entries = u32::try_from(state.len()).unwrap_or(u32::MAX);
         // Room for the baseline, what gets created while watching, and renames' new inodes.
         let capacity = entries.saturating_mul(2).max(1 << 16);
-        let programs = Programs::load(std::process::id(), capacity, capacity)?;
+        let programs = Programs::load(std::process::id(), capacity, capacity, opts.ring_buffer_bytes)?;
         let mut w = Watcher {
             printer: Printer::new(opts.format),
             opts,
