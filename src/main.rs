@@ -182,7 +182,7 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
 
 fn parse_ring_kib(text: &str) -> Result<u32, String> {
     match text.parse::<u32>() {
-        Ok(k) if k >= 4 && k <= (1 << 20) && k.is_power_of_two() => Ok(k),
+        Ok(k) if (4..=(1 << 20)).contains(&k) && k.is_power_of_two() => Ok(k),
         _ => Err("a power of two between 4 and 1048576 (KiB)".into()),
     }
 }
