@@ -686,3 +686,46 @@ fn secret_rule_reports_the_change_without_content() {
     }
     assert!(w.stop().success());
 }
+
+/// The BLAKE3 of a file, as b3sum prints it.
+fn b3(path: &Path) -> String {
+    let out = Command::new("b3sum").arg("--no-names").arg(path).output().expect("run b3sum");
+    assert!(out.status.success(), "b3sum {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn ring_buffer_overflow_is_reported_as_lost_and_a_rescan_finds_every_change() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let files: Vec<PathBuf> = (0..200).map(|i| fx.t(format!("lost-{i:03}.txt"))).collect();
+    for f in &files {
+        put(f, "original\n");
+    }
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree()).diff()]));
+    // One page of ring buffer: a burst of writes cannot fit, so the kernel side counts
+    // what it drops and the watcher must rescan.
+    let w = Watcher::start_on(&fx, &["--ring-buffer-kib", "4"]);
+    let list: Vec<String> = files.iter().map(|f| s(f)).collect();
+    python(&format!(
+        "import os\nfiles = {list:?}\nfor round in range(20):\n    for f in files:\n        fd = os.open(f, os.O_WRONLY | os.O_APPEND)\n        os.write(fd, b'round %d\\n' % round)\n        os.close(fd)\n"
+    ));
+    let lost = w.wait_for("a lost line", Duration::from_secs(10), |l| l["kind"] == "lost");
+    assert!(lost["events"].as_u64().unwrap() > 0, "{lost:#}");
+    w.wait_for("the rescan after lost events", Duration::from_secs(30), |l| {
+        l["kind"] == "rescan" && l["reason"] == "lost events"
+    });
+    // Settle: the rehashes of what did arrive, and any later rescan.
+    thread::sleep(Duration::from_secs(2));
+    let lines = w.lines();
+    for f in &files {
+        let now = b3(f);
+        let reported = lines.iter().filter(|l| is_change(l) && l["path"] == s(f).as_str()).last();
+        let reported =
+            reported.unwrap_or_else(|| panic!("{} changed and was never reported\n{}", f.display(), w.dump()));
+        assert_eq!(reported["new"]["hash"], now.as_str(), "last report of {} is not its final state", f.display());
+    }
+    assert!(w.stop().success());
+}
