@@ -722,7 +722,7 @@ fn ring_buffer_overflow_is_reported_as_lost_and_a_rescan_finds_every_change() {
     let lines = w.lines();
     for f in &files {
         let now = b3(f);
-        let reported = lines.iter().filter(|l| is_change(l) && l["path"] == s(f).as_str()).last();
+        let reported = lines.iter().rfind(|l| is_change(l) && l["path"] == s(f).as_str());
         let reported =
             reported.unwrap_or_else(|| panic!("{} changed and was never reported\n{}", f.display(), w.dump()));
         assert_eq!(reported["new"]["hash"], now.as_str(), "last report of {} is not its final state", f.display());

@@ -209,6 +209,11 @@ pub struct Config {
     pub self_pid: u32,
     /// Non-zero once the watcher filled it in (programs stay silent otherwise).
     pub ready: u32,
+    /// `I_DIRTY_PAGES` of this kernel (renumbered in 6.12): only page dirtying is a store;
+    /// timestamp-only dirtying (a read updating atime) is not.
+    pub dirty_pages: u32,
+    /// Padding, zero.
+    pub _pad: u32,
     /// Offsets, in bytes.
     pub offsets: Offsets,
 }
@@ -294,7 +299,7 @@ pub const fn name_hash(name: &[u8]) -> u64 {
 const _: () = assert!(core::mem::size_of::<InodeKey>() == 16);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 136);
 const _: () = assert!(core::mem::size_of::<PathEvent>() == 136 + 2 * PATH_CAP);
-const _: () = assert!(core::mem::size_of::<Config>() == 8 + 19 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 19 * 4);
 
 #[cfg(feature = "user")]
 mod user {

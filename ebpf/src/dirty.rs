@@ -29,6 +29,11 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     if unsafe { OPENS.get(pid_tgid as u32) }.is_some() {
         return 0;
     }
+    // Timestamp-only dirtying (atime of a read, a chmod's ctime) is not a store; the syscall
+    // hooks see those changes.
+    if flags as u32 & cfg.dirty_pages == 0 {
+        return 0;
+    }
     let task = current_task();
     // The flusher (a kernel thread) dirties inodes while it writes back what a process
     // wrote earlier (ext4 allocates delayed blocks then): that process's write was reported.

@@ -30,6 +30,8 @@ pub fn current_task() -> u64 {
 /// `current->files->fdt->fd[fd]`, bounds-checked against `max_fds`.
 #[inline(always)]
 pub fn file_of_fd(cfg: &Config, task: u64, fd: i64) -> Option<u64> {
+    // An `int fd` in a 64-bit slot: only the low half is the fd.
+    let fd = fd as i32 as i64;
     if fd < 0 {
         return None;
     }
@@ -78,6 +80,8 @@ pub fn file_parent_key(cfg: &Config, file: u64) -> Option<InodeKey> {
 /// The inode of the directory a relative path starts from: `dirfd`'s, or the cwd's.
 #[inline(always)]
 pub fn start_dir_key(cfg: &Config, task: u64, dirfd: i64) -> Option<InodeKey> {
+    // `int dfd` arrives in a 64-bit slot whose upper half the ABI leaves unspecified.
+    let dirfd = dirfd as i32 as i64;
     if dirfd == AT_FDCWD {
         let o = &cfg.offsets;
         let fs: u64 = read(task, o.task_fs)?;

@@ -45,6 +45,8 @@ static OPENS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 static CONFIG: Config = Config {
     self_pid: 0,
     ready: 0,
+    dirty_pages: 0,
+    _pad: 0,
     offsets: kubefim_common::Offsets {
         task_files: 0,
         task_fs: 0,

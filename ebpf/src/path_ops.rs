@@ -36,6 +36,7 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
     let mut i = 0;
     while i < 2 {
         let (dirfd, ptr) = paths[i];
+        let dirfd = dirfd as i32 as i64;
         let slot = &mut ev.paths[i];
         slot[0] = 0;
         if ptr != 0 {

@@ -132,6 +132,24 @@ impl KernelBtf {
         Ok(KernelBtf { bytes, strings, records, by_name })
     }
 
+    /// The value of the enumerator `name` in any (32-bit) enum of the kernel, for constants
+    /// the kernel renumbered between versions (`I_DIRTY_PAGES`: 4 before 6.12, 64 in 6.18).
+    /// `None` when no enum has it (it may be a `#define` on older kernels).
+    pub fn enum_value(&self, name: &str) -> Option<u32> {
+        const KIND_ENUM: u32 = 6;
+        self.records.iter().find_map(|&pos| {
+            let info = u32_at(&self.bytes, pos + 4)?;
+            if (info >> 24) & 0x1f != KIND_ENUM {
+                return None;
+            }
+            (0..at(info & 0xffff)).find_map(|i| {
+                let entry = pos + 12 + 8 * i;
+                let entry_name = name_at(&self.bytes, &self.strings, u32_at(&self.bytes, entry)?)?;
+                (entry_name == name.as_bytes()).then(|| u32_at(&self.bytes, entry + 4)).flatten()
+            })
+        })
+    }
+
     /// Byte offset of `member` in the struct (or union) named `name`, looking through anonymous
     /// struct/union members recursively (e.g. qstr's `name` sits after an anonymous union;
     /// inode/file/dentry fields can be inside anonymous unions). Follows typedef/const/volatile
@@ -269,6 +287,18 @@ mod tests {
         for (member, offset) in std_offsets {
             assert_eq!(btf.member_offset("stat", member).unwrap(), u32::try_from(offset).unwrap(), "stat.{member}");
         }
+    }
+
+    #[test]
+    fn enum_values_of_the_running_kernel() {
+        // Stable across versions: the dirty bits are distinct powers of two.
+        let k = kernel();
+        let pages = k.enum_value("I_DIRTY_PAGES");
+        if let Some(pages) = pages {
+            assert!(pages.is_power_of_two());
+            assert_ne!(Some(pages), k.enum_value("I_DIRTY_SYNC"));
+        }
+        assert_eq!(k.enum_value("NO_SUCH_ENUMERATOR_KUBEFIM"), None);
     }
 
     #[test]

@@ -78,7 +78,9 @@ impl Programs {
             return Err(Error::NotBuilt);
         }
         let btf = KernelBtf::from_sys_fs()?;
-        let config = Config { self_pid: pid, ready: 1, offsets: offsets(&btf)? };
+        // I_DIRTY_PAGES was 1 << 2 until the inode state bits were renumbered (6.12).
+        let dirty_pages = btf.enum_value("I_DIRTY_PAGES").unwrap_or(1 << 2);
+        let config = Config { self_pid: pid, ready: 1, dirty_pages, _pad: 0, offsets: offsets(&btf)? };
         let mut loader = EbpfLoader::new();
         loader
             .override_global(maps::CONFIG, &config, true)
@@ -133,6 +135,11 @@ impl Programs {
     pub fn watch(&mut self, key: InodeKey, bits: u32) -> bool {
         let now = self.watched.get(&key, 0).unwrap_or(0);
         now | bits == now || self.watched.insert(key, now | bits, 0).is_ok()
+    }
+
+    /// Stops watching an inode (no monitored path has it any more).
+    pub fn unwatch(&mut self, key: InodeKey) {
+        let _ = self.watched.remove(&key);
     }
 
     /// Adds a monitored name's hash. False when the map is full.

@@ -13,7 +13,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use kubefim_baseline::policy::{Policy, normalise_absolute};
+use kubefim_baseline::policy::Policy;
 use kubefim_baseline::record::FileKind;
 use kubefim_common::InodeKey;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -80,7 +80,25 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// How a path event's op touches its path's directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The op changes the entry only (chmod, chown, xattrs, utimes, truncate).
+    Entry,
+    /// The op adds, removes or renames an entry: the directory changes too, and its
+    /// entries are compared with the state when it is due.
+    Namespace,
+}
+
+/// Whether `pid` shares the watcher's mount namespace (so a path it resolves reads the same
+/// here).
+fn same_mount_ns(pid: u32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
+    matches!((theirs, std::fs::read_link("/proc/self/ns/mnt")), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Resolves one path of a path event to the monitored paths and directories it may touch.
+#[expect(clippy::too_many_arguments, reason = "one event's fields, passed as they come")]
 pub fn resolve_path(
     state: &State,
     policy: &Policy,
@@ -88,6 +106,7 @@ pub fn resolve_path(
     dirfd: i32,
     start: InodeKey,
     path: &[u8],
+    scope: Scope,
     out: &mut Targets,
 ) {
     let absolute = path.first() == Some(&b'/');
@@ -107,44 +126,87 @@ pub fn resolve_path(
         if let Some(key) = key_of_fd(&dir_fd)
             && let Some(dir) = state.dir_of_inode(&key)
         {
-            into(out, policy, &dir, name);
-        }
-        // The directory as this process sees it: right for actors that share our root and
-        // mounts, and the way to a rule whose root is a file in an unmonitored directory.
-        if let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
+            into(out, policy, &dir, name, scope);
+        } else if same_mount_ns(pid)
+            && let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
             && seen.is_absolute()
         {
-            into(out, policy, &seen, name);
+            // A rule whose root is a file in an unmonitored directory: the directory as
+            // this process sees it, which is the actor's view when they share mounts.
+            into(out, policy, &seen, name, scope);
         }
         return;
     }
-    // The actor is gone (or its view of the path is not ours): fall back on what the kernel
-    // recorded and on the monitored names.
-    if !absolute && let Some(dir) = state.dir_of_inode(&start) {
-        let joined = dir.join(Path::new(OsStr::from_bytes(path)));
-        if let Some(p) = normalise_absolute(&joined) {
-            out.add(policy, p);
+    // The actor is gone: fall back on what the kernel recorded and on the monitored names.
+    if !absolute {
+        // `name` or `./name`: directly in the start directory.
+        let single = parent.is_empty() || parent == b".";
+        match state.dir_of_inode(&start) {
+            Some(dir) => {
+                let joined = dir.join(Path::new(OsStr::from_bytes(path)));
+                if let Some(p) = lexical(&joined) {
+                    let parent = p.parent().map(Path::to_owned);
+                    out.add(policy, p);
+                    if let (Scope::Namespace, Some(parent)) = (scope, parent) {
+                        mark_dir(out, policy, &parent);
+                    }
+                }
+                return;
+            }
+            // A name directly in a directory the kernel saw and the state does not know:
+            // not monitored, whatever names match.
+            None if single && start != InodeKey::default() => return,
+            None => {}
         }
     }
-    if absolute && let Some(p) = normalise_absolute(Path::new(OsStr::from_bytes(path))) {
+    if absolute && let Some(p) = lexical(Path::new(OsStr::from_bytes(path))) {
         out.add(policy, p);
     }
     if !name.is_empty() {
         for p in state.paths_named(name.as_bytes()) {
+            if let (Scope::Namespace, Some(parent)) = (scope, p.parent()) {
+                mark_dir(out, policy, parent);
+            }
             out.add(policy, p);
         }
     }
     if let Some(parent_name) = Path::new(OsStr::from_bytes(parent)).file_name() {
         for dir in state.paths_named(parent_name.as_bytes()) {
             if state.get(&dir).is_some_and(|k| k.record.kind == FileKind::Dir) {
-                into(out, policy, &dir, name);
+                into(out, policy, &dir, name, scope);
             }
         }
     }
 }
 
-/// Adds `dir/name` (or `dir` itself when `name` is empty) and marks `dir` for an entry check.
-fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr) {
+/// `path` with `.` and `..` taken lexically (the actor is gone, so its symlinks cannot be
+/// followed any more; a `..` through a symlinked directory lands elsewhere, which costs a
+/// candidate, and the names still stand in).
+fn lexical(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Marks `dir` changed and due for an entry comparison, if monitored.
+fn mark_dir(out: &mut Targets, policy: &Policy, dir: &Path) {
+    if covered(policy, dir) {
+        out.dirs.insert(dir.to_owned());
+        out.paths.insert(dir.to_owned());
+    }
+}
+
+/// Adds `dir/name` (or `dir` itself when `name` is empty); for namespace ops also `dir`.
+fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr, scope: Scope) {
     if name.is_empty() {
         out.add(policy, dir.to_owned());
         return;
@@ -153,9 +215,8 @@ fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr) {
         return;
     }
     out.add(policy, dir.join(name));
-    if covered(policy, dir) {
-        out.dirs.insert(dir.to_owned());
-        out.paths.insert(dir.to_owned());
+    if scope == Scope::Namespace {
+        mark_dir(out, policy, dir);
     }
 }
 

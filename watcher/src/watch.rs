@@ -4,6 +4,8 @@
 //! the kernel's maps current. Lost events and the rescan interval trigger full rescans.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -29,7 +31,7 @@ use crate::event::KernelEvent;
 use crate::output::{ChangeLine, DetectedBy, Format, Printer, state_line};
 use crate::pending::{Pending, Queue};
 use crate::programs::Programs;
-use crate::resolve::{Targets, covered, dir_changes, resolve_path};
+use crate::resolve::{Scope, Targets, covered, dir_changes, resolve_path};
 use crate::state::{Known, State, key_of};
 
 /// How `kubefim watch` was asked to run.
@@ -284,6 +286,7 @@ impl Watcher {
             self.uring_rescan_at.get_or_insert_with(|| std::time::Instant::now() + URING_RESCAN_DELAY);
             return;
         }
+        tracing::debug!(op = ev.op.name(), pid = ev.header.pid, comm = ev.comm(), target = ?ev.target(), start = ?ev.header.start, dirfd = ?ev.header.dirfd, paths = ?ev.paths.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(), "event");
         let actor = Arc::new(self.attribution.actor(&ev));
         let time = self.event_time(ev.header.time_ns);
         let pid = ev.header.pid;
@@ -304,7 +307,14 @@ impl Watcher {
             }
             _ if ev.paths.is_empty() => {
                 if let Some(key) = ev.target() {
-                    targets.paths.extend(self.state.paths_of_inode(&key).into_iter().filter(|p| covered(policy, p)));
+                    // Only paths that are that inode now: an unlinked file's inode number can be
+                    // reused at once, by a file anywhere on the same file system.
+                    let is_it = |p: &PathBuf| {
+                        std::fs::symlink_metadata(p).is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key)
+                    };
+                    targets
+                        .paths
+                        .extend(self.state.paths_of_inode(&key).into_iter().filter(|p| covered(policy, p) && is_it(p)));
                     if targets.paths.is_empty()
                         && let Some(dir) = self.new_inodes.get(&key)
                     {
@@ -314,11 +324,17 @@ impl Watcher {
                 }
             }
             _ => {
+                let scope = match ev.op {
+                    Op::Rename | Op::Unlink | Op::Rmdir | Op::Link | Op::Symlink | Op::Mkdir | Op::Mknod => {
+                        Scope::Namespace
+                    }
+                    _ => Scope::Entry,
+                };
                 for (i, path) in ev.paths.iter().enumerate() {
                     let mut slot = Targets::default();
                     if !path.is_empty() {
                         let (dirfd, start) = (ev.header.dirfd[i], ev.header.start[i]);
-                        resolve_path(&self.state, policy, pid, dirfd, start, path, &mut slot);
+                        resolve_path(&self.state, policy, pid, dirfd, start, path, scope, &mut slot);
                     }
                     targets.paths.extend(slot.paths.iter().cloned());
                     targets.dirs.extend(slot.dirs.iter().cloned());
@@ -347,6 +363,27 @@ impl Watcher {
         }
         for dir in &targets.dirs {
             self.queue.list_entries(dir);
+        }
+        if ev.op == Op::Rename && slots.len() == 2 {
+            let files = |t: &Targets| -> Vec<PathBuf> { t.paths.difference(&t.dirs).cloned().collect() };
+            // A destination no name could place (the actor gone, a new name): in the same
+            // directory as the source when the paths say so.
+            let same_parent = |a: &[u8], b: &[u8]| {
+                let parent = |p: &[u8]| p.iter().rposition(|&c| c == b'/').map(|i| p[..i].to_vec());
+                parent(a) == parent(b)
+            };
+            if files(&slots[1]).is_empty()
+                && same_parent(&ev.paths[0], &ev.paths[1])
+                && let [from] = files(&slots[0]).as_slice()
+                && let (Some(dir), Some(name)) =
+                    (from.parent(), Path::new(std::ffi::OsStr::from_bytes(&ev.paths[1])).file_name())
+            {
+                let to = dir.join(name);
+                if covered(policy, &to) {
+                    self.queue.note(&to, op_name, &actor, time, false);
+                    slots[1].paths.insert(to);
+                }
+            }
         }
         if ev.op == Op::Rename && ev.header.flags & EVENT_EXCHANGE == 0 && slots.len() == 2 {
             let files = |t: &Targets| -> Vec<PathBuf> { t.paths.difference(&t.dirs).cloned().collect() };
@@ -395,13 +432,15 @@ impl Watcher {
     fn process(&mut self, due: Vec<(PathBuf, Pending)>) -> Result<()> {
         let mut done: BTreeSet<PathBuf> = BTreeSet::new();
         let mut work: Vec<(PathBuf, Arc<Pending>)> = Vec::new();
+        let due_paths: HashSet<PathBuf> = due.iter().map(|(p, _)| p.clone()).collect();
         for (path, pending) in due {
             let pending = Arc::new(pending);
             if pending.list_entries {
                 let mut entries = Targets::default();
                 dir_changes(&self.state, &self.baseline.policy, &path, &mut entries);
+                // Entries with events of their own keep them (and their actor).
                 for entry in entries.paths {
-                    if !self.queue.contains(&entry) {
+                    if !self.queue.contains(&entry) && !due_paths.contains(&entry) {
                         work.push((entry, pending.clone()));
                     }
                 }
@@ -483,6 +522,9 @@ impl Watcher {
         let Some(now) = self.rehash_now(path) else { return Ok(()) };
         let old = self.state.get(path).map(|k| k.record.clone());
         let change = self.diff(path, old.as_ref(), now.as_ref())?;
+        // A new directory may have been filled before the kernel's filter knew it (tar -x,
+        // mkdir -p): once it is watched, compare its entries with the state.
+        let new_dir = old.is_none() && now.as_ref().is_some_and(|k| k.record.kind == FileKind::Dir);
         if let Some(change) = change {
             let line = ChangeLine {
                 change: &change,
@@ -496,7 +538,16 @@ impl Watcher {
             let json = line.json(&self.baseline.policy);
             self.print(&json)?;
         }
-        self.update(path, now)
+        self.update(path, now)?;
+        if new_dir && let Some(actor) = actor {
+            let actor = Arc::new(actor.clone());
+            self.queue.note(path, None, &actor, time, true);
+            for op in ops {
+                self.queue.note(path, Some(op), &actor, time, true);
+            }
+            self.queue.list_entries(path);
+        }
+        Ok(())
     }
 
     /// Reports `from` renamed to `to` when that is what happened: `from` is gone, `to` is new
@@ -572,7 +623,14 @@ impl Watcher {
                 self.map_full();
             }
         }
+        let old_key = self.state.get(path).map(|k| key_of(k.record));
         self.state.set(path, now);
+        // A key no path has any more leaves the kernel's filter: its number may be reused.
+        if let Some(old) = old_key
+            && self.state.paths_of_inode(&old).is_empty()
+        {
+            self.programs.unwatch(old);
+        }
         let entry = self.state.journal_entry(path);
         if deviated_before || entry.is_some() {
             self.journal.put(path_bytes(path), entry.as_ref())?;
