@@ -7,6 +7,8 @@ use kubefim_common::{Config, InodeKey};
 
 /// `FMODE_WRITE` (include/linux/fs.h, 6.18).
 pub const FMODE_WRITE: u32 = 0x2;
+/// `FMODE_CREATED` (include/linux/fs.h, 6.18): this open created the file.
+pub const FMODE_CREATED: u32 = 0x10_0000;
 /// `PF_IO_WORKER` (include/linux/sched.h, 6.18): the task is an io_uring worker thread.
 pub const PF_IO_WORKER: u32 = 0x10;
 /// `PF_KTHREAD` (include/linux/sched.h, 6.18): a kernel thread (the writeback flusher).

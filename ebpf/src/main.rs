@@ -17,7 +17,7 @@ mod open;
 mod path_ops;
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{HashMap, PerCpuArray, RingBuf};
 use kubefim_common::{Config, InodeKey};
 
 /// Watched inodes (`WATCH_*` bits); sized by the watcher at load time.
@@ -36,9 +36,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map(name = "LOST")]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id.
+/// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id. A plain
+/// (preallocated) hash: every open for writing on the machine goes through it, and an LRU
+/// map's update cost twice as much; entries live only for the length of one open.
 #[map(name = "OPENS")]
-static OPENS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+static OPENS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
 
 /// Set by the watcher before load (see [`Config`]).
 #[unsafe(no_mangle)]

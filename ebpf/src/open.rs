@@ -10,7 +10,7 @@ use kubefim_common::{EVENT_HAS_PARENT, EVENT_HAS_TARGET, EventHeader, Op, WATCH_
 
 use crate::emit::{active, fill_header, lost, watch, watched};
 use crate::fd_ops::arg;
-use crate::kernel::{current_task, file_key, file_of_fd, file_parent_key};
+use crate::kernel::{FMODE_CREATED, current_task, file_key, file_of_fd, file_parent_key, read};
 use crate::{EVENTS, OPENS};
 
 const O_WRONLY: u32 = 0o1;
@@ -75,7 +75,8 @@ fn opened(ctx: &TracePointContext) {
     let (op, event_flags, parent) = if watched(&key) & WATCH_FILE != 0 {
         let op = if flags & O_TRUNC != 0 { Op::Truncate } else { Op::OpenWrite };
         (op, EVENT_HAS_TARGET, Default::default())
-    } else if flags & O_CREAT != 0 {
+    } else if flags & O_CREAT != 0 && read::<u32>(file, cfg.offsets.file_mode).unwrap_or(0) & FMODE_CREATED != 0 {
+        // Only an open that created the file can add one to a watched directory.
         let Some(parent) = file_parent_key(&cfg, file) else { return };
         if watched(&parent) & WATCH_DIR == 0 {
             return;
