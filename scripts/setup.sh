@@ -68,6 +68,16 @@ bpf_linker() {
     LLVM_PREFIX="$prefix" cargo install --locked bpf-linker --no-default-features --features "llvm-$major"
 }
 
+python_tools() {
+    # kubernetes-validate checks the rendered deploy/ manifests against the Kubernetes
+    # OpenAPI schemas it ships (offline once installed).
+    if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
+        log "installing kubernetes-validate (PyPI)"
+        python3 -m pip install --quiet --user kubernetes-validate 2>/dev/null \
+            || python3 -m pip install --quiet --user --break-system-packages kubernetes-validate
+    fi
+}
+
 kernel_mounts() {
     mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || log "warning: cannot mount tracefs"
     mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || log "warning: cannot mount bpffs"
@@ -77,5 +87,6 @@ need_root
 apt_packages
 rust_toolchain
 bpf_linker
+python_tools
 kernel_mounts
 log "ready"
