@@ -119,7 +119,7 @@ impl Queue {
         self.paths.contains_key(path)
     }
 
-    /// The paths due now, destinations of renames first (they report the rename).
+    /// The paths due now.
     pub fn take_due(&mut self) -> Vec<(PathBuf, Pending)> {
         let now = Instant::now();
         let due: Vec<PathBuf> = self.paths.iter().filter(|(_, p)| p.due <= now).map(|(k, _)| k.clone()).collect();
@@ -132,7 +132,6 @@ impl Queue {
                 p.ops.retain(|op| *op != "mmap");
             }
         }
-        out.sort_by_key(|(path, p)| (p.renamed_from.is_none(), path.clone()));
         out
     }
 

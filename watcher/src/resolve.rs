@@ -33,6 +33,14 @@ pub struct Targets {
 }
 
 impl Targets {
+    /// Marks `dir` changed and due for an entry comparison, if monitored.
+    pub fn mark_dir(&mut self, policy: &Policy, dir: &Path) {
+        if covered(policy, dir) {
+            self.dirs.insert(dir.to_owned());
+            self.paths.insert(dir.to_owned());
+        }
+    }
+
     /// Adds `path` if the policy monitors it.
     fn add(&mut self, policy: &Policy, path: PathBuf) {
         if covered(policy, &path) {
@@ -93,8 +101,11 @@ pub enum Scope {
 /// Whether `pid` shares the watcher's mount namespace (so a path it resolves reads the same
 /// here).
 fn same_mount_ns(pid: u32) -> bool {
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
-    matches!((theirs, std::fs::read_link("/proc/self/ns/mnt")), (Ok(a), Ok(b)) if a == b)
+    // The watcher's own namespace does not change: read it once.
+    static OURS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let ours = OURS.get_or_init(|| std::fs::read_link("/proc/self/ns/mnt").ok());
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    ours.is_some() && theirs == *ours
 }
 
 /// Resolves one path of a path event to the monitored paths and directories it may touch.
@@ -148,7 +159,7 @@ pub fn resolve_path(
                     let parent = p.parent().map(Path::to_owned);
                     out.add(policy, p);
                     if let (Scope::Namespace, Some(parent)) = (scope, parent) {
-                        mark_dir(out, policy, &parent);
+                        out.mark_dir(policy, &parent);
                     }
                 }
                 return;
@@ -165,7 +176,7 @@ pub fn resolve_path(
     if !name.is_empty() {
         for p in state.paths_named(name.as_bytes()) {
             if let (Scope::Namespace, Some(parent)) = (scope, p.parent()) {
-                mark_dir(out, policy, parent);
+                out.mark_dir(policy, parent);
             }
             out.add(policy, p);
         }
@@ -197,14 +208,6 @@ fn lexical(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Marks `dir` changed and due for an entry comparison, if monitored.
-fn mark_dir(out: &mut Targets, policy: &Policy, dir: &Path) {
-    if covered(policy, dir) {
-        out.dirs.insert(dir.to_owned());
-        out.paths.insert(dir.to_owned());
-    }
-}
-
 /// Adds `dir/name` (or `dir` itself when `name` is empty); for namespace ops also `dir`.
 fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr, scope: Scope) {
     if name.is_empty() {
@@ -216,7 +219,7 @@ fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr, scope: Sco
     }
     out.add(policy, dir.join(name));
     if scope == Scope::Namespace {
-        mark_dir(out, policy, dir);
+        out.mark_dir(policy, dir);
     }
 }
 

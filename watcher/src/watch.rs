@@ -101,6 +101,16 @@ struct Watcher {
     full_map_reported: bool,
 }
 
+/// Puts a monitored entry in the kernel's filter: its inode (a directory's as a watched
+/// directory too) and its file name. False when a map is full.
+fn watch_entry(programs: &mut Programs, path: &Path, record: &FileRecord) -> bool {
+    let bits = if record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
+    let name = path.file_name().map_or(&[][..], |n| path_bytes(Path::new(n)));
+    // Both, even when the first fails: the name filter still helps.
+    let inode = programs.watch(key_of(record), bits);
+    programs.watch_name(name) && inode
+}
+
 /// Hands memory freed after a peak (parsing kernel BTF while loading, a rescan's scratch)
 /// back to the system: the watcher runs for months, and glibc keeps freed heap otherwise.
 fn release_freed_memory() {
@@ -161,26 +171,15 @@ impl Watcher {
     }
 
     fn fill_maps(&mut self) {
-        let mut entries: Vec<(InodeKey, u32, Vec<u8>)> = Vec::new();
-        for (path, record) in self.state.iter() {
-            let bits = if record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
-            let name = path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()).unwrap_or_default();
-            entries.push((key_of(record), bits, name));
-        }
-        let roots: Vec<Vec<u8>> = self
-            .baseline
-            .policy
-            .rules
-            .iter()
-            .filter_map(|r| r.path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()))
-            .collect();
         let mut ok = true;
-        for (key, bits, name) in entries {
-            ok &= self.programs.watch(key, bits);
-            ok &= self.programs.watch_name(&name);
+        for (path, record) in self.state.iter() {
+            ok &= watch_entry(&mut self.programs, path, record);
         }
-        for name in roots {
-            ok &= self.programs.watch_name(&name);
+        // Rule roots that do not exist yet: their creation by path must pass the name filter.
+        for rule in &self.baseline.policy.rules {
+            if let Some(name) = rule.path.file_name() {
+                ok &= self.programs.watch_name(path_bytes(Path::new(name)));
+            }
         }
         if !ok {
             self.map_full();
@@ -287,7 +286,7 @@ impl Watcher {
             return;
         }
         tracing::debug!(op = ev.op.name(), pid = ev.header.pid, comm = ev.comm(), target = ?ev.target(), start = ?ev.header.start, dirfd = ?ev.header.dirfd, paths = ?ev.paths.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(), "event");
-        let actor = Arc::new(self.attribution.actor(&ev));
+        let actor = self.attribution.actor(&ev);
         let time = self.event_time(ev.header.time_ns);
         let pid = ev.header.pid;
         let policy = &self.baseline.policy;
@@ -301,8 +300,7 @@ impl Watcher {
                     if let Some(key) = ev.target() {
                         self.new_inodes.insert(key, dir.clone());
                     }
-                    targets.dirs.insert(dir.clone());
-                    targets.paths.insert(dir);
+                    targets.mark_dir(policy, &dir);
                 }
             }
             _ if ev.paths.is_empty() => {
@@ -318,8 +316,7 @@ impl Watcher {
                     if targets.paths.is_empty()
                         && let Some(dir) = self.new_inodes.get(&key)
                     {
-                        targets.dirs.insert(dir.clone());
-                        targets.paths.insert(dir.clone());
+                        targets.mark_dir(policy, dir);
                     }
                 }
             }
@@ -384,10 +381,9 @@ impl Watcher {
                     slots[1].paths.insert(to);
                 }
             }
-        }
-        if ev.op == Op::Rename && ev.header.flags & EVENT_EXCHANGE == 0 && slots.len() == 2 {
-            let files = |t: &Targets| -> Vec<PathBuf> { t.paths.difference(&t.dirs).cloned().collect() };
-            if let ([from], [to]) = (files(&slots[0]).as_slice(), files(&slots[1]).as_slice()) {
+            if ev.header.flags & EVENT_EXCHANGE == 0
+                && let ([from], [to]) = (files(&slots[0]).as_slice(), files(&slots[1]).as_slice())
+            {
                 self.queue.renamed(to, from);
             }
         }
@@ -448,7 +444,7 @@ impl Watcher {
             work.push((path, pending));
         }
         // Destinations of renames first: they may account for their source.
-        work.sort_by_key(|(_, p)| p.renamed_from.is_none());
+        work.sort_by(|(a, p), (b, q)| (p.renamed_from.is_none(), a).cmp(&(q.renamed_from.is_none(), b)));
         for (path, pending) in work {
             if !done.insert(path.clone()) {
                 continue;
@@ -615,11 +611,8 @@ impl Watcher {
     fn update(&mut self, path: &Path, now: Option<Known>) -> Result<()> {
         let deviated_before = self.state.journal_entry(path).is_some();
         if let Some(known) = &now {
-            let key = key_of(&known.record);
-            self.new_inodes.remove(&key);
-            let bits = if known.record.kind == FileKind::Dir { WATCH_FILE | WATCH_DIR } else { WATCH_FILE };
-            let name = path.file_name().map(|n| path_bytes(Path::new(n)).to_vec()).unwrap_or_default();
-            if !(self.programs.watch(key, bits) && self.programs.watch_name(&name)) {
+            self.new_inodes.remove(&key_of(&known.record));
+            if !watch_entry(&mut self.programs, path, &known.record) {
                 self.map_full();
             }
         }
