@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod output;
 pub mod pending;
+pub mod pods;
 pub mod programs;
 pub mod resolve;
 pub mod state;
