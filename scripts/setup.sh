@@ -21,7 +21,7 @@ apt_packages() {
     # the whole root file system of the test container image (no registry is reachable).
     local pkgs=(ca-certificates curl git gcc libc6-dev pkg-config make b3sum aide bpftool
         hyperfine time file fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip
-        busybox-static)
+        busybox-static catatonit)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
