@@ -267,6 +267,11 @@ fn the_daemonset_pod_starts_least_privileged_becomes_ready_and_reports_a_host_ch
     fs::OpenOptions::new().append(true).open(&watched).unwrap().write_all(b"changed on the host\n").unwrap();
     let line = agent.wait_for_change(s(&watched));
     assert_eq!(line["kind"], "modified", "{line:#}");
+    eprintln!("the agent in the pod reported: {line}");
+    // Seen by the eBPF programs (the next rescan is an hour away), and the writer named by
+    // its host pid: this test process (the agent's /proc is the host's).
+    assert_eq!(line["detected_by"], "event", "{line:#}");
+    assert_eq!(line["process"]["pid"], std::process::id(), "{line:#}");
     let reports = agent.reports();
     let under_host: Vec<&Value> =
         reports.iter().filter(|l| l["path"].as_str().is_some_and(|p| p.starts_with("/host/"))).collect();
