@@ -35,7 +35,7 @@ use common::{BIN, Rule, Run, is_root, kubefim, policy_yaml, run_with_timeout};
 const READY_WITHIN: Duration = Duration::from_secs(60);
 /// How long a change may take to show up in `podman logs`.
 const REPORTED_WITHIN: Duration = Duration::from_secs(20);
-/// Any one podman command (the image build copies a 150 MB debug binary).
+/// Any one podman command (the image build copies a debug binary of a few hundred MB).
 const PODMAN_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Settings a Pod cannot carry under podman 4.3.1, given to every podman command of this
@@ -52,9 +52,9 @@ pidns = \"host\"
 default_ulimits = [\"nofile=1024:1024\", \"nproc=1000:1000\"]
 ";
 
-/// Capability numbers (linux/capability.h) of the names a manifest may add.
-const CAPABILITY_NUMBERS: [(&str, u32); 6] =
-    [("DAC_READ_SEARCH", 2), ("SYS_PTRACE", 19), ("SYS_ADMIN", 21), ("SYS_RESOURCE", 24), ("PERFMON", 38), ("BPF", 39)];
+/// Capability numbers (linux/capability.h) of the names the manifest adds (tests/deploy.rs
+/// keeps the list to these).
+const CAPABILITY_NUMBERS: [(&str, u32); 4] = [("DAC_READ_SEARCH", 2), ("SYS_PTRACE", 19), ("PERFMON", 38), ("BPF", 39)];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -404,6 +404,7 @@ fn pod_for_this_machine(world: &World, pod_name: &str, image: &str, policy: &str
             // The state hostPath: the test's directory (with the signed baseline) instead
             // of the node's /var/lib/kubefim.
             "state" => volume["hostPath"]["path"] = json!(s(&world.path("state"))),
+            // The test policy's ConfigMap (above) instead of the node policy's.
             "policy" => volume["configMap"]["name"] = json!(policy_map),
             // The public-key Secret, as a hostPath holding the same single file: podman
             // 4.3.1's secret volumes take a podman secret holding a Secret document, write
