@@ -8,6 +8,8 @@ pub mod actor;
 pub mod btf;
 pub mod error;
 pub mod event;
+pub mod http;
+pub mod metrics;
 pub mod output;
 pub mod pending;
 pub mod pods;
