@@ -8,6 +8,8 @@ use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
+use kubefim_baseline::request::{self, Signature, SigningRequest};
+use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
@@ -26,16 +28,16 @@ pub fn keygen(out: &Path) -> Result<u8> {
     Ok(exit::CLEAN)
 }
 
-pub fn create(policy: &Path, db: &Path, key: &Path) -> Result<u8> {
+pub fn create(policy: &Path, host: &HostRoot, db: &Path, key: &Path) -> Result<u8> {
     let policy = Policy::load(policy)?;
     let key = SigningKey::load(key)?;
-    create_with(&policy, db, &key)
+    create_with(&policy, host, db, &key)
 }
 
-fn create_with(policy: &Policy, db: &Path, key: &SigningKey) -> Result<u8> {
+fn create_with(policy: &Policy, host: &HostRoot, db: &Path, key: &SigningKey) -> Result<u8> {
     let progress = ScanProgress::default();
     let started = std::time::Instant::now();
-    let summary = Progress::show("scanning", &progress, || baseline::create(policy, db, key, &progress))
+    let summary = Progress::show("scanning", &progress, || baseline::create(policy, host, db, key, &progress))
         .with_context(|| format!("creating the baseline {}", db.display()))?;
     output::warnings(&summary.warnings);
     output::status(&format!(
@@ -70,11 +72,11 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     Ok(exit::CLEAN)
 }
 
-pub fn verify(db: &Path, pubkey: &Path, json: bool) -> Result<u8> {
+pub fn verify(db: &Path, pubkey: &Path, host: &HostRoot, json: bool) -> Result<u8> {
     let key = PublicKey::load(pubkey)?;
     let progress = ScanProgress::default();
     let started = std::time::Instant::now();
-    let (trusted, report) = Progress::show("verifying", &progress, || verifier::verify_db(db, &key, &progress))
+    let (trusted, report) = Progress::show("verifying", &progress, || verifier::verify_db(db, &key, host, &progress))
         .with_context(|| format!("verifying against {}", db.display()))?;
     tracing::debug!(elapsed = ?started.elapsed(), scanned = report.scanned, "verified");
     if json {
@@ -86,12 +88,13 @@ pub fn verify(db: &Path, pubkey: &Path, json: bool) -> Result<u8> {
     Ok(if report.is_clean() { exit::CLEAN } else { exit::DIFFERENCES })
 }
 
-pub fn accept(db: &Path, key: &Path, pubkey: &Path, paths: &[PathBuf]) -> Result<u8> {
+pub fn accept(host: &HostRoot, db: &Path, key: &Path, pubkey: &Path, paths: &[PathBuf]) -> Result<u8> {
     let key = SigningKey::load(key)?;
     let public = PublicKey::load(pubkey)?;
     let progress = ScanProgress::default();
-    let summary = Progress::show("accepting", &progress, || baseline::accept(db, &key, &public, paths, &progress))
-        .with_context(|| format!("accepting changes into {}", db.display()))?;
+    let summary =
+        Progress::show("accepting", &progress, || baseline::accept(host, db, &key, &public, paths, &progress))
+            .with_context(|| format!("accepting changes into {}", db.display()))?;
     output::warnings(&summary.warnings);
     let what = if paths.is_empty() { "everything".to_owned() } else { format!("{} path(s)", paths.len()) };
     output::status(&format!("accepted the current state of {what}; new signed baseline {}", db.display()));
@@ -113,13 +116,97 @@ pub fn run(state_dir: &Path, policy: Option<&Path>, json: bool) -> Result<u8> {
             None => Policy::embedded_default(),
         };
         output::status(&format!("no baseline at {}: creating one from policy {:?}", db.display(), policy.name));
-        create_with(&policy, &db, &SigningKey::load(&key_path)?)?;
+        create_with(&policy, &HostRoot::identity(), &db, &SigningKey::load(&key_path)?)?;
     } else if policy.is_some() {
         output::status(
             "a baseline exists: verifying with the policy it was signed with (--policy is for new baselines)",
         );
     }
-    verify(&db, &pub_path, json)
+    verify(&db, &pub_path, &HostRoot::identity(), json)
+}
+
+/// The node name a request is made for: the flag (or NODE_NAME), else the host name.
+pub fn node_name(given: Option<String>) -> String {
+    given.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+    })
+}
+
+pub fn scan(policy: &Path, host: &HostRoot, db: &Path, node: Option<String>) -> Result<u8> {
+    let policy = Policy::load(policy)?;
+    let node = node_name(node);
+    let progress = ScanProgress::default();
+    let (summary, request) =
+        Progress::show("scanning", &progress, || request::scan(&policy, host, db, &node, &progress))
+            .with_context(|| format!("scanning into {}", request::pending_path(db).display()))?;
+    output::warnings(&summary.warnings);
+    output::json_line(&mut anstream::stdout().lock(), &serde_json::to_value(&request)?)?;
+    output::status(&format!(
+        "unsigned baseline {} written for node {node}: {} entries; sign the request printed on stdout with `kubefim baseline sign --key KEY` elsewhere, then `kubefim baseline attach` its signature",
+        request::pending_path(db).display(),
+        summary.entries,
+    ));
+    Ok(exit::CLEAN)
+}
+
+pub fn sign(key: &Path, expect_policy: Option<&Path>, out: Option<&Path>, files: &[PathBuf]) -> Result<u8> {
+    let key = SigningKey::load(key)?;
+    let expected = expect_policy
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let text = if files.is_empty() {
+        std::io::read_to_string(std::io::stdin()).context("reading requests from standard input")?
+    } else {
+        let mut all = String::new();
+        for f in files {
+            all.push_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
+            all.push('\n');
+        }
+        all
+    };
+    let requests: Vec<SigningRequest> = text.lines().filter_map(SigningRequest::find_in).collect();
+    if requests.is_empty() {
+        bail!("no signing request in the input (they are the lines with \"kind\":\"{}\")", request::REQUEST_KIND);
+    }
+    let mut failed = 0;
+    for req in &requests {
+        let signature = match request::sign(req, &key, expected.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                output::error(&anyhow::Error::from(e));
+                failed += 1;
+                continue;
+            }
+        };
+        output::status(&format!(
+            "signed node {}: policy {:?}, {} entries, {} incomplete, scanned {}s after the epoch, digest {}",
+            req.node,
+            req.policy_name,
+            req.records,
+            req.incomplete.len(),
+            req.created_unix_ns / 1_000_000_000,
+            req.digest
+        ));
+        match out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(&signature.node);
+                std::fs::write(&path, serde_json::to_vec(&signature)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            None => output::json_line(&mut anstream::stdout().lock(), &serde_json::to_value(&signature)?)?,
+        }
+    }
+    Ok(if failed == 0 { exit::CLEAN } else { exit::ERROR })
+}
+
+pub fn attach(db: &Path, pubkey: &Path, signature: &Path) -> Result<u8> {
+    let public = PublicKey::load(pubkey)?;
+    let signature = Signature::load(signature)?;
+    request::attach(db, &public, &signature)
+        .with_context(|| format!("attaching the signature to {}", request::pending_path(db).display()))?;
+    output::status(&format!("signed baseline {} installed for node {}", db.display(), signature.node));
+    Ok(exit::CLEAN)
 }
 
 /// Ways to edit a database behind kubefim's back, to prove verify notices.

@@ -48,6 +48,8 @@ enum Command {
         /// The public key the baseline must be signed with.
         #[arg(long)]
         pubkey: PathBuf,
+        #[command(flatten)]
+        host: HostRootArg,
         /// Output format.
         #[arg(long, value_enum, default_value_t = VerifyFormat::Human)]
         format: VerifyFormat,
@@ -90,6 +92,30 @@ enum Command {
         /// Ring buffer size in KiB (a power of two >= 4; default 8192). For tests of overflow.
         #[arg(long, hide = true, value_parser = parse_ring_kib)]
         ring_buffer_kib: Option<u32>,
+        #[command(flatten)]
+        host: HostRootArg,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Name the pod of each container through the Kubernetes API (in-cluster service
+        /// account or KUBECONFIG), watching only the pods of --node-name.
+        #[arg(long)]
+        kubernetes: bool,
+        /// This node's name (default: $NODE_NAME, else the host name).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// When --db does not exist: scan with this policy into an unsigned DB.pending, print
+        /// its signing request and wait (not ready) for its signature in --signatures.
+        #[arg(long, requires = "signatures")]
+        init_policy: Option<PathBuf>,
+        /// Directory where signatures arrive, one file per node name (the kubefim-signatures
+        /// ConfigMap); a new one for DB.pending installs it.
+        #[arg(long, value_name = "DIR")]
+        signatures: Option<PathBuf>,
+        /// Compare everything with the signed baseline this often: a `verify` line and the
+        /// verify metrics (one is always made at start).
+        #[arg(long, value_parser = parse_interval)]
+        verify_interval: Option<std::time::Duration>,
     },
     /// Print the embedded default policy.
     DefaultPolicy,
@@ -111,6 +137,50 @@ enum BaselineCommand {
         /// The private signing key.
         #[arg(long)]
         key: PathBuf,
+        #[command(flatten)]
+        host: HostRootArg,
+    },
+    /// Scan what the policy names into an unsigned baseline (DB.pending) and print a signing
+    /// request for `baseline sign` on another machine: the private key never comes here.
+    Scan {
+        /// The FimPolicy YAML.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The baseline database the signed baseline will be installed at.
+        #[arg(long)]
+        db: PathBuf,
+        /// The node the baseline describes: names the request and its signature file.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        #[command(flatten)]
+        host: HostRootArg,
+    },
+    /// Sign signing requests (JSON lines, or whole agent logs: other lines are skipped) with
+    /// the private key, after checking each; writes OUT/NODE per request, or prints them.
+    Sign {
+        /// The private signing key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Refuse requests scanned with any other policy than this file.
+        #[arg(long)]
+        expect_policy: Option<PathBuf>,
+        /// Directory to write one signature file per node into (default: print JSON lines).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Files holding requests (default: standard input).
+        requests: Vec<PathBuf>,
+    },
+    /// Check a signature of the pending baseline (DB.pending) and install it at DB.
+    Attach {
+        /// The baseline database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The public key the signature must verify with.
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// The signature file written by `baseline sign`.
+        #[arg(long)]
+        signature: PathBuf,
     },
     /// Print the records of a baseline after checking its signature.
     Show {
@@ -135,6 +205,8 @@ enum BaselineCommand {
         /// The public key the current baseline must be signed with.
         #[arg(long)]
         pubkey: PathBuf,
+        #[command(flatten)]
+        host: HostRootArg,
         /// Paths whose current state to accept.
         paths: Vec<PathBuf>,
     },
@@ -160,6 +232,27 @@ enum DebugCommand {
     },
 }
 
+/// `--host-root`, shared by every command that reads the monitored files.
+#[derive(clap::Args)]
+struct HostRootArg {
+    /// Where the host's root file system is mounted (e.g. /host in a pod): policy paths are
+    /// read under it and reported as host paths.
+    #[arg(long, value_name = "DIR")]
+    host_root: Option<PathBuf>,
+}
+
+impl HostRootArg {
+    fn resolve(&self) -> anyhow::Result<kubefim_baseline::root::HostRoot> {
+        use anyhow::Context;
+        match &self.host_root {
+            None => Ok(kubefim_baseline::root::HostRoot::identity()),
+            Some(dir) => {
+                kubefim_baseline::root::HostRoot::new(dir).with_context(|| format!("--host-root {}", dir.display()))
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum VerifyFormat {
     Human,
@@ -175,7 +268,7 @@ enum WatchFormat {
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| format!("{e} (write it like 30s, 15m or 1h)"))?;
     if d < std::time::Duration::from_secs(1) {
-        return Err("the rescan interval must be at least 1s".into());
+        return Err("the interval must be at least 1s".into());
     }
     Ok(d)
 }
@@ -198,18 +291,46 @@ fn main() -> ExitCode {
     output::init_logging();
     let result = match cli.command {
         Command::Keygen { out } => commands::keygen(&out),
-        Command::Baseline(BaselineCommand::Create { policy, db, key }) => commands::create(&policy, &db, &key),
+        Command::Baseline(BaselineCommand::Create { policy, db, key, host }) => {
+            host.resolve().and_then(|host| commands::create(&policy, &host, &db, &key))
+        }
+        Command::Baseline(BaselineCommand::Scan { policy, db, node_name, host }) => {
+            host.resolve().and_then(|host| commands::scan(&policy, &host, &db, node_name))
+        }
+        Command::Baseline(BaselineCommand::Sign { key, expect_policy, out, requests }) => {
+            commands::sign(&key, expect_policy.as_deref(), out.as_deref(), &requests)
+        }
+        Command::Baseline(BaselineCommand::Attach { db, pubkey, signature }) => {
+            commands::attach(&db, &pubkey, &signature)
+        }
         Command::Baseline(BaselineCommand::Show { db, pubkey, format }) => {
             commands::show(&db, &pubkey, format == ShowFormat::Jsonl)
         }
-        Command::Baseline(BaselineCommand::Accept { db, key, pubkey, paths }) => {
-            commands::accept(&db, &key, &pubkey, &paths)
+        Command::Baseline(BaselineCommand::Accept { db, key, pubkey, host, paths }) => {
+            host.resolve().and_then(|host| commands::accept(&host, &db, &key, &pubkey, &paths))
         }
-        Command::Verify { db, pubkey, format } => commands::verify(&db, &pubkey, format == VerifyFormat::Json),
+        Command::Verify { db, pubkey, host, format } => {
+            host.resolve().and_then(|host| commands::verify(&db, &pubkey, &host, format == VerifyFormat::Json))
+        }
         Command::Run { state_dir, policy, format } => {
             commands::run(&state_dir, policy.as_deref(), format == VerifyFormat::Json)
         }
-        Command::Watch { db, pubkey, format, rescan_interval, ready_file, journal, ring_buffer_kib } => {
+        Command::Watch {
+            db,
+            pubkey,
+            format,
+            rescan_interval,
+            ready_file,
+            journal,
+            ring_buffer_kib,
+            host,
+            listen,
+            kubernetes,
+            node_name,
+            init_policy,
+            signatures,
+            verify_interval,
+        } => {
             let format = match format {
                 Some(WatchFormat::Jsonl) => kubefim_watcher::Format::Jsonl,
                 Some(WatchFormat::Human) => kubefim_watcher::Format::Human,
@@ -217,14 +338,23 @@ fn main() -> ExitCode {
                 None => kubefim_watcher::Format::Jsonl,
             };
             let ring_buffer_bytes = ring_buffer_kib.map(|k| k * 1024);
-            commands::watch(kubefim_watcher::WatchOptions {
-                db,
-                pubkey,
-                format,
-                rescan_interval,
-                ready_file,
-                journal,
-                ring_buffer_bytes,
+            host.resolve().and_then(|host| {
+                commands::watch(kubefim_watcher::WatchOptions {
+                    db,
+                    pubkey,
+                    format,
+                    rescan_interval,
+                    ready_file,
+                    journal,
+                    ring_buffer_bytes,
+                    host,
+                    listen,
+                    kubernetes,
+                    node_name: commands::node_name(node_name),
+                    init_policy,
+                    signatures,
+                    verify_interval,
+                })
             })
         }
         Command::DefaultPolicy => {

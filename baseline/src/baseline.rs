@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::policy::{Policy, path_bytes};
 use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, decode_chunk, encode_chunk};
+use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
 use crate::seal::{self, Seal};
 use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
@@ -22,7 +23,7 @@ use crate::store::{self, SIGNATURE_KEY, Store, TreeKind};
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The meta-tree key of the manifest.
-const MANIFEST_KEY: &[u8] = b"manifest";
+pub(crate) const MANIFEST_KEY: &[u8] = b"manifest";
 
 /// How many scanned entries may wait for the store writer.
 const WRITE_QUEUE: usize = 4096;
@@ -59,14 +60,14 @@ impl ScanSink for ChannelSink {
 }
 
 /// Writes records into the store in chunks of [`CHUNK_RECORDS`], under increasing keys.
-struct ChunkWriter<'a> {
+pub(crate) struct ChunkWriter<'a> {
     store: &'a Store,
     next: u64,
     pending: Vec<PathRecord>,
 }
 
 impl<'a> ChunkWriter<'a> {
-    fn new(store: &'a Store) -> Self {
+    pub(crate) fn new(store: &'a Store) -> Self {
         ChunkWriter { store, next: 0, pending: Vec::with_capacity(CHUNK_RECORDS) }
     }
 
@@ -94,7 +95,7 @@ fn write_entry(writer: &mut ChunkWriter<'_>, entry: ScannedEntry) -> Result<()> 
 }
 
 /// Scans `scan` into the store, pipelined: the scan's threads hash while this thread writes.
-fn scan_into(writer: &mut ChunkWriter<'_>, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
+pub(crate) fn scan_into(writer: &mut ChunkWriter<'_>, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
     let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
     std::thread::scope(|s| {
         let scanner = s.spawn(move || scan.run(&ChannelSink(tx), progress));
@@ -136,7 +137,7 @@ fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> R
     sealed
 }
 
-fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<String>) -> Manifest {
+pub(crate) fn manifest(policy: &Policy, records: u64, summary: &ScanSummary, accepted: Vec<String>) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
         policy: policy.source().to_owned(),
@@ -169,11 +170,17 @@ fn write_baseline(
     }
 }
 
-/// Scans everything `policy` names and writes a signed baseline at `db`, replacing any
-/// previous one only once the new one is complete.
-pub fn create(policy: &Policy, db: &Path, key: &SigningKey, progress: &ScanProgress) -> Result<ScanSummary> {
+/// Scans everything `policy` names (read under `host`) and writes a signed baseline at `db`,
+/// replacing any previous one only once the new one is complete.
+pub fn create(
+    policy: &Policy,
+    host: &HostRoot,
+    db: &Path,
+    key: &SigningKey,
+    progress: &ScanProgress,
+) -> Result<ScanSummary> {
     write_baseline(db, key, |store| {
-        let scan = Scan::whole_policy(policy).skip(db).skip(store.path());
+        let scan = Scan::whole_policy(policy).under(host).skip(db).skip(store.path());
         let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress)?;
         Ok((manifest(policy, summary.entries, &summary, Vec::new()), summary))
     })
@@ -218,13 +225,25 @@ impl TrustedBaseline {
             }
             Ok(())
         })?;
-        let signature =
-            signature.ok_or_else(|| untrusted("it has no signature (an interrupted or tampered baseline)".into()))?;
-        if !key.verifies(&digest.finish(), &signature) {
-            return Err(untrusted(format!(
-                "its signature does not verify with public key {} (wrong key, or the database was modified)",
-                key.fingerprint()
-            )));
+        let digest = digest.finish();
+        match &seal.records {
+            // Signed elsewhere: the seal's one signature covers this digest.
+            Some(sealed) if *sealed != digest => {
+                return Err(untrusted(
+                    "its records do not match the digest its seal was signed for (the database was modified)".into(),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let signature = signature
+                    .ok_or_else(|| untrusted("it has no signature (an interrupted or tampered baseline)".into()))?;
+                if !key.verifies(&digest, &signature) {
+                    return Err(untrusted(format!(
+                        "its signature does not verify with public key {} (wrong key, or the database was modified)",
+                        key.fingerprint()
+                    )));
+                }
+            }
         }
         let manifest: Manifest = manifest_bytes
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -260,6 +279,7 @@ impl TrustedBaseline {
 /// Takes the current state of `paths` (all, if empty) into a new signed baseline that keeps
 /// every other record as it was.
 pub fn accept(
+    host: &HostRoot,
     db: &Path,
     key: &SigningKey,
     public: &PublicKey,
@@ -270,7 +290,7 @@ pub fn accept(
     if paths.is_empty() {
         let policy = trusted.policy.clone();
         drop(trusted);
-        return create(&policy, db, key, progress);
+        return create(&policy, host, db, key, progress);
     }
     let mut roots = Vec::new();
     for p in paths {
@@ -301,7 +321,7 @@ pub fn accept(
             writer.push(k.clone(), record.clone())?;
             kept += 1;
         }
-        let scan = Scan::paths(&trusted.policy, roots.clone()).skip(db).skip(store.path());
+        let scan = Scan::paths(&trusted.policy, roots.clone()).under(host).skip(db).skip(store.path());
         let summary = scan_into(&mut writer, &scan, progress)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
         Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))
@@ -327,7 +347,7 @@ mod tests {
         let (k, p) = crate::sign::generate(&dir.path().join("keys")).unwrap();
         let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
         let db = dir.path().join("db");
-        create(&policy, &db, &key, &ScanProgress::default()).unwrap();
+        create(&policy, &HostRoot::identity(), &db, &key, &ScanProgress::default()).unwrap();
         (dir, db, key, public)
     }
 
@@ -420,9 +440,10 @@ mod tests {
         let tree = dir.path().join("tree");
         std::fs::write(tree.join("a"), "alpha 2\n").unwrap();
         std::fs::write(tree.join("sub/b"), "beta 2\n").unwrap();
-        accept(&db, &key, &public, &[tree.join("a")], &ScanProgress::default()).unwrap();
+        let host = HostRoot::identity();
+        accept(&host, &db, &key, &public, &[tree.join("a")], &ScanProgress::default()).unwrap();
         let trusted = TrustedBaseline::open(&db, &public).unwrap();
-        let report = crate::verify::verify(&trusted, &ScanProgress::default()).unwrap();
+        let report = crate::verify::verify(&trusted, &host, &ScanProgress::default()).unwrap();
         let paths: Vec<_> = report.changes.iter().map(|c| c.path.clone()).collect();
         assert_eq!(paths, vec![tree.join("sub/b")]);
         assert!(report.changes[0].diff.as_deref().unwrap().contains("+beta 2"));

@@ -11,6 +11,8 @@ mod mapped;
 pub mod policy;
 pub mod record;
 pub mod report;
+pub mod request;
+pub mod root;
 pub mod scan;
 pub mod seal;
 pub mod sign;

@@ -21,6 +21,7 @@ use crate::hash;
 use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
 use crate::record::{FileKind, FileRecord};
+use crate::root::HostRoot;
 
 /// How many times a file that changes while it is read is read again before it is recorded
 /// as unstable.
@@ -107,6 +108,7 @@ pub struct Scan<'a> {
     policy: &'a Policy,
     roots: Vec<PathBuf>,
     skip: Vec<PathBuf>,
+    host: HostRoot,
 }
 
 impl<'a> Scan<'a> {
@@ -114,12 +116,18 @@ impl<'a> Scan<'a> {
     /// enclosing root; they are walked on their own only if they are another file system.
     pub fn whole_policy(policy: &'a Policy) -> Self {
         let roots = policy.rules.iter().map(|r| r.path.clone()).collect();
-        Scan { policy, roots, skip: Vec::new() }
+        Scan { policy, roots, skip: Vec::new(), host: HostRoot::identity() }
     }
 
     /// A scan of the given paths only (each governed by the policy's rule for it).
     pub fn paths(policy: &'a Policy, roots: Vec<PathBuf>) -> Self {
-        Scan { policy, roots, skip: Vec::new() }
+        Scan { policy, roots, skip: Vec::new(), host: HostRoot::identity() }
+    }
+
+    /// Reads the policy's paths under `host` (entries keep their policy paths).
+    pub fn under(mut self, host: &HostRoot) -> Self {
+        self.host = host.clone();
+        self
     }
 
     /// Paths never recorded, whatever the policy says (the baseline database itself),
@@ -146,7 +154,7 @@ impl<'a> Scan<'a> {
             if self.is_covered_by_other_root(i) {
                 continue;
             }
-            self.walk(root, sink, progress, &warn);
+            self.walk(&self.host.disk(root), sink, progress, &warn);
         }
         let mut warnings = warnings.into_inner().expect("no panics while holding");
         warnings.sort_by(|a, b| a.path.cmp(&b.path));
@@ -160,12 +168,15 @@ impl<'a> Scan<'a> {
     /// A root inside another root on the same file system is walked as part of it.
     fn is_covered_by_other_root(&self, i: usize) -> bool {
         let root = &self.roots[i];
-        self.roots
-            .iter()
-            .enumerate()
-            .any(|(j, other)| j != i && root.starts_with(other) && (root != other || j < i) && same_device(root, other))
+        self.roots.iter().enumerate().any(|(j, other)| {
+            j != i
+                && root.starts_with(other)
+                && (root != other || j < i)
+                && same_device(&self.host.disk(root), &self.host.disk(other))
+        })
     }
 
+    /// Walks `root`, an on-disk path.
     fn walk(
         &self,
         root: &Path,
@@ -175,8 +186,8 @@ impl<'a> Scan<'a> {
     ) {
         let policy = self.policy;
         let skipped = |p: &Path| self.skip.iter().any(|s| p.starts_with(s));
-        let excluded = |p: &Path| match policy.rule_index_for(p) {
-            Some(i) => policy.rules[i].excludes(p),
+        let excluded = |disk: &Path| match self.host.logical(disk) {
+            Some(p) => policy.rule_index_for(&p).is_none_or(|i| policy.rules[i].excludes(&p)),
             None => true,
         };
         // The walk runs on its own thread and only lists; hashing runs on rayon's threads.
@@ -210,31 +221,35 @@ impl<'a> Scan<'a> {
         warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
     ) {
         let policy = self.policy;
+        // Warnings and entries name policy paths; the file system is read at on-disk ones.
+        let logical = |disk: &Path| self.host.logical(disk).map_or_else(|| disk.to_owned(), |p| p.into_owned());
         rx.into_iter().par_bridge().for_each(|item| match item {
             Ok(entry) => {
-                let Some(rule_index) = policy.rule_index_for(entry.path()) else { return };
+                let disk = entry.path();
+                let path = logical(disk);
+                let Some(rule_index) = policy.rule_index_for(&path) else { return };
                 let rule = &policy.rules[rule_index];
-                let path = entry.path();
-                match record_entry(path, entry.file_type().is_file(), rule, rule_index) {
+                match record_entry(disk, entry.file_type().is_file(), rule, rule_index) {
                     Ok(Recorded { record, content, warning }) => {
                         if let Some((kind, message)) = warning {
-                            warn(path, kind, message);
+                            warn(&path, kind, message);
                         }
                         progress.entries.fetch_add(1, Ordering::Relaxed);
                         progress.bytes.fetch_add(record.digest.as_ref().map_or(0, |_| record.size), Ordering::Relaxed);
-                        sink.entry(ScannedEntry { path: path.to_owned(), record, content });
+                        sink.entry(ScannedEntry { path, record, content });
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        warn(path, WarningKind::Vanished, "vanished during the scan".into());
+                        warn(&path, WarningKind::Vanished, "vanished during the scan".into());
                     }
-                    Err(e) => warn(path, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
+                    Err(e) => warn(&path, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
                 }
             }
             Err(e) => {
-                let path = e.path().map(Path::to_owned).unwrap_or_else(|| root.to_owned());
+                let disk = e.path().map(Path::to_owned).unwrap_or_else(|| root.to_owned());
+                let path = logical(&disk);
                 match e.io_error().map(io::Error::kind) {
                     // A root that does not exist is simply absent (verify reports it if it appears).
-                    Some(io::ErrorKind::NotFound) if path == root => {}
+                    Some(io::ErrorKind::NotFound) if disk == root => {}
                     Some(io::ErrorKind::NotFound) => {
                         warn(&path, WarningKind::Vanished, "vanished during the scan".into())
                     }
@@ -453,14 +468,15 @@ fn read_xattrs(
 /// Records one path as it is now under the policy's rule for it (the watcher's targeted
 /// rehash): content is read from one descriptor, never mapped. `None` when no rule covers
 /// it or its rule excludes it.
-pub fn rehash(path: &Path, policy: &Policy) -> Option<io::Result<Recorded>> {
+pub fn rehash(path: &Path, policy: &Policy, host: &HostRoot) -> Option<io::Result<Recorded>> {
     let rule_index = policy.rule_index_for(path)?;
     let rule = &policy.rules[rule_index];
     if rule.excludes(path) {
         return None;
     }
-    let looks_like_file = std::fs::symlink_metadata(path).map(|m| m.is_file()).unwrap_or(false);
-    Some(record_entry_with(path, looks_like_file, rule, rule_index, false))
+    let disk = host.disk(path);
+    let looks_like_file = std::fs::symlink_metadata(&disk).map(|m| m.is_file()).unwrap_or(false);
+    Some(record_entry_with(&disk, looks_like_file, rule, rule_index, false))
 }
 
 #[cfg(test)]

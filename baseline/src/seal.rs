@@ -7,17 +7,25 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::hash::Hash;
 use crate::sign::{self, PublicKey, SigningKey};
 use crate::store;
 
-/// First line of a seal file.
+/// First line of a seal file whose database carries its own signature (signed where it was
+/// made, by `create` and `accept`).
 const HEADER: &[u8] = b"kubefim baseline seal v1\n";
+/// First line of a seal that also carries the records' canonical digest, so that one
+/// signature covers everything: a baseline scanned on a node and signed elsewhere (see
+/// `request`), where a second round trip for an inner signature would be needed otherwise.
+const HEADER_V2: &[u8] = b"kubefim baseline seal v2\n";
 
 /// A seal whose signature has been checked.
 #[derive(Debug, Clone)]
 pub struct Seal {
     /// The policy YAML the baseline was made with.
     pub policy: String,
+    /// The canonical digest of the records, for seals that carry it (v2).
+    pub records: Option<Hash>,
     listing: Vec<u8>,
 }
 
@@ -25,17 +33,66 @@ fn untrusted(shown: &Path, reason: String) -> Error {
     Error::Untrusted { path: shown.to_owned(), reason }
 }
 
-/// Writes the seal of the closed store directory `dir`.
-pub fn write(dir: &Path, key: &SigningKey, policy: &str) -> Result<()> {
-    let mut body = HEADER.to_vec();
+/// The signed part of a seal of the closed store directory `dir`.
+fn body(dir: &Path, policy: &str, records: Option<&Hash>) -> Result<Vec<u8>> {
+    let mut body = if records.is_some() { HEADER_V2 } else { HEADER }.to_vec();
     body.extend_from_slice(format!("policy {}\n", policy.len()).as_bytes());
     body.extend_from_slice(policy.as_bytes());
     body.push(b'\n');
+    if let Some(records) = records {
+        body.extend_from_slice(format!("records {}\n", hex::encode(records)).as_bytes());
+    }
     body.extend(store::file_listing(dir).map_err(|e| Error::io(dir, e))?);
+    Ok(body)
+}
+
+/// Writes the seal of the closed store directory `dir`.
+pub fn write(dir: &Path, key: &SigningKey, policy: &str) -> Result<()> {
+    let body = body(dir, policy, None)?;
     let signature = key.sign(&sign::seal_digest(&body));
+    write_signed(dir, body, &signature)
+}
+
+/// The body of a v2 seal of `dir`, whose records have the canonical digest `records`: what
+/// a signer elsewhere signs (through [`sign::seal_digest`]).
+pub fn unsigned_body(dir: &Path, policy: &str, records: &Hash) -> Result<Vec<u8>> {
+    body(dir, policy, Some(records))
+}
+
+/// Completes a seal body with its signature and writes it into `dir`, durably.
+pub fn write_signed(dir: &Path, mut body: Vec<u8>, signature: &[u8]) -> Result<()> {
     body.extend_from_slice(format!("ed25519 {}\n", hex::encode(signature)).as_bytes());
+    // Written in place, not renamed over: a directory with a partial seal does not verify,
+    // which is what an interrupted signing must look like.
     let path = dir.join(store::SEAL_FILE);
-    std::fs::write(&path, body).map_err(|e| Error::io(&path, e))
+    std::fs::write(&path, body).and_then(|()| std::fs::File::open(&path)?.sync_all()).map_err(|e| Error::io(&path, e))
+}
+
+/// The policy and records digest a v2 seal body names; `None` if it is not one.
+pub fn parse_unsigned_body(body: &[u8]) -> Option<(String, Hash)> {
+    let (policy, records, _) = parse_body(body)?;
+    Some((policy, records?))
+}
+
+/// Splits a seal body into policy, records digest (v2) and file listing.
+fn parse_body(body: &[u8]) -> Option<(String, Option<Hash>, &[u8])> {
+    let (v2, rest) = match body.strip_prefix(HEADER) {
+        Some(rest) => (false, rest),
+        None => (true, body.strip_prefix(HEADER_V2)?),
+    };
+    let line_end = rest.iter().position(|&b| b == b'\n')?;
+    let len: usize = std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix("policy ")?.parse().ok()?;
+    let rest = &rest[line_end + 1..];
+    let policy = String::from_utf8(rest.get(..len)?.to_vec()).ok()?;
+    let mut rest = rest.get(len..)?.strip_prefix(b"\n")?;
+    let mut records = None;
+    if v2 {
+        let line_end = rest.iter().position(|&b| b == b'\n')?;
+        let hex_digest = std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix("records ")?;
+        records = Some(hex::decode(hex_digest).ok()?.try_into().ok()?);
+        rest = &rest[line_end + 1..];
+    }
+    Some((policy, records, rest))
 }
 
 /// The parts of a seal file.
@@ -43,6 +100,7 @@ struct Parsed<'a> {
     /// What the signature covers.
     body: &'a [u8],
     policy: String,
+    records: Option<Hash>,
     listing: &'a [u8],
     signature: Vec<u8>,
 }
@@ -52,13 +110,8 @@ fn parse(file: &[u8]) -> Option<Parsed<'_>> {
     let body_end = file[..file.len().checked_sub(1)?].iter().rposition(|&b| b == b'\n')? + 1;
     let (body, last) = file.split_at(body_end);
     let signature = hex::decode(std::str::from_utf8(last).ok()?.trim_end().strip_prefix("ed25519 ")?).ok()?;
-    let rest = body.strip_prefix(HEADER)?;
-    let line_end = rest.iter().position(|&b| b == b'\n')?;
-    let len: usize = std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix("policy ")?.parse().ok()?;
-    let rest = &rest[line_end + 1..];
-    let policy = String::from_utf8(rest.get(..len)?.to_vec()).ok()?;
-    let listing = rest.get(len..)?.strip_prefix(b"\n")?;
-    Some(Parsed { body, policy, listing, signature })
+    let (policy, records, listing) = parse_body(body)?;
+    Some(Parsed { body, policy, records, listing, signature })
 }
 
 impl Seal {
@@ -72,7 +125,7 @@ impl Seal {
             };
             untrusted(db, reason)
         })?;
-        let Parsed { body, policy, listing, signature } =
+        let Parsed { body, policy, records, listing, signature } =
             parse(&file).ok_or_else(|| untrusted(db, "its seal file is malformed".into()))?;
         if !key.verifies(&sign::seal_digest(body), &signature) {
             return Err(untrusted(
@@ -83,7 +136,7 @@ impl Seal {
                 ),
             ));
         }
-        Ok(Seal { policy, listing: listing.to_vec() })
+        Ok(Seal { policy, records, listing: listing.to_vec() })
     }
 
     /// Checks that `dir` (a copy of the baseline `shown`) holds exactly the sealed files,

@@ -243,7 +243,11 @@ fn open_sled(dir: &Path, shown: &Path) -> Result<sled::Db> {
 /// The name of the file-level seal inside a baseline directory (written by the caller).
 pub const SEAL_FILE: &str = "kubefim.seal";
 
-/// A canonical listing of the files of a closed baseline directory, except the seal: one
+/// The name of the unsigned seal body inside a baseline waiting to be signed elsewhere.
+pub const REQUEST_FILE: &str = "kubefim.request";
+
+/// A canonical listing of the files of a closed baseline directory, except the seal (and the
+/// request of one waiting for its signature): one
 /// line per file, `<blake3 hex> <size> <relative path>`, sorted by path. Signing it makes
 /// every byte of every file count, including bytes the store itself would ignore.
 pub fn file_listing(dir: &Path) -> std::io::Result<Vec<u8>> {
@@ -253,7 +257,7 @@ pub fn file_listing(dir: &Path) -> std::io::Result<Vec<u8>> {
             let rel = rel.join(entry.file_name());
             if entry.file_type()?.is_dir() {
                 walk(&entry.path(), &rel, out)?;
-            } else if rel != Path::new(SEAL_FILE) {
+            } else if rel != Path::new(SEAL_FILE) && rel != Path::new(REQUEST_FILE) {
                 out.push((rel, entry.path()));
             }
         }

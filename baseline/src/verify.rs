@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::hash::changed_ranges;
 use crate::policy::{Attribute, Policy, path_bytes, path_from_bytes};
 use crate::record::FileRecord;
+use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
 use crate::seal::Seal;
 use crate::sign::PublicKey;
@@ -173,15 +174,15 @@ impl ScanSink for Collect {
     }
 }
 
-fn rescan(policy: &Policy, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
+fn rescan(policy: &Policy, host: &HostRoot, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
     let sink = Collect::default();
-    let summary = Scan::whole_policy(policy).skip(db).run(&sink, progress);
+    let summary = Scan::whole_policy(policy).under(host).skip(db).run(&sink, progress);
     (sink.0.into_inner().expect("no panics while holding"), summary)
 }
 
 /// Rescans everything a trusted baseline's policy names and reports every difference.
-pub fn verify(baseline: &TrustedBaseline, progress: &ScanProgress) -> Result<VerifyReport> {
-    let (entries, summary) = rescan(&baseline.policy, baseline.path(), progress);
+pub fn verify(baseline: &TrustedBaseline, host: &HostRoot, progress: &ScanProgress) -> Result<VerifyReport> {
+    let (entries, summary) = rescan(&baseline.policy, host, baseline.path(), progress);
     report(baseline, entries, &summary)
 }
 
@@ -189,13 +190,18 @@ pub fn verify(baseline: &TrustedBaseline, progress: &ScanProgress) -> Result<Ver
 /// soon as the seal's signature has vouched for the policy, while the database itself is
 /// still being copied and checked; nothing is compared, and no result is given, unless
 /// every check of the baseline passes.
-pub fn verify_db(db: &Path, key: &PublicKey, progress: &ScanProgress) -> Result<(TrustedBaseline, VerifyReport)> {
+pub fn verify_db(
+    db: &Path,
+    key: &PublicKey,
+    host: &HostRoot,
+    progress: &ScanProgress,
+) -> Result<(TrustedBaseline, VerifyReport)> {
     let seal = Seal::read_verified(db, key)?;
     let policy = Policy::from_yaml(&seal.policy, "the baseline's policy")
         .map_err(|e| crate::Error::Untrusted { path: db.to_owned(), reason: e.to_string() })?;
     let (baseline, (entries, summary)) = std::thread::scope(|s| {
         let loader = s.spawn(|| TrustedBaseline::open_sealed(db, key, &seal));
-        let scanned = rescan(&policy, db, progress);
+        let scanned = rescan(&policy, host, db, progress);
         (loader.join().expect("loading the baseline does not panic"), scanned)
     });
     let baseline = baseline?;

@@ -1,7 +1,8 @@
 //! Who made a change: the process (from the event: pid, tid, uid, gid, comm, cgroup id; from
 //! /proc while the process lives: exe, cmdline) and the container it runs in (cgroup id ->
 //! cgroup path -> container id, for the path formats of containerd, CRI-O, Docker and
-//! podman). Read when the event arrives, before the process can exit, and cached briefly so a
+//! podman) -> the pod, through the API server's view of this node's pods (`pods`). Read
+//! when the event arrives, before the process can exit, and cached briefly so a
 //! storm of writes does not become a storm of /proc reads.
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::event::KernelEvent;
+use crate::pods::{PodIndex, pod_uid_from_cgroup};
 
 /// How long a process's /proc details are reused.
 const CACHE_FOR: Duration = Duration::from_secs(2);
@@ -40,6 +42,9 @@ pub struct Actor {
     pub container_id: Option<String>,
     /// The container runtime the cgroup path's format belongs to.
     pub runtime: Option<&'static str>,
+    /// The pod the container belongs to, when the Kubernetes API has told (`pod` of a
+    /// report line).
+    pub pod: Option<Value>,
 }
 
 impl Actor {
@@ -63,6 +68,16 @@ impl Actor {
             None => Value::Null,
         }
     }
+
+    /// `origin` of a report line: `host` for a process outside any container, `pod` for a
+    /// container whose pod is known, `container` otherwise.
+    pub fn origin(&self) -> &'static str {
+        match (&self.container_id, &self.pod) {
+            (None, _) => "host",
+            (Some(_), Some(_)) => "pod",
+            (Some(_), None) => "container",
+        }
+    }
 }
 
 struct Details {
@@ -77,6 +92,7 @@ pub struct Attribution {
     cgroup_root: PathBuf,
     processes: HashMap<u32, Details>,
     cgroups: HashMap<u64, Option<String>>,
+    pods: Option<PodIndex>,
 }
 
 impl Default for Attribution {
@@ -102,7 +118,35 @@ fn cgroup2_mount() -> Option<PathBuf> {
 impl Attribution {
     /// Attribution with the cgroup v2 hierarchy mounted at `cgroup_root`.
     pub fn new(cgroup_root: &Path) -> Self {
-        Attribution { cgroup_root: cgroup_root.to_owned(), processes: HashMap::new(), cgroups: HashMap::new() }
+        Attribution {
+            cgroup_root: cgroup_root.to_owned(),
+            processes: HashMap::new(),
+            cgroups: HashMap::new(),
+            pods: None,
+        }
+    }
+
+    /// The index of the node's pods, if pods are named.
+    pub fn pods(&self) -> Option<&PodIndex> {
+        self.pods.as_ref()
+    }
+
+    /// Also names the pod of each container, from this index of the node's pods.
+    pub fn with_pods(mut self, pods: Option<PodIndex>) -> Self {
+        self.pods = pods;
+        self
+    }
+
+    /// The pod of a container: by its id once the pod's status lists it, else by the pod
+    /// uid in its cgroup path (a container that just started; its name is not known yet).
+    fn pod_of(&self, container_id: &str, cgroup: Option<&str>) -> Option<Value> {
+        let pods = self.pods.as_ref()?;
+        if let Some(info) = pods.lookup(container_id) {
+            return Some(info.to_json());
+        }
+        let uid = pod_uid_from_cgroup(cgroup?)?;
+        let (namespace, name) = pods.lookup_pod_uid(&uid)?;
+        Some(json!({"namespace": namespace, "name": name, "uid": uid, "container": null, "image": null}))
     }
 
     /// The actor of an event.
@@ -133,7 +177,9 @@ impl Attribution {
             None => self.cgroup_path(h.cgroup_id),
         };
         let found = cgroup.as_deref().and_then(container_of);
+        let pod = found.as_ref().and_then(|(id, _)| self.pod_of(id, cgroup.as_deref()));
         Arc::new(Actor {
+            pod,
             pid: h.pid,
             ppid: h.ppid,
             uid: h.uid,

@@ -1,14 +1,18 @@
 //! kubefim watch mode: loads and attaches the eBPF programs of ebpf/ (`programs`), keeps
 //! their filter maps filled from the baseline (`state`), reads the ring buffer (`event`),
 //! maps each event to the monitored paths it touches (`resolve`), debounces (`pending`),
-//! rehashes and compares with the last known state, attributes the change to a process and
-//! container (`actor`), and prints it (`output`). `watch` is the loop that ties them.
+//! rehashes and compares with the last known state, attributes the change to a process,
+//! container (`actor`) and pod (`pods`, through the Kubernetes API), and prints it
+//! (`output`). `lifecycle` gets to a trusted baseline without the private key on the node;
+//! `metrics` and `http` serve Prometheus metrics and the probes. `watch` is the loop that
+//! ties them.
 
 pub mod actor;
 pub mod btf;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod output;
 pub mod pending;

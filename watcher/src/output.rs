@@ -91,6 +91,9 @@ impl ChangeLine<'_> {
         o.insert("baseline_match".into(), json!(self.baseline_match));
         o.insert("process".into(), self.actor.map_or(Value::Null, Actor::process_json));
         o.insert("container".into(), self.actor.map_or(Value::Null, Actor::container_json));
+        o.insert("pod".into(), self.actor.and_then(|a| a.pod.clone()).unwrap_or(Value::Null));
+        // Who, in one word: `host`, `container` or `pod`; null when found by a rescan.
+        o.insert("origin".into(), self.actor.map_or(Value::Null, |a| json!(a.origin())));
         let by = match self.detected_by {
             DetectedBy::Event => "event",
             DetectedBy::Rescan => "rescan",

@@ -31,6 +31,8 @@ pub struct Programs {
     pub lost: PerCpuArray<MapData, u64>,
     /// Tracepoints this kernel lacks (their programs are not attached).
     pub missing: Vec<String>,
+    /// How many programs are attached.
+    pub attached: usize,
     /// How many inodes the watched map can hold.
     pub capacity: u32,
 }
@@ -95,6 +97,7 @@ impl Programs {
             return Err(Error::Tracefs);
         }
         let mut missing = Vec::new();
+        let mut attached = 0;
         for (name, program) in ebpf.programs_mut() {
             let started = std::time::Instant::now();
             match program {
@@ -104,8 +107,12 @@ impl Programs {
                         continue;
                     }
                     load_tp(tp, name)?;
+                    attached += 1;
                 }
-                Program::RawTracePoint(tp) => load_raw(tp, name)?,
+                Program::RawTracePoint(tp) => {
+                    load_raw(tp, name)?;
+                    attached += 1;
+                }
                 _ => {}
             }
             tracing::debug!(program = name, ms = started.elapsed().as_millis(), "loaded and attached");
@@ -117,6 +124,7 @@ impl Programs {
             lost: take(&mut ebpf, maps::LOST)?,
             _ebpf: ebpf,
             missing,
+            attached,
             capacity,
         })
     }

@@ -15,6 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 use kubefim_baseline::policy::Policy;
 use kubefim_baseline::record::FileKind;
+use kubefim_baseline::root::HostRoot;
 use kubefim_common::InodeKey;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
@@ -108,14 +109,14 @@ fn same_mount_ns(pid: u32) -> bool {
     ours.is_some() && theirs == *ours
 }
 
-/// Resolves one path of a path event to the monitored paths and directories it may touch.
-#[expect(clippy::too_many_arguments, reason = "one event's fields, passed as they come")]
+/// Resolves one path of a path event, passed by process `pid` relative to `dirfd` (whose
+/// inode the kernel recorded as `start`), to the monitored paths and directories it may
+/// touch.
 pub fn resolve_path(
     state: &State,
     policy: &Policy,
-    pid: u32,
-    dirfd: i32,
-    start: InodeKey,
+    host: &HostRoot,
+    (pid, dirfd, start): (u32, i32, InodeKey),
     path: &[u8],
     scope: Scope,
     out: &mut Targets,
@@ -141,6 +142,7 @@ pub fn resolve_path(
         } else if same_mount_ns(pid)
             && let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
             && seen.is_absolute()
+            && let Some(seen) = host.logical(&seen)
         {
             // A rule whose root is a file in an unmonitored directory: the directory as
             // this process sees it, which is the actor's view when they share mounts.
@@ -224,10 +226,10 @@ fn into(out: &mut Targets, policy: &Policy, dir: &Path, name: &OsStr, scope: Sco
 }
 
 /// The entries of `dir` that differ from the state's: new on disk, or known and gone.
-pub fn dir_changes(state: &State, policy: &Policy, dir: &Path, out: &mut Targets) {
+pub fn dir_changes(state: &State, policy: &Policy, host: &HostRoot, dir: &Path, out: &mut Targets) {
     let known = state.children(dir);
-    let on_disk: BTreeSet<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+    let on_disk: BTreeSet<PathBuf> = match std::fs::read_dir(host.disk(dir)) {
+        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| dir.join(e.file_name())).collect(),
         Err(_) => BTreeSet::new(),
     };
     for p in on_disk.iter().filter(|p| !known.contains(p)) {

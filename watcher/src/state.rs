@@ -218,6 +218,19 @@ impl State {
         self.signed.is_empty() && self.overlay.is_empty()
     }
 
+    /// Paths whose current state differs from the signed baseline in any way: (path, signed
+    /// record, current record).
+    pub fn deviations(&self) -> impl Iterator<Item = (&Path, Option<&FileRecord>, Option<&FileRecord>)> {
+        self.overlay
+            .iter()
+            .map(|(k, now)| (path_from_bytes(k), self.signed.get(k), now.as_ref().map(|known| &known.record)))
+    }
+
+    /// How many records the signed baseline has.
+    pub fn signed_len(&self) -> usize {
+        self.signed.len()
+    }
+
     /// The journal entry for a path: what was observed, or `None` when it matches the
     /// baseline.
     pub fn journal_entry(&self, path: &Path) -> Option<Observed> {

@@ -4,6 +4,7 @@
 //! the kernel's maps current. Lost events and the rescan interval trigger full rescans.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use kubefim_baseline::hash::Hash;
 use kubefim_baseline::journal::Journal;
 use kubefim_baseline::policy::{Attribute, AttributeSet, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
+use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::{Scan, ScanProgress, ScanSink, ScannedEntry, rehash};
 use kubefim_baseline::sign::PublicKey;
 use kubefim_baseline::verify::{Change, ChangeKind, compare_with};
@@ -28,8 +30,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::actor::{Actor, Attribution};
 use crate::error::{Error, Result};
 use crate::event::KernelEvent;
+use crate::http::Health;
+use crate::lifecycle::{self, SignatureWatch};
+use crate::metrics::Metrics;
 use crate::output::{ChangeLine, DetectedBy, Format, Printer, state_line};
 use crate::pending::{Pending, Queue};
+use crate::pods::PodIndex;
 use crate::programs::Programs;
 use crate::resolve::{Scope, Targets, covered, dir_changes, resolve_path};
 use crate::state::{Known, State, key_of};
@@ -52,6 +58,28 @@ pub struct WatchOptions {
     /// Ring buffer size in bytes (a power of two, at least a page); default 8 MiB. Small
     /// sizes exist to test that overflow turns into a rescan.
     pub ring_buffer_bytes: Option<u32>,
+    /// Where the policy's paths are on disk (the host's root, in a pod).
+    pub host: HostRoot,
+    /// Serve /metrics, /healthz and /readyz here.
+    pub listen: Option<SocketAddr>,
+    /// Name pods through the Kubernetes API (watching only this node's pods).
+    pub kubernetes: bool,
+    /// This node's name: the pods watched, the signing request, the signature file.
+    pub node_name: String,
+    /// With no baseline at all: scan with this policy and wait for a signature.
+    pub init_policy: Option<PathBuf>,
+    /// Where operators' signatures arrive, one file per node name.
+    pub signatures: Option<PathBuf>,
+    /// Compare everything with the signed baseline this often (a `verify` line and metrics).
+    pub verify_interval: Option<Duration>,
+}
+
+/// Why a watch ended.
+enum Exit {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new signed baseline was installed: start again with it.
+    NewBaseline,
 }
 
 /// How often the kernel's lost-event counter is read.
@@ -64,25 +92,101 @@ const JOURNAL_FLUSH: Duration = Duration::from_secs(1);
 /// Runs the watcher until SIGINT or SIGTERM.
 pub fn run(opts: WatchOptions) -> Result<()> {
     let key = PublicKey::load(&opts.pubkey)?;
-    let mut baseline = TrustedBaseline::open(&opts.db, &key)?;
-    let journal_path = opts.journal.clone().unwrap_or_else(|| {
-        let mut p = opts.db.clone().into_os_string();
-        p.push(".journal");
-        PathBuf::from(p)
-    });
-    let id = format!("{}:{}", baseline.manifest.created_unix_ns, baseline.manifest.host);
-    let journal = Journal::open(&journal_path, &id)?;
-    let state = State::load(&mut baseline, &journal)?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(HEALTH_STALE_AFTER));
+    health.set_not_ready("starting: loading the baseline");
+    // The endpoint and the pod watch run on a thread of their own: the watch loop blocks
+    // for whole rescans, and probes and the API's watch must not wait for those.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kubefim-background")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    if let Some(addr) = opts.listen {
+        let _in = background.enter();
+        let (bound, _task) = crate::http::serve(addr, metrics.clone(), health.clone())
+            .map_err(|e| Error::io(format!("--listen {addr}"), std::io::Error::other(e)))?;
+        eprintln!("serving /metrics, /healthz and /readyz on http://{bound}");
+    }
+    let pods = opts.kubernetes.then(|| start_pods(&background, &opts)).flatten();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
-    let mut watcher = Watcher::start(opts, baseline, journal, journal_path, state)?;
-    runtime.block_on(watcher.run())
+    runtime.block_on(async {
+        let mut signatures = SignatureWatch::default();
+        loop {
+            let mut printer = Printer::new(opts.format);
+            let trusted = lifecycle::trusted(&opts, &key, &mut signatures, &mut printer, &health, &metrics).await?;
+            let Some(mut baseline) = trusted else { return Ok(()) };
+            let journal_path = opts.journal.clone().unwrap_or_else(|| {
+                let mut p = opts.db.clone().into_os_string();
+                p.push(".journal");
+                PathBuf::from(p)
+            });
+            let id = format!("{}:{}", baseline.manifest.created_unix_ns, baseline.manifest.host);
+            let journal = Journal::open(&journal_path, &id)?;
+            let created = Duration::from_nanos(u64::try_from(baseline.manifest.created_unix_ns).unwrap_or(0));
+            metrics.set_baseline(baseline.records.len() as u64, created.as_secs_f64(), true);
+            let state = State::load(&mut baseline, &journal)?;
+            let services = Services {
+                key: key.clone(),
+                metrics: metrics.clone(),
+                health: health.clone(),
+                pods: pods.clone(),
+                signatures: std::mem::take(&mut signatures),
+            };
+            let mut watcher = Watcher::start(opts.clone(), baseline, journal, journal_path, state, services)?;
+            let exit = watcher.run().await?;
+            signatures = std::mem::take(&mut watcher.signatures);
+            match exit {
+                Exit::Signal => return Ok(()),
+                Exit::NewBaseline => {
+                    health.set_not_ready("loading the newly signed baseline");
+                    drop(watcher);
+                    release_freed_memory();
+                }
+            }
+        }
+    })
 }
+
+/// Starts the index of this node's pods; without an API server (not in a cluster), says so
+/// and goes on without pod names.
+fn start_pods(background: &tokio::runtime::Runtime, opts: &WatchOptions) -> Option<PodIndex> {
+    match background.block_on(PodIndex::start(&opts.node_name)) {
+        Ok(index) => Some(index),
+        Err(e) => {
+            let line = state_line(
+                "degraded",
+                json!({"reason": "no Kubernetes API: changes are attributed to containers, not pods", "error": e.to_string()}),
+            );
+            let _ = Printer::new(opts.format).print(&line);
+            None
+        }
+    }
+}
+
+/// What outlives one baseline: the public key, the endpoint's metrics and health, the pod
+/// index and the signatures seen.
+struct Services {
+    key: PublicKey,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    pods: Option<PodIndex>,
+    signatures: SignatureWatch,
+}
+
+/// How long the loop may go without a heartbeat before /healthz fails. Rescans beat from
+/// their sink, so only a loop that is truly stuck goes this long.
+const HEALTH_STALE_AFTER: Duration = Duration::from_secs(120);
 
 struct Watcher {
     opts: WatchOptions,
+    key: PublicKey,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     baseline: TrustedBaseline,
     journal: Journal,
     journal_path: PathBuf,
@@ -99,6 +203,8 @@ struct Watcher {
     uring_rescan_at: Option<std::time::Instant>,
     boot_offset: Duration,
     full_map_reported: bool,
+    /// New signatures of a pending baseline (the operator accepting changes).
+    signatures: SignatureWatch,
 }
 
 /// Puts a monitored entry in the kernel's filter: its inode (a directory's as a watched
@@ -137,13 +243,19 @@ impl Watcher {
         journal: Journal,
         journal_path: PathBuf,
         state: State,
+        services: Services,
     ) -> Result<Watcher> {
         let entries = u32::try_from(state.len()).unwrap_or(u32::MAX);
         // Room for the baseline, what gets created while watching, and renames' new inodes.
         let capacity = entries.saturating_mul(2).max(1 << 16);
+        services.health.set_not_ready("starting: loading the eBPF programs");
         let programs = Programs::load(std::process::id(), capacity, capacity, opts.ring_buffer_bytes)?;
         let mut w = Watcher {
             printer: Printer::new(opts.format),
+            key: services.key,
+            signatures: services.signatures,
+            metrics: services.metrics,
+            health: services.health,
             opts,
             baseline,
             journal,
@@ -152,7 +264,7 @@ impl Watcher {
             state,
             programs,
             queue: Queue::default(),
-            attribution: Attribution::default(),
+            attribution: Attribution::default().with_pods(services.pods),
             new_inodes: HashMap::new(),
             lost_seen: 0,
             uring_rescan_at: None,
@@ -160,6 +272,9 @@ impl Watcher {
             full_map_reported: false,
         };
         w.fill_maps();
+        w.metrics.set_watched_inodes(w.state.len() as u64);
+        let attached = w.programs.attached as u64;
+        w.metrics.set_programs(attached, w.programs.missing.len() as u64);
         if !w.programs.missing.is_empty() {
             let missing = w.programs.missing.clone();
             w.print(&state_line(
@@ -202,13 +317,15 @@ impl Watcher {
         self.printer.print(line).map_err(|e| Error::io("writing to stdout", e))
     }
 
-    async fn run(&mut self) -> Result<()> {
-        self.rescan("startup")?;
+    async fn run(&mut self) -> Result<Exit> {
+        self.health.set_not_ready("starting: the first rescan");
+        self.verify("startup")?;
         release_freed_memory();
         eprintln!("ready");
         if let Some(ready) = &self.opts.ready_file {
             std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
         }
+        self.health.set_ready(true);
         self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
         let events_fd = self.programs.events_fd().map_err(|e| Error::io("polling the ring buffer", e))?;
         // SAFETY: an OwnedFd of our own, open until the AsyncFd is dropped at the end of this
@@ -221,7 +338,14 @@ impl Watcher {
         let mut journal_flush = tokio::time::interval(JOURNAL_FLUSH);
         let start = tokio::time::Instant::now() + self.opts.rescan_interval;
         let mut rescans = tokio::time::interval_at(start, self.opts.rescan_interval);
+        // Without --verify-interval, never (a period no timer reaches).
+        let verify_every = self.opts.verify_interval.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+        let mut verifies = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
+        let mut signature_poll = tokio::time::interval(lifecycle::SIGNATURE_POLL);
+        let signature_file = lifecycle::signature_file(&self.opts);
+        let mut exit = Exit::Signal;
         loop {
+            self.health.beat();
             let next_due =
                 self.queue.next_due().into_iter().chain(self.uring_rescan_at).min().map(tokio::time::Instant::from_std);
             let sleep = tokio::time::sleep_until(next_due.unwrap_or_else(|| tokio::time::Instant::now() + LOST_POLL));
@@ -238,11 +362,29 @@ impl Watcher {
                     if self.uring_rescan_at.is_some_and(|at| at <= std::time::Instant::now()) {
                         self.uring_rescan_at = None;
                         self.rescan("io_uring path operation")?;
+                        self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
                     }
                 }
                 _ = lost_poll.tick() => self.check_lost()?,
-                _ = journal_flush.tick() => self.flush_journal()?,
-                _ = rescans.tick() => self.rescan("interval")?,
+                _ = journal_flush.tick() => {
+                    self.flush_journal()?;
+                    if let Some(pods) = self.attribution.pods() {
+                        self.metrics.set_pods(pods.len() as u64);
+                    }
+                }
+                _ = rescans.tick() => {
+                    self.rescan("interval")?;
+                }
+                _ = verifies.tick() => self.verify("interval")?,
+                _ = signature_poll.tick(), if signature_file.is_some() => {
+                    if let Some(path) = &signature_file
+                        && let Some(signature) = self.signatures.new_signature(path)
+                        && lifecycle::try_attach(&self.opts, &self.key, signature, &mut self.printer)?
+                    {
+                        exit = Exit::NewBaseline;
+                        break;
+                    }
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -253,7 +395,7 @@ impl Watcher {
         self.flush_all()?;
         self.flush_journal()?;
         self.printer.flush().map_err(|e| Error::io("writing to stdout", e))?;
-        Ok(())
+        Ok(exit)
     }
 
     /// Reads up to a batch of events from the ring buffer; true when it is empty.
@@ -280,6 +422,7 @@ impl Watcher {
     }
 
     fn on_event(&mut self, ev: KernelEvent) {
+        self.metrics.event(ev.op.name());
         if ev.op == Op::IoUring && ev.header.flags & EVENT_URING_PATH_OP != 0 {
             // Its paths are not visible to the kernel side: rescan once it has completed.
             self.uring_rescan_at.get_or_insert_with(|| std::time::Instant::now() + URING_RESCAN_DELAY);
@@ -307,8 +450,10 @@ impl Watcher {
                 if let Some(key) = ev.target() {
                     // Only paths that are that inode now: an unlinked file's inode number can be
                     // reused at once, by a file anywhere on the same file system.
+                    let host = &self.opts.host;
                     let is_it = |p: &PathBuf| {
-                        std::fs::symlink_metadata(p).is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key)
+                        std::fs::symlink_metadata(host.disk(p))
+                            .is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key)
                     };
                     targets
                         .paths
@@ -331,7 +476,8 @@ impl Watcher {
                     let mut slot = Targets::default();
                     if !path.is_empty() {
                         let (dirfd, start) = (ev.header.dirfd[i], ev.header.start[i]);
-                        resolve_path(&self.state, policy, pid, dirfd, start, path, scope, &mut slot);
+                        let at = (pid, dirfd, start);
+                        resolve_path(&self.state, policy, &self.opts.host, at, path, scope, &mut slot);
                     }
                     targets.paths.extend(slot.paths.iter().cloned());
                     targets.dirs.extend(slot.dirs.iter().cloned());
@@ -394,6 +540,7 @@ impl Watcher {
         if total > self.lost_seen {
             let lost = total - self.lost_seen;
             self.lost_seen = total;
+            self.metrics.lost(lost);
             self.print(&state_line(
                 "lost",
                 json!({"events": lost, "total": total, "action": "rescan of every monitored path"}),
@@ -433,7 +580,7 @@ impl Watcher {
             let pending = Arc::new(pending);
             if pending.list_entries {
                 let mut entries = Targets::default();
-                dir_changes(&self.state, &self.baseline.policy, &path, &mut entries);
+                dir_changes(&self.state, &self.baseline.policy, &self.opts.host, &path, &mut entries);
                 // Entries with events of their own keep them (and their actor).
                 for entry in entries.paths {
                     if !self.queue.contains(&entry) && !due_paths.contains(&entry) {
@@ -463,7 +610,10 @@ impl Watcher {
 
     /// Rehashes `path` now; `None` when the policy does not cover it or it could not be read.
     fn rehash_now(&mut self, path: &Path) -> Option<Option<Known>> {
-        match rehash(path, &self.baseline.policy)? {
+        let started = std::time::Instant::now();
+        let rehashed = rehash(path, &self.baseline.policy, &self.opts.host)?;
+        self.metrics.rehash_seconds(started.elapsed());
+        match rehashed {
             Ok(r) => Some(Some(Known { record: r.record, content: r.content })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Some(None),
@@ -533,6 +683,7 @@ impl Watcher {
             };
             let json = line.json(&self.baseline.policy);
             self.print(&json)?;
+            self.metrics.change(change.kind.name());
         }
         self.update(path, now)?;
         if new_dir && let Some(actor) = actor {
@@ -551,7 +702,7 @@ impl Watcher {
     /// on its own).
     fn report_rename(&mut self, from: &Path, to: &Path, pending: &Pending) -> Result<bool> {
         let Some(source) = self.state.get(from).map(|k| k.record.clone()) else { return Ok(false) };
-        if self.state.get(to).is_some() || std::fs::symlink_metadata(from).is_ok() {
+        if self.state.get(to).is_some() || std::fs::symlink_metadata(self.opts.host.disk(from)).is_ok() {
             return Ok(false);
         }
         let Some(Some(now)) = self.rehash_now(to) else { return Ok(false) };
@@ -583,6 +734,7 @@ impl Watcher {
         };
         let json = line.json(&self.baseline.policy);
         self.print(&json)?;
+        self.metrics.change("renamed");
         self.update(from, None)?;
         self.update(to, Some(now))?;
         Ok(true)
@@ -641,15 +793,23 @@ impl Watcher {
     }
 
     /// Rescans everything the policy names and reports what differs from the state, except
-    /// paths with pending events (their rehash reports them, with who did it).
-    fn rescan(&mut self, reason: &str) -> Result<()> {
+    /// paths with pending events (their rehash reports them, with who did it). Returns how
+    /// many paths could not be verified.
+    fn rescan(&mut self, reason: &'static str) -> Result<u64> {
+        self.metrics.rescan(reason);
         let started = std::time::Instant::now();
         let policy = self.baseline.policy.clone();
         let (differing, seen, summary) = {
             // Entries equal to the state are only counted as seen: a rescan of a large tree
             // keeps just the paths, not every record, in memory.
-            let sink = Collect { state: &self.state, differing: Mutex::default(), seen: Mutex::default() };
-            let mut scan = Scan::whole_policy(&policy).skip(&self.opts.db).skip(&self.journal_path);
+            let sink = Collect {
+                state: &self.state,
+                health: &self.health,
+                differing: Mutex::default(),
+                seen: Mutex::default(),
+            };
+            let mut scan =
+                Scan::whole_policy(&policy).under(&self.opts.host).skip(&self.opts.db).skip(&self.journal_path);
             if let Some(ready) = &self.opts.ready_file {
                 scan = scan.skip(ready);
             }
@@ -702,7 +862,65 @@ impl Watcher {
             }),
         ))?;
         release_freed_memory();
-        self.flush_journal()
+        self.flush_journal()?;
+        Ok(unverified.len() as u64)
+    }
+
+    /// Rescans, then compares everything with the signed baseline: a `verify` line (what
+    /// differs from the baseline now, however it got so) and the verify metrics.
+    fn verify(&mut self, reason: &'static str) -> Result<()> {
+        let started = std::time::Instant::now();
+        let errors = self.rescan(if reason == "startup" { "startup" } else { "verify" })?;
+        let policy = &self.baseline.policy;
+        let (mut added, mut removed, mut modified) = (0u64, 0u64, 0u64);
+        let mut listed = Vec::new();
+        for (path, signed, now) in self.state.deviations() {
+            let kind = match (signed, now) {
+                (None, Some(_)) => ChangeKind::Added,
+                (Some(_), None) => ChangeKind::Removed,
+                (Some(signed), Some(now)) => {
+                    let rule = usize::try_from(now.rule).ok().and_then(|i| policy.rules.get(i));
+                    let attrs = rule.map_or_else(AttributeSet::all, |r| r.attributes);
+                    if signed.changed_attributes(now, attrs).is_empty() {
+                        continue;
+                    }
+                    ChangeKind::Modified
+                }
+                (None, None) => continue,
+            };
+            *match kind {
+                ChangeKind::Added => &mut added,
+                ChangeKind::Removed => &mut removed,
+                ChangeKind::Modified => &mut modified,
+            } += 1;
+            if listed.len() < VERIFY_LISTED {
+                listed.push(json!({"path": path.display().to_string(), "kind": kind.name()}));
+            }
+        }
+        let result = match (errors, added + removed + modified) {
+            (0, 0) => "clean",
+            (0, _) => "changed",
+            _ => "error",
+        };
+        let total = added + removed + modified;
+        self.print(&state_line(
+            "verify",
+            json!({
+                "reason": reason,
+                "result": result,
+                "added": added,
+                "removed": removed,
+                "modified": modified,
+                "errors": errors,
+                "deviations": listed,
+                "deviations_truncated": total > VERIFY_LISTED as u64,
+                "baseline_entries": self.state.signed_len(),
+                "seconds": started.elapsed().as_secs_f64(),
+            }),
+        ))?;
+        let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.metrics.verified(at.as_secs_f64(), added, removed, modified, errors, started.elapsed());
+        Ok(())
     }
 
     fn report_rescanned(&mut self, change: &Change, now: Option<&FileRecord>, time: SystemTime) -> Result<()> {
@@ -716,9 +934,13 @@ impl Watcher {
             detected_by: DetectedBy::Rescan,
         };
         let json = line.json(&self.baseline.policy);
+        self.metrics.change(change.kind.name());
         self.print(&json)
     }
 }
+
+/// How many deviating paths a `verify` line names (the counts are always complete).
+const VERIFY_LISTED: usize = 100;
 
 fn path_digest(path: &Path) -> [u8; 16] {
     let hash = blake3::hash(path_bytes(path));
@@ -730,6 +952,8 @@ fn path_digest(path: &Path) -> [u8; 16] {
 /// What a rescan keeps: entries that differ from the state, and the paths of all.
 struct Collect<'a> {
     state: &'a State,
+    /// Beaten per entry: a long rescan is the loop at work, not a stuck loop.
+    health: &'a Health,
     differing: Mutex<Vec<ScannedEntry>>,
     /// 128-bit BLAKE3 of each path seen (not the path: a rescan of a large tree should cost
     /// little; a collision is 2^-64-unlikely for 100M paths).
@@ -738,6 +962,7 @@ struct Collect<'a> {
 
 impl ScanSink for Collect<'_> {
     fn entry(&self, entry: ScannedEntry) {
+        self.health.beat();
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(path_digest(&entry.path));
         if self.state.get(&entry.path).is_some_and(|k| *k.record == entry.record) {
             return;
