@@ -237,7 +237,9 @@ fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
 fn the_probes_are_http_on_the_metrics_port() {
     let objects = objects();
     let (c, _) = agent(&objects);
-    for (probe, path) in [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+    // Startup asks "alive", not "ready": an agent waiting for its first signature is
+    // running and not ready for as long as the operator takes, and must not be restarted.
+    for (probe, path) in [("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         let p = &c[probe];
         assert!(p.get("exec").is_none(), "{probe}: no exec probes, the image has no shell");
         assert_eq!(p["httpGet"]["path"], path, "{probe}");
