@@ -214,10 +214,11 @@ fn the_daemonset_pod_starts_least_privileged_becomes_ready_and_reports_a_host_ch
     let container = format!("{}-agent", teardown.pod);
     let agent = Agent { podman: &podman, container: &container, port };
 
-    // Ready: the startup probe's path answers 200 within the deadline, then the readiness
-    // and liveness paths do too (podman does not run these probes: see pod_for_this_machine).
-    agent.wait_ready(&manifest.startup_path);
-    for path in [&manifest.readiness_path, &manifest.liveness_path] {
+    // Ready: the readiness probe's path answers 200 within the deadline (the baseline is
+    // trusted, the programs attached, the first rescan done), and the startup and liveness
+    // paths do too (podman does not run these probes: see pod_for_this_machine).
+    agent.wait_ready(&manifest.readiness_path);
+    for path in [&manifest.startup_path, &manifest.liveness_path] {
         let (status, body) = agent.get(path).unwrap_or_else(|| panic!("GET {path}: no answer\n{}", agent.logs()));
         assert_eq!(status, 200, "GET {path}: {body}\n{}", agent.logs());
     }
