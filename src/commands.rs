@@ -190,8 +190,11 @@ pub fn sign(key: &Path, expect_policy: Option<&Path>, out: Option<&Path>, files:
         match out {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                // Written aside and renamed: an agent polling this directory never reads half.
                 let path = dir.join(&signature.node);
-                std::fs::write(&path, serde_json::to_vec(&signature)?)
+                let tmp = dir.join(format!(".{}.tmp", signature.node));
+                std::fs::write(&tmp, serde_json::to_vec(&signature)?)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             None => output::json_line(&mut anstream::stdout().lock(), &serde_json::to_value(&signature)?)?,

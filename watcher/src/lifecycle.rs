@@ -102,7 +102,8 @@ pub fn try_attach(
             Ok(true)
         }
         Err(e) => {
-            print(printer, &state_line("signature-rejected", json!({"node": opts.node_name, "error": e.to_string()})))?;
+            let line = json!({"node": opts.node_name, "digest": signature.digest, "error": e.to_string()});
+            print(printer, &state_line("signature-rejected", line))?;
             Ok(false)
         }
     }
@@ -133,6 +134,9 @@ pub async fn trusted(
         _ => return Ok(Some(TrustedBaseline::open(&opts.db, key)?)),
     };
     let policy = Policy::load(init)?;
+    // Installed before the scan, which may take minutes: a stop during it is a clean exit.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
     health.set_not_ready("no signed baseline yet: scanning the node for a signing request");
     metrics.set_baseline(0, 0.0, false);
     let request = match usable_pending(&opts.db, &policy)? {
@@ -142,7 +146,14 @@ pub async fn trusted(
             let scan = tokio::task::spawn_blocking(move || {
                 request::scan(&policy, &host, &db, &node, &ScanProgress::default()).map(|(_, r)| r)
             });
-            scan.await.map_err(|e| Error::io("scanning for the first baseline", std::io::Error::other(e)))??
+            tokio::select! {
+                scanned = scan => scanned
+                    .map_err(|e| Error::io("scanning for the first baseline", std::io::Error::other(e)))??,
+                // The scan thread is left to the process's exit; its temporary is removed by
+                // the next scan (its pid is gone by then).
+                _ = sigterm.recv() => return Ok(None),
+                _ = sigint.recv() => return Ok(None),
+            }
         }
     };
     let Some(path) = path else {
@@ -163,8 +174,6 @@ pub async fn trusted(
     };
     print(printer, &awaiting(&request))?;
     health.set_not_ready("baseline awaiting signature (see the signing request in the log)");
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
     let mut poll = tokio::time::interval(SIGNATURE_POLL);
     let mut repeated = Instant::now();
     loop {
