@@ -18,14 +18,14 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::watch::{READY_WITHIN, REPORT_WITHIN, is_change, python, run_child, s, sh};
+use common::podman::{IMAGE, ensure_image, podman};
+use common::watch::{READY_WITHIN, REPORT_WITHIN, is_change, python, run_child, s};
 use common::{BIN, Fixture, Rule, chmod, copy_dir, kubefim, largest_file, run_with_timeout, used_len};
 use serde_json::{Value, json};
 
@@ -718,49 +718,6 @@ fn interval_verify_reports_a_deviation_and_its_end_in_lines_and_metrics() {
 // ---------------------------------------------------------------------------------------------
 // 5: pod attribution through the Kubernetes API, with a real container
 // ---------------------------------------------------------------------------------------------
-
-const IMAGE: &str = "localhost/kubefim-test:latest";
-
-fn podman() -> Command {
-    let mut cmd = Command::new("podman");
-    cmd.args(["--runtime", "/usr/sbin/runc", "--cgroup-manager", "cgroupfs"]);
-    cmd
-}
-
-/// Imports the test image (Debian's static busybox, nothing else) unless it exists; a file
-/// lock keeps two tests (or two test binaries) from importing at once. (As in watch_env.rs.)
-#[track_caller]
-fn ensure_image() {
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("kubefim-test-image.lock"))
-        .expect("open the image lock file");
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock the image lock file");
-    let mut exists = podman();
-    exists.args(["image", "exists", IMAGE]);
-    if exists.status().expect("run podman image exists").success() {
-        return;
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .expect("no busybox: scripts/setup.sh installs busybox-static");
-    let rootfs = tempfile::tempdir().expect("temp rootfs");
-    let bin = rootfs.path().join("bin");
-    fs::create_dir(&bin).unwrap();
-    fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
-    fs::set_permissions(bin.join("busybox"), fs::Permissions::from_mode(0o755)).unwrap();
-    for tool in ["sh", "echo", "cat", "mv", "rm", "chmod", "ln", "touch", "sleep"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
-    }
-    for dir in ["data", "proc", "sys", "dev", "tmp", "etc"] {
-        fs::create_dir(rootfs.path().join(dir)).unwrap();
-    }
-    sh(&format!("tar -C '{}' -c . | podman import - {IMAGE}", s(rootfs.path())));
-}
 
 /// A podman container removed when the test is done with it.
 struct Container(String);

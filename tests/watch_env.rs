@@ -11,13 +11,13 @@ mod common;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::podman::{IMAGE, ensure_image, podman};
 use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s};
 use common::{BIN, Fixture, Rule, copy_dir, largest_file, run_with_timeout, tool, used_len};
 use serde_json::Value;
@@ -648,49 +648,6 @@ fn a_same_named_file_changed_elsewhere_does_not_take_the_report() {
 // ---------------------------------------------------------------------------------------------
 // 5: a real container
 // ---------------------------------------------------------------------------------------------
-
-const IMAGE: &str = "localhost/kubefim-test:latest";
-
-fn podman() -> Command {
-    let mut cmd = Command::new("podman");
-    cmd.args(["--runtime", "/usr/sbin/runc", "--cgroup-manager", "cgroupfs"]);
-    cmd
-}
-
-/// Imports the test image (Debian's static busybox, nothing else) unless it exists; a file
-/// lock keeps two tests (or two test binaries) from importing at once.
-#[track_caller]
-fn ensure_image() {
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("kubefim-test-image.lock"))
-        .expect("open the image lock file");
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock the image lock file");
-    let mut exists = podman();
-    exists.args(["image", "exists", IMAGE]);
-    if exists.status().expect("run podman image exists").success() {
-        return;
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .expect("no busybox: scripts/setup.sh installs busybox-static");
-    let rootfs = tempfile::tempdir().expect("temp rootfs");
-    let bin = rootfs.path().join("bin");
-    fs::create_dir(&bin).unwrap();
-    fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
-    fs::set_permissions(bin.join("busybox"), fs::Permissions::from_mode(0o755)).unwrap();
-    for tool in ["sh", "echo", "cat", "mv", "rm", "chmod", "ln", "touch", "sleep"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
-    }
-    for dir in ["data", "proc", "sys", "dev", "tmp", "etc"] {
-        fs::create_dir(rootfs.path().join(dir)).unwrap();
-    }
-    common::watch::sh(&format!("tar -C {} -c . | podman import - {IMAGE}", qp(rootfs.path())));
-}
 
 #[test]
 fn write_from_a_podman_container_names_the_container() {

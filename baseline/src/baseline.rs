@@ -118,17 +118,22 @@ fn now_ns() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
-/// Writes the manifest, signs everything and moves the store into place at `target`.
-fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> Result<()> {
-    let json = serde_json::to_vec(manifest).expect("a manifest serialises");
-    store.put(TreeKind::Meta, MANIFEST_KEY, &json)?;
+/// The canonical digest of everything in `store`, once it is on disk.
+pub(crate) fn canonical_digest(store: &Store) -> Result<Hash> {
     store.flush()?;
     let mut digest = CanonicalDigest::new();
     store.for_each_entry(|tree, k, v| {
         digest.entry(tree, k, v);
         Ok(())
     })?;
-    store.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&digest.finish()))?;
+    Ok(digest.finish())
+}
+
+/// Writes the manifest, signs everything and moves the store into place at `target`.
+fn seal(store: Store, target: &Path, key: &SigningKey, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_vec(manifest).expect("a manifest serialises");
+    store.put(TreeKind::Meta, MANIFEST_KEY, &json)?;
+    store.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&canonical_digest(&store)?))?;
     let dir = store.close()?;
     let sealed = seal::write(&dir, key, &manifest.policy).and_then(|()| store::install(&dir, target));
     if sealed.is_err() {

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{ChunkWriter, MANIFEST_KEY, TrustedBaseline, manifest, scan_into};
+use crate::baseline::{ChunkWriter, MANIFEST_KEY, TrustedBaseline, canonical_digest, manifest, scan_into};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSummary};
 use crate::seal;
-use crate::sign::{CanonicalDigest, PublicKey, SigningKey, seal_digest};
+use crate::sign::{PublicKey, SigningKey, seal_digest};
 use crate::store::{self, Store, TreeKind};
 
 /// `kind` of a signing request.
@@ -143,13 +143,7 @@ pub fn scan(
         let mut manifest = manifest(policy, summary.entries, &summary, Vec::new());
         manifest.host = node.to_owned();
         store.put(TreeKind::Meta, MANIFEST_KEY, &serde_json::to_vec(&manifest).expect("a manifest serialises"))?;
-        store.flush()?;
-        let mut digest = CanonicalDigest::new();
-        store.for_each_entry(|tree, k, v| {
-            digest.entry(tree, k, v);
-            Ok(())
-        })?;
-        Ok((summary, manifest, digest.finish()))
+        Ok((summary, manifest, canonical_digest(&store)?))
     })();
     let (summary, manifest, records) = match filled {
         Ok(done) => done,
@@ -273,23 +267,33 @@ mod tests {
     use super::*;
     use crate::sign::generate;
 
-    fn policy_over(dir: &Path) -> Policy {
-        let yaml = format!(
-            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: t}}\nspec:\n  rules:\n    - path: {}\n      diff: true\n",
-            dir.display()
-        );
-        Policy::from_yaml(&yaml, "test").unwrap()
+    /// A node to baseline: a tree with one file, a policy over it, and the operator's keys.
+    struct Node {
+        dir: tempfile::TempDir,
+        tree: PathBuf,
+        policy: Policy,
+        key: SigningKey,
+        public: PublicKey,
     }
 
-    #[test]
-    fn scan_sign_attach_gives_a_trusted_baseline_and_no_key_on_the_node() {
+    fn node() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("tree");
         std::fs::create_dir_all(&tree).unwrap();
         std::fs::write(tree.join("a"), "alpha\n").unwrap();
-        let policy = policy_over(&tree);
+        let yaml = format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: t}}\nspec:\n  rules:\n    - path: {}\n      diff: true\n",
+            tree.display()
+        );
+        let policy = Policy::from_yaml(&yaml, "test").unwrap();
         let (k, p) = generate(&dir.path().join("keys")).unwrap();
         let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
+        Node { dir, tree, policy, key, public }
+    }
+
+    #[test]
+    fn scan_sign_attach_gives_a_trusted_baseline_and_no_key_on_the_node() {
+        let Node { dir, policy, key, public, .. } = node();
         let db = dir.path().join("db");
         let (summary, request) = scan(&policy, &HostRoot::identity(), &db, "node-a", &ScanProgress::default()).unwrap();
         assert_eq!(summary.entries, 2);
@@ -308,13 +312,7 @@ mod tests {
 
     #[test]
     fn altered_requests_stale_and_foreign_signatures_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("tree");
-        std::fs::create_dir_all(&tree).unwrap();
-        std::fs::write(tree.join("a"), "alpha\n").unwrap();
-        let policy = policy_over(&tree);
-        let (k, p) = generate(&dir.path().join("keys")).unwrap();
-        let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
+        let Node { dir, tree, policy, key, public } = node();
         let (other, _) = generate(&dir.path().join("other")).unwrap();
         let other = SigningKey::load(&other).unwrap();
         let db = dir.path().join("db");
@@ -342,13 +340,7 @@ mod tests {
 
     #[test]
     fn an_edit_of_the_pending_database_after_signing_is_caught() {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("tree");
-        std::fs::create_dir_all(&tree).unwrap();
-        std::fs::write(tree.join("a"), "alpha\n").unwrap();
-        let policy = policy_over(&tree);
-        let (k, p) = generate(&dir.path().join("keys")).unwrap();
-        let (key, public) = (SigningKey::load(&k).unwrap(), PublicKey::load(&p).unwrap());
+        let Node { dir, policy, key, public, .. } = node();
         let db = dir.path().join("db");
         let (_, request) = scan(&policy, &HostRoot::identity(), &db, "n", &ScanProgress::default()).unwrap();
         let signature = sign(&request, &key, None).unwrap();

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod podman;
 pub mod watch;
 
 /// How long any single invocation of the binary may take before the test calls it a hang.
