@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::podman::{IMAGE, ensure_image, podman};
-use common::watch::{READY_WITHIN, REPORT_WITHIN, is_change, python, run_child, s};
-use common::{BIN, Fixture, Rule, chmod, copy_dir, kubefim, largest_file, run_with_timeout, used_len};
+use common::watch::{READY_WITHIN, REPORT_WITHIN, is_change, python, run_child, s, watch_cmd};
+use common::{Fixture, Rule, chmod, copy_dir, kubefim, largest_file, run_with_timeout, used_len};
 use serde_json::{Value, json};
 
 #[track_caller]
@@ -57,21 +57,6 @@ struct Agent {
     lines: Arc<Mutex<Vec<Value>>>,
     raw: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
-}
-
-/// `kubefim watch --format jsonl --db DB --pubkey PUB --ready-file READY`, as a command.
-fn watch_cmd(db: &Path, pubkey: &Path, ready: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("watch")
-        .arg("--db")
-        .arg(db)
-        .arg("--pubkey")
-        .arg(pubkey)
-        .arg("--format")
-        .arg("jsonl")
-        .arg("--ready-file")
-        .arg(ready);
-    cmd
 }
 
 impl Agent {

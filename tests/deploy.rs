@@ -7,37 +7,16 @@
 //! probes (the image has no shell), and the image is the binary, its libraries and nothing
 //! else. tests/deploy_pod.rs runs the pod template for real.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use serde::Deserialize;
+use common::deploy::{rendered_objects, rendered_text, repo};
 use serde_json::Value;
 
 const KUBERNETES_VERSION: &str = "1.32.0";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `kubectl kustomize deploy/`, as YAML text.
-fn rendered() -> String {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join("deploy"))
-        .output()
-        .expect("kubectl (with kustomize) must be installed: it is on these machines");
-    assert!(out.status.success(), "kubectl kustomize deploy/ failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("UTF-8 manifests")
-}
-
-fn objects() -> Vec<Value> {
-    let text = rendered();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
 
 fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
@@ -49,7 +28,7 @@ fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
 fn rendered_manifests_validate_strictly_against_the_kubernetes_schema() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, rendered()).unwrap();
+    std::fs::write(&file, rendered_text()).unwrap();
     let out = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSION])
         .arg(&file)
@@ -68,7 +47,7 @@ fn rendered_manifests_validate_strictly_against_the_kubernetes_schema() {
 
 #[test]
 fn the_policy_config_map_is_the_shipped_node_policy() {
-    let objects = objects();
+    let objects = rendered_objects();
     let cm = one(&objects, "ConfigMap");
     let shipped = std::fs::read_to_string(repo().join("policies/node.yaml")).unwrap();
     assert_eq!(cm["data"]["node.yaml"].as_str(), Some(shipped.as_str()), "deploy/policy-node.yaml is stale");
@@ -76,7 +55,7 @@ fn the_policy_config_map_is_the_shipped_node_policy() {
 
 #[test]
 fn the_daemonset_is_least_privileged() {
-    let objects = objects();
+    let objects = rendered_objects();
     let ds = one(&objects, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert!(pod.get("initContainers").is_none(), "no init container (nothing is compiled on the node)");
@@ -122,7 +101,7 @@ fn the_daemonset_is_least_privileged() {
 
 #[test]
 fn rbac_is_read_only_on_pods_and_nodes() {
-    let objects = objects();
+    let objects = rendered_objects();
     let role = one(&objects, "ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
@@ -177,7 +156,7 @@ fn volume_at<'a>(c: &'a Value, pod: &'a Value, mount_path: &str) -> (&'a Value, 
 
 #[test]
 fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
-    let objects = objects();
+    let objects = rendered_objects();
     let (c, pod) = agent(&objects);
     let args: Vec<&str> = c["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
     assert_eq!(args, AGENT_ARGS, "the agent's command line");
@@ -235,7 +214,7 @@ fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
 
 #[test]
 fn the_probes_are_http_on_the_metrics_port() {
-    let objects = objects();
+    let objects = rendered_objects();
     let (c, _) = agent(&objects);
     // Startup asks "alive", not "ready": an agent waiting for its first signature is
     // running and not ready for as long as the operator takes, and must not be restarted.

@@ -25,9 +25,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
+use common::deploy::{rendered_objects, repo};
 use common::{BIN, Rule, Run, is_root, kubefim, policy_yaml, run_with_timeout};
 
 /// How long the agent may take from `kube play` to a 200 on its startup probe's path (a
@@ -55,10 +55,6 @@ default_ulimits = [\"nofile=1024:1024\", \"nproc=1000:1000\"]
 /// Capability numbers (linux/capability.h) of the names the manifest adds (tests/deploy.rs
 /// keeps the list to these).
 const CAPABILITY_NUMBERS: [(&str, u32); 4] = [("DAC_READ_SEARCH", 2), ("SYS_PTRACE", 19), ("PERFMON", 38), ("BPF", 39)];
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `podman` with this machine's runtime settings (runc, cgroupfs) and [`CONTAINERS_CONF`].
 struct Podman {
@@ -294,21 +290,6 @@ struct Manifest {
     seccomp_unconfined: bool,
 }
 
-/// `kubectl kustomize deploy/`, parsed.
-fn rendered() -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join("deploy"))
-        .output()
-        .expect("kubectl (with kustomize) must be installed: it is on these machines");
-    assert!(out.status.success(), "kubectl kustomize deploy/ failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).expect("UTF-8 manifests");
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
 /// The DaemonSet's pod template as a Pod for `podman kube play`, preceded by the ConfigMaps
 /// it mounts (podman has no API server to take them from). Everything not changed here is
 /// played as rendered: the security context, hostPID (see [`CONTAINERS_CONF`]), the
@@ -317,7 +298,7 @@ fn rendered() -> Vec<Value> {
 /// below), the resources and the image's entry point. podman ignores the service account,
 /// tolerations and priority class; none matters on one machine.
 fn pod_for_this_machine(world: &World, pod_name: &str, image: &str, policy: &str, port: u16) -> (Vec<Value>, Manifest) {
-    let objects = rendered();
+    let objects = rendered_objects();
     let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").expect("a DaemonSet in deploy/");
     let template = &ds["spec"]["template"];
     let mut spec = template["spec"].clone();

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::podman::{IMAGE, ensure_image, podman};
-use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s};
+use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s, watch_cmd};
 use common::{BIN, Fixture, Rule, copy_dir, largest_file, run_with_timeout, tool, used_len};
 use serde_json::Value;
 
@@ -137,21 +137,6 @@ fn rfc3339_times_parse_to_unix_seconds() {
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
-}
-
-/// `kubefim watch` on `db` with `pubkey` and the fixture's ready file, as a command.
-fn watch_cmd(fx: &Fixture, db: &Path, pubkey: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("watch")
-        .arg("--db")
-        .arg(db)
-        .arg("--pubkey")
-        .arg(pubkey)
-        .arg("--format")
-        .arg("jsonl")
-        .arg("--ready-file")
-        .arg(fx.path("ready"));
-    cmd
 }
 
 /// Whether stderr holds the watcher's "ready" line (not a word that contains it).
@@ -904,7 +889,7 @@ fn sigterm_and_sigint_end_the_watcher_with_status_0() {
 
     for signal in [rustix::process::Signal::INT, rustix::process::Signal::TERM] {
         let _ = fs::remove_file(fx.path("ready"));
-        let raw = wait_ready(Raw::spawn(watch_cmd(&fx, &fx.db(), &fx.pubkey())), &fx.path("ready"));
+        let raw = wait_ready(Raw::spawn(watch_cmd(&fx.db(), &fx.pubkey(), &fx.path("ready"))), &fx.path("ready"));
         // A change pending when the signal comes is still reported before the exit.
         python(&format!("f = open({:?}, 'a'); f.write('x\\n'); f.close()", s(&fx.t("conf.txt"))));
         let (status, out, err) = raw.signal_and_wait(signal);
@@ -929,7 +914,8 @@ fn wrong_public_key_exits_3_without_ready() {
     fx.create_default();
     let other = fx.path("other-keys");
     fx.keygen_into(&other);
-    let run = run_with_timeout(watch_cmd(&fx, &fx.db(), &other.join("kubefim.pub")), Duration::from_secs(30));
+    let run =
+        run_with_timeout(watch_cmd(&fx.db(), &other.join("kubefim.pub"), &fx.path("ready")), Duration::from_secs(30));
     assert_refused(&fx, &run, 3, &["signature", "trust", "key"]);
 }
 
@@ -951,7 +937,7 @@ fn tampered_baseline_exits_3_without_ready() {
     let at = used_len(&bytes) / 2;
     bytes[at] ^= 0x01;
     fs::write(&file, bytes).unwrap();
-    let run = run_with_timeout(watch_cmd(&fx, &tampered, &fx.pubkey()), Duration::from_secs(30));
+    let run = run_with_timeout(watch_cmd(&tampered, &fx.pubkey(), &fx.path("ready")), Duration::from_secs(30));
     assert_refused(&fx, &run, 3, &["signature", "trust", "tamper", "seal"]);
     // The untouched original still starts.
     assert!(Watcher::start_on(&fx, &[]).stop().success());
@@ -1047,7 +1033,7 @@ fn unprivileged_watch_exits_2_naming_what_is_missing() {
         .arg(format!("--regid={}", common::NOBODY))
         .arg("--clear-groups")
         .arg(BIN)
-        .args(watch_cmd(&fx, &fx.db(), &fx.pubkey()).get_args());
+        .args(watch_cmd(&fx.db(), &fx.pubkey(), &fx.path("ready")).get_args());
     let run = run_with_timeout(cmd, Duration::from_secs(30));
     assert_refused(&fx, &run, 2, &["root", "CAP_BPF", "BPF"]);
 }

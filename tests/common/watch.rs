@@ -20,6 +20,21 @@ pub const REPORT_WITHIN: Duration = Duration::from_secs(2);
 /// How long the watcher may take to load, attach and rescan.
 pub const READY_WITHIN: Duration = Duration::from_secs(60);
 
+/// `kubefim watch --format jsonl --db DB --pubkey PUB --ready-file READY`, as a command.
+pub fn watch_cmd(db: &Path, pubkey: &Path, ready: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("watch")
+        .arg("--db")
+        .arg(db)
+        .arg("--pubkey")
+        .arg(pubkey)
+        .arg("--format")
+        .arg("jsonl")
+        .arg("--ready-file")
+        .arg(ready);
+    cmd
+}
+
 /// A running watcher.
 pub struct Watcher {
     child: Option<Child>,
@@ -51,20 +66,8 @@ impl Watcher {
     pub fn start_on(fx: &Fixture, extra: &[&str]) -> Watcher {
         let ready = fx.path("ready");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(BIN);
-        cmd.arg("watch")
-            .arg("--db")
-            .arg(fx.db())
-            .arg("--pubkey")
-            .arg(fx.pubkey())
-            .arg("--format")
-            .arg("jsonl")
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = watch_cmd(&fx.db(), &fx.pubkey(), &ready);
+        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn kubefim watch");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
