@@ -23,5 +23,13 @@ pub mod state;
 pub mod watch;
 
 pub use error::{Error, Result};
+
+/// The kernel side as user space drives it, for tests that load the real programs and
+/// assert on the events they send (watcher/tests/kernel.rs): nothing else outside this
+/// crate needs it.
+pub mod kernel {
+    pub use crate::event::KernelEvent;
+    pub use crate::programs::Programs;
+}
 pub use output::Format;
 pub use watch::{WatchOptions, run};
