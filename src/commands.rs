@@ -59,7 +59,7 @@ fn open_trusted(db: &Path, pubkey: &Path) -> Result<TrustedBaseline> {
 pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     let trusted = open_trusted(db, pubkey)?;
     let mut out = anstream::stdout().lock();
-    for (k, record) in &trusted.records {
+    for (k, record) in &trusted.record_map()? {
         if jsonl {
             output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, &trusted.policy))?;
         } else {

@@ -67,7 +67,7 @@ pub fn baseline_header(b: &TrustedBaseline) -> String {
         "baseline {} (policy {:?}, {} records, signed on host {} at unix time {}s): signature OK",
         b.path().display(),
         b.policy.name,
-        b.records.len(),
+        b.len(),
         b.manifest.host,
         created.as_secs()
     )

@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::policy::{Policy, path_bytes};
-use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, decode_chunk, encode_chunk};
+use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, RecordLoc, decode_chunk, encode_chunk};
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
 use crate::seal::{self, Seal};
@@ -191,17 +191,26 @@ pub fn create(
     })
 }
 
-/// A baseline whose signature has been checked with the caller's public key; its records are
-/// held in memory from the same pass that checked them, so nothing can change them after.
+/// A baseline whose signature has been checked with the caller's public key. Its records
+/// stay in the store: the pass that checked the signature also took the BLAKE3 of every
+/// record chunk, and every later read of a chunk is checked against it, so what is read is
+/// what was signed, however long the reader runs (the watcher runs for months) and however
+/// many records there are.
 pub struct TrustedBaseline {
     store: Store,
     /// The manifest.
     pub manifest: Manifest,
     /// The policy the baseline was made with.
     pub policy: Policy,
-    /// Every record, by path bytes.
-    pub records: BTreeMap<Vec<u8>, FileRecord>,
+    /// The key and BLAKE3 of every record chunk, in stored order.
+    chunks: Vec<(Box<[u8]>, blake3::Hash)>,
+    /// The chunks read last, decoded (most recent first): readers look up records of the
+    /// same directories in bursts.
+    cache: Mutex<Vec<(usize, Arc<Vec<PathRecord>>)>>,
 }
+
+/// How many decoded chunks [`TrustedBaseline`] keeps (a chunk of small files is ~300 KB).
+const CHUNK_CACHE: usize = 8;
 
 impl TrustedBaseline {
     /// Opens `db` and checks its seal and signature with `key`. Any failure is
@@ -225,7 +234,7 @@ impl TrustedBaseline {
             digest.entry(tree, k, v);
             match tree {
                 TreeKind::Meta if k == MANIFEST_KEY => manifest_bytes = Some(v.to_vec()),
-                TreeKind::Records => chunks.push(v.to_vec()),
+                TreeKind::Records => chunks.push((k.into(), blake3::hash(v))),
                 _ => {}
             }
             Ok(())
@@ -261,13 +270,94 @@ impl TrustedBaseline {
         }
         let policy =
             Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
-        let mut records = BTreeMap::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let entries =
-                decode_chunk(chunk).ok_or_else(|| untrusted(format!("record chunk {i} has an unknown format")))?;
-            records.extend(entries);
+        Ok(TrustedBaseline { store, manifest, policy, chunks, cache: Mutex::new(Vec::new()) })
+    }
+
+    /// How many records the baseline has (its signed manifest says).
+    pub fn len(&self) -> u64 {
+        self.manifest.records
+    }
+
+    /// Whether the baseline has no records.
+    pub fn is_empty(&self) -> bool {
+        self.manifest.records == 0
+    }
+
+    /// How many record chunks the baseline has.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Record chunk `i` (in stored order), read from the store and checked against the
+    /// BLAKE3 taken when the signature was checked.
+    pub fn chunk(&self, i: usize) -> Result<Arc<Vec<PathRecord>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = cache.iter().position(|(n, _)| *n == i) {
+            let hit = cache.remove(at);
+            let chunk = hit.1.clone();
+            cache.insert(0, hit);
+            return Ok(chunk);
         }
-        Ok(TrustedBaseline { store, manifest, policy, records })
+        drop(cache);
+        if i >= self.chunks.len() {
+            return Err(Error::Untrusted {
+                path: self.path().to_owned(),
+                reason: format!("record chunk {i} does not exist"),
+            });
+        }
+        let entries = Arc::new(self.read_chunk(i)?);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.insert(0, (i, entries.clone()));
+        cache.truncate(CHUNK_CACHE);
+        Ok(entries)
+    }
+
+    /// The record at `loc` (see [`TrustedBaseline::for_each_record`]).
+    pub fn record(&self, loc: RecordLoc) -> Result<PathRecord> {
+        let chunk = self.chunk(loc.chunk())?;
+        chunk.get(loc.index()).cloned().ok_or_else(|| Error::Untrusted {
+            path: self.path().to_owned(),
+            reason: format!("record chunk {} has no record {}", loc.chunk(), loc.index()),
+        })
+    }
+
+    /// Calls `f` with every record and its location, in stored order, one chunk in memory
+    /// at a time.
+    pub fn for_each_record(&self, mut f: impl FnMut(RecordLoc, &[u8], &FileRecord) -> Result<()>) -> Result<()> {
+        for i in 0..self.chunks.len() {
+            // Read around the cache: a whole pass would only evict what readers use.
+            let chunk = self.read_chunk(i)?;
+            for (n, (path, record)) in chunk.iter().enumerate() {
+                let loc = RecordLoc::new(i, n).ok_or_else(|| Error::Untrusted {
+                    path: self.path().to_owned(),
+                    reason: format!("record chunk {i} holds more than {CHUNK_RECORDS} records"),
+                })?;
+                f(loc, path, record)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunk(&self, i: usize) -> Result<Vec<PathRecord>> {
+        let untrusted = |reason: String| Error::Untrusted { path: self.path().to_owned(), reason };
+        let (key, hash) = &self.chunks[i];
+        let bytes = self
+            .store
+            .get(TreeKind::Records, key)?
+            .filter(|b| blake3::hash(b) == *hash)
+            .ok_or_else(|| untrusted(format!("record chunk {i} changed after its signature was checked")))?;
+        decode_chunk(&bytes).ok_or_else(|| untrusted(format!("record chunk {i} has an unknown format")))
+    }
+
+    /// Every record by path, in memory: for the commands that still compare by path lookup
+    /// (verify, show); the watcher reads by location instead.
+    pub fn record_map(&self) -> Result<BTreeMap<Vec<u8>, FileRecord>> {
+        let mut records = BTreeMap::new();
+        self.for_each_record(|_, path, record| {
+            records.insert(path.to_vec(), record.clone());
+            Ok(())
+        })?;
+        Ok(records)
     }
 
     /// Stored content by hash (checked against the hash).
@@ -317,15 +407,19 @@ pub fn accept(
         let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
         let mut kept = 0u64;
         let mut writer = ChunkWriter::new(store);
-        for (k, record) in trusted.records.iter().filter(|(k, _)| !under_accepted(k)) {
+        trusted.for_each_record(|_, k, record| {
+            if under_accepted(k) {
+                return Ok(());
+            }
             if let (true, Some(hash)) = (record.content_stored, record.hash())
                 && let Some(content) = trusted.content(hash)?
             {
                 store.put_content(hash, &content)?;
             }
-            writer.push(k.clone(), record.clone())?;
+            writer.push(k.to_vec(), record.clone())?;
             kept += 1;
-        }
+            Ok(())
+        })?;
         let scan = Scan::paths(&trusted.policy, roots.clone()).under(host).skip(db).skip(store.path());
         let summary = scan_into(&mut writer, &scan, progress)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
@@ -437,6 +531,30 @@ mod tests {
         let (_, other_pub) = crate::sign::generate(&dir.path().join("other")).unwrap();
         let (_dir2, db2, _, _) = fixture();
         assert_untrusted(&db2, &PublicKey::load(&other_pub).unwrap(), "seal does not verify");
+    }
+
+    #[test]
+    fn records_are_read_by_location_and_checked_on_every_read() {
+        let (_dir, db, _key, public) = fixture();
+        let trusted = TrustedBaseline::open(&db, &public).unwrap();
+        let mut seen = Vec::new();
+        trusted
+            .for_each_record(|loc, path, record| {
+                seen.push((loc, path.to_vec(), record.clone()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen.len() as u64, trusted.len());
+        for (loc, path, record) in &seen {
+            assert_eq!(trusted.record(*loc).unwrap(), (path.clone(), record.clone()));
+        }
+        // The private copy edited behind the reader's back: the next read that is not
+        // served from the cache refuses it.
+        let (key, _) = trusted.chunks[0].clone();
+        trusted.store.put(TreeKind::Records, &key, &encode_chunk(&[])).unwrap();
+        trusted.cache.lock().unwrap().clear();
+        let err = trusted.record(seen[0].0).unwrap_err();
+        assert!(err.is_untrusted() && err.to_string().contains("changed after its signature was checked"), "{err}");
     }
 
     #[test]

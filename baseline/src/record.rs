@@ -17,6 +17,45 @@ pub const CHUNK_RECORDS: usize = 1024;
 /// A path (raw bytes) and its record.
 pub type PathRecord = (Vec<u8>, FileRecord);
 
+/// Where a record is in a trusted baseline: its chunk (in stored order) and its place in the
+/// chunk, packed in 32 bits (22 for the chunk, 10 for the place: [`CHUNK_RECORDS`] is 1024),
+/// so that a reader keeping a million of them pays 4 bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordLoc(u32);
+
+/// Bits of [`RecordLoc`] that hold the place in the chunk.
+const LOC_INDEX_BITS: u32 = CHUNK_RECORDS.trailing_zeros();
+const _: () = assert!(CHUNK_RECORDS.is_power_of_two());
+
+impl RecordLoc {
+    /// The location of record `index` of chunk `chunk`; `None` when either is out of range.
+    pub fn new(chunk: usize, index: usize) -> Option<RecordLoc> {
+        let chunk = u32::try_from(chunk).ok().filter(|c| *c < 1 << (32 - LOC_INDEX_BITS))?;
+        let index = u32::try_from(index).ok().filter(|i| (*i as usize) < CHUNK_RECORDS)?;
+        Some(RecordLoc(chunk << LOC_INDEX_BITS | index))
+    }
+
+    /// The chunk, in stored order.
+    pub fn chunk(self) -> usize {
+        (self.0 >> LOC_INDEX_BITS) as usize
+    }
+
+    /// The place in the chunk.
+    pub fn index(self) -> usize {
+        (self.0 & ((1 << LOC_INDEX_BITS) - 1)) as usize
+    }
+
+    /// The packed form.
+    pub fn to_bits(self) -> u32 {
+        self.0
+    }
+
+    /// From the packed form.
+    pub fn from_bits(bits: u32) -> RecordLoc {
+        RecordLoc(bits)
+    }
+}
+
 /// Encodes a chunk of records: the format byte, then zstd-compressed postcard.
 pub fn encode_chunk(entries: &[PathRecord]) -> Vec<u8> {
     let raw = postcard::to_stdvec(entries).expect("records serialise");
@@ -126,6 +165,15 @@ impl FileRecord {
         self.digest.as_ref().map(|d| &d.hash)
     }
 
+    /// 64 bits of BLAKE3 over the whole record: two records with the same fingerprint are
+    /// equal (a second preimage of 64 bits of BLAKE3 is out of reach), so a rescan can
+    /// compare a million entries with what is known without holding a million records.
+    pub fn fingerprint(&self) -> u64 {
+        let bytes = postcard::to_stdvec(self).expect("records serialise");
+        let hash = blake3::hash(&bytes);
+        u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+
     /// The attributes of `attrs` whose values differ between `self` (baseline) and `now`.
     pub fn changed_attributes(&self, now: &FileRecord, attrs: AttributeSet) -> Vec<Attribute> {
         attrs
@@ -183,6 +231,24 @@ mod tests {
         let mut truncated = encode_chunk(&entries);
         truncated.truncate(truncated.len() - 3);
         assert_eq!(decode_chunk(&truncated), None);
+    }
+
+    #[test]
+    fn locations_pack_and_unpack() {
+        let loc = RecordLoc::new(3_000_000, 1023).unwrap();
+        assert_eq!((loc.chunk(), loc.index()), (3_000_000, 1023));
+        assert_eq!(RecordLoc::from_bits(loc.to_bits()), loc);
+        assert_eq!(RecordLoc::new(0, CHUNK_RECORDS), None);
+        assert_eq!(RecordLoc::new(1 << 22, 0), None);
+    }
+
+    #[test]
+    fn fingerprints_tell_records_apart() {
+        let a = sample();
+        let mut b = sample();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.ctime_ns += 1;
+        assert_ne!(a.fingerprint(), b.fingerprint());
     }
 
     #[test]

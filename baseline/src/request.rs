@@ -305,7 +305,8 @@ mod tests {
         let signature = sign(&found, &key, Some(policy.source())).unwrap();
         attach(&db, &public, &signature).unwrap();
         let trusted = TrustedBaseline::open(&db, &public).unwrap();
-        assert_eq!(trusted.records.len(), 2);
+        assert_eq!(trusted.len(), 2);
+        assert_eq!(trusted.record_map().unwrap().len(), 2);
         assert_eq!(trusted.manifest.host, "node-a");
         assert!(!pending_path(&db).exists());
     }

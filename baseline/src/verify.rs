@@ -212,9 +212,9 @@ pub fn verify_db(
 /// Compares scanned entries with the baseline: modified and added from the entries, removed
 /// from the records no entry matched.
 fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &ScanSummary) -> Result<VerifyReport> {
+    let records = baseline.record_map()?;
     let seen: HashSet<&[u8]> = entries.iter().map(|e| path_bytes(&e.path)).collect();
-    let mut changes: Vec<Change> = baseline
-        .records
+    let mut changes: Vec<Change> = records
         .iter()
         .filter(|(k, _)| !seen.contains(k.as_slice()))
         .map(|(k, old)| Change {
@@ -231,7 +231,7 @@ fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &Scan
     let compared: Vec<Option<Change>> = entries
         .into_par_iter()
         .map(|e| {
-            let old = baseline.records.get(path_bytes(&e.path));
+            let old = records.get(path_bytes(&e.path));
             compare(baseline, e.path, old, e.record, e.content.as_deref())
         })
         .collect::<Result<_>>()?;
