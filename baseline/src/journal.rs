@@ -13,6 +13,9 @@ use crate::record::FileRecord;
 
 const OBSERVED_TREE: &str = "observed";
 const BASELINE_KEY: &[u8] = b"baseline";
+/// The layout of [`Observed`]; a journal of another layout is cleared like one of another
+/// baseline (it only ever makes the watcher report more, so nothing is lost).
+const FORMAT: &str = "2";
 
 /// What the watcher last saw of a path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +24,9 @@ pub struct Observed {
     pub record: Option<FileRecord>,
     /// The content, where the rule keeps content (for the next diff).
     pub content: Option<Vec<u8>>,
+    /// Whether `record` differs from the signed baseline's record of the path in an
+    /// attribute the rule monitors (kept so a restart need not read the signed record).
+    pub modified: bool,
 }
 
 /// An open journal.
@@ -44,26 +50,43 @@ impl Journal {
         let db = sled::Config::new().path(path).cache_capacity(2 << 20).open().map_err(|e| journal_err(path, e))?;
         let observed = db.open_tree(OBSERVED_TREE).map_err(|e| journal_err(path, e))?;
         let journal = Journal { db, observed, path: path.to_owned() };
-        let id = journal.db.get(BASELINE_KEY).map_err(|e| journal_err(path, e))?;
-        if id.as_deref() != Some(baseline_id.as_bytes()) {
+        let id = format!("{FORMAT}:{baseline_id}");
+        let stored = journal.db.get(BASELINE_KEY).map_err(|e| journal_err(path, e))?;
+        if stored.as_deref() != Some(id.as_bytes()) {
             journal.observed.clear().map_err(|e| journal_err(path, e))?;
-            journal.db.insert(BASELINE_KEY, baseline_id.as_bytes()).map_err(|e| journal_err(path, e))?;
+            journal.db.insert(BASELINE_KEY, id.as_bytes()).map_err(|e| journal_err(path, e))?;
             journal.flush()?;
         }
         Ok(journal)
     }
 
-    /// Everything observed, by path bytes. Unreadable entries are skipped: they only make the
-    /// watcher fall back to the baseline, which it then rehashes against.
-    pub fn load(&self) -> Result<Vec<(Vec<u8>, Observed)>> {
-        let mut out = Vec::new();
+    /// Everything observed, by path bytes, one entry in memory at a time. Unreadable entries
+    /// are skipped: they only make the watcher fall back to the baseline, which it then
+    /// rehashes against.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], Observed) -> Result<()>) -> Result<()> {
         for item in self.observed.iter() {
             let (k, v) = item.map_err(|e| journal_err(&self.path, e))?;
             if let Ok(observed) = postcard::from_bytes::<Observed>(&v) {
-                out.push((k.to_vec(), observed));
+                f(&k, observed)?;
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// What was observed of `path`, if it is in the journal and readable.
+    pub fn get(&self, path: &[u8]) -> Result<Option<Observed>> {
+        let value = self.observed.get(path).map_err(|e| journal_err(&self.path, e))?;
+        Ok(value.and_then(|v| postcard::from_bytes(&v).ok()))
+    }
+
+    /// How many paths the journal holds.
+    pub fn len(&self) -> usize {
+        self.observed.len()
+    }
+
+    /// Whether the journal holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.observed.is_empty()
     }
 
     /// Records what was observed of `path` (`None`: it matches the baseline again).
@@ -94,7 +117,7 @@ mod tests {
     fn survives_reopen_and_is_cleared_for_another_baseline() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
-        let observed = Observed { record: None, content: Some(b"x".to_vec()) };
+        let observed = Observed { record: None, content: Some(b"x".to_vec()), modified: true };
         {
             let j = Journal::open(&path, "a").unwrap();
             j.put(b"/etc/x", Some(&observed)).unwrap();
@@ -102,7 +125,20 @@ mod tests {
             j.put(b"/etc/y", None).unwrap();
             j.flush().unwrap();
         }
-        assert_eq!(Journal::open(&path, "a").unwrap().load().unwrap(), vec![(b"/etc/x".to_vec(), observed)]);
-        assert!(Journal::open(&path, "b").unwrap().load().unwrap().is_empty());
+        let all = |j: &Journal| {
+            let mut out = Vec::new();
+            j.for_each(|k, o| {
+                out.push((k.to_vec(), o));
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let reopened = Journal::open(&path, "a").unwrap();
+        assert_eq!(all(&reopened), vec![(b"/etc/x".to_vec(), observed.clone())]);
+        assert_eq!(reopened.get(b"/etc/x").unwrap(), Some(observed));
+        assert_eq!(reopened.get(b"/etc/y").unwrap(), None);
+        drop(reopened);
+        assert!(Journal::open(&path, "b").unwrap().is_empty());
     }
 }
