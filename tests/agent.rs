@@ -976,7 +976,8 @@ fn kubernetes_without_an_api_server_says_degraded_and_keeps_watching() {
     let mut agent = Agent::spawn(cmd);
     agent.wait_ready(&ready);
     let (_, degraded) = agent.wait_kind("degraded", REPORT_WITHIN, 0);
-    assert!(degraded["reason"].as_str().is_some_and(|r| r.contains("Kubernetes")), "{degraded:#}");
+    assert_eq!(degraded["reason"], "no_kubernetes_api", "{degraded:#}");
+    assert!(degraded["message"].as_str().is_some_and(|m| m.contains("Kubernetes")), "{degraded:#}");
     let pid = append(&file, "beta\n");
     let line = agent.change_from(&s(&file), REPORT_WITHIN, 0);
     assert_host_origin(&line, pid, &agent);

@@ -714,8 +714,9 @@ fn ring_buffer_overflow_is_reported_as_lost_and_a_rescan_finds_every_change() {
     ));
     let lost = w.wait_for("a lost line", Duration::from_secs(10), |l| l["kind"] == "lost");
     assert!(lost["events"].as_u64().unwrap() > 0, "{lost:#}");
+    assert_eq!(lost["dropped_by"], "kernel", "{lost:#}");
     w.wait_for("the rescan after lost events", Duration::from_secs(30), |l| {
-        l["kind"] == "rescan" && l["reason"] == "lost events"
+        l["kind"] == "rescan" && l["reason"] == "lost_events"
     });
     // Settle: the rehashes of what did arrive, and any later rescan.
     thread::sleep(Duration::from_secs(2));

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
 use crate::event::KernelEvent;
+use crate::model::{Container, FileOp, Origin, Pod, Process, Runtime, Writer};
 use crate::pods::{PodIndex, pod_uid_from_cgroup};
 
 /// How long a process's /proc details are reused.
@@ -21,7 +20,7 @@ const CACHE_FOR: Duration = Duration::from_secs(2);
 
 /// The actor of a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor {
+pub(crate) struct Actor {
     /// Process id.
     pub pid: u32,
     /// Parent process id.
@@ -36,46 +35,60 @@ pub struct Actor {
     pub exe: Option<String>,
     /// Command line, when /proc still had it.
     pub cmdline: Option<String>,
-    /// The cgroup (v2) path, when known.
-    pub cgroup: Option<String>,
-    /// The container id, when the cgroup path names one.
-    pub container_id: Option<String>,
-    /// The container runtime the cgroup path's format belongs to.
-    pub runtime: Option<&'static str>,
-    /// The pod the container belongs to, when the Kubernetes API has told (`pod` of a
-    /// report line).
-    pub pod: Option<Value>,
+    /// The container, when the cgroup path names one.
+    pub container: Option<Container>,
+    /// The pod the container belongs to, when the Kubernetes API has told.
+    pub pod: Option<Pod>,
 }
 
 impl Actor {
-    /// `process` of a report line.
-    pub fn process_json(&self) -> Value {
-        json!({
-            "pid": self.pid,
-            "ppid": self.ppid,
-            "uid": self.uid,
-            "gid": self.gid,
-            "comm": self.comm,
-            "exe": self.exe,
-            "cmdline": self.cmdline,
-        })
-    }
-
-    /// `container` of a report line: null for a host process.
-    pub fn container_json(&self) -> Value {
-        match &self.container_id {
-            Some(id) => json!({ "id": id, "runtime": self.runtime, "cgroup": self.cgroup }),
-            None => Value::Null,
+    /// The process part of a report.
+    pub fn process(&self) -> Process {
+        Process {
+            pid: self.pid,
+            ppid: self.ppid,
+            uid: self.uid,
+            gid: self.gid,
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+            cmdline: self.cmdline.clone(),
         }
     }
 
-    /// `origin` of a report line: `host` for a process outside any container, `pod` for a
-    /// container whose pod is known, `container` otherwise.
-    pub fn origin(&self) -> &'static str {
-        match (&self.container_id, &self.pod) {
-            (None, _) => "host",
-            (Some(_), Some(_)) => "pod",
-            (Some(_), None) => "container",
+    /// `host` for a process outside any container, `pod` for a container whose pod is
+    /// known, `container` otherwise.
+    pub fn origin(&self) -> Origin {
+        match (&self.container, &self.pod) {
+            (None, _) => Origin::Host,
+            (Some(_), Some(_)) => Origin::Pod,
+            (Some(_), None) => Origin::Container,
+        }
+    }
+
+    /// This actor as one of a change's writers, with its ops.
+    pub fn writer(&self, ops: Vec<FileOp>) -> Writer {
+        Writer {
+            process: self.process(),
+            ops,
+            container: self.container.clone(),
+            pod: self.pod.clone(),
+            origin: self.origin(),
+        }
+    }
+
+    /// A host process with only a pid and a name, for tests of what consumes actors.
+    #[cfg(test)]
+    pub fn for_tests(pid: u32, comm: &str) -> Actor {
+        Actor {
+            pid,
+            ppid: 1,
+            uid: 0,
+            gid: 0,
+            comm: comm.to_owned(),
+            exe: None,
+            cmdline: None,
+            container: None,
+            pod: None,
         }
     }
 }
@@ -85,10 +98,12 @@ struct Details {
     exe: Option<String>,
     cmdline: Option<String>,
     cgroup: Option<String>,
+    /// The last actor made for this process, reused while the event says the same.
+    last: Option<Arc<Actor>>,
 }
 
 /// Resolves actors, with caches of /proc details and cgroup paths.
-pub struct Attribution {
+pub(crate) struct Attribution {
     cgroup_root: PathBuf,
     processes: HashMap<u32, Details>,
     cgroups: HashMap<u64, Option<String>>,
@@ -126,11 +141,6 @@ impl Attribution {
         }
     }
 
-    /// The index of the node's pods, if pods are named.
-    pub fn pods(&self) -> Option<&PodIndex> {
-        self.pods.as_ref()
-    }
-
     /// Also names the pod of each container, from this index of the node's pods.
     pub fn with_pods(mut self, pods: Option<PodIndex>) -> Self {
         self.pods = pods;
@@ -139,14 +149,14 @@ impl Attribution {
 
     /// The pod of a container: by its id once the pod's status lists it, else by the pod
     /// uid in its cgroup path (a container that just started; its name is not known yet).
-    fn pod_of(&self, container_id: &str, cgroup: Option<&str>) -> Option<Value> {
+    fn pod_of(&self, container_id: &str, cgroup: Option<&str>) -> Option<Pod> {
         let pods = self.pods.as_ref()?;
         if let Some(info) = pods.lookup(container_id) {
-            return Some(info.to_json());
+            return Some(info.to_pod());
         }
         let uid = pod_uid_from_cgroup(cgroup?)?;
         let (namespace, name) = pods.lookup_pod_uid(&uid)?;
-        Some(json!({"namespace": namespace, "name": name, "uid": uid, "container": null, "image": null}))
+        Some(Pod { namespace, name, uid, container: None, image: None })
     }
 
     /// The actor of an event.
@@ -168,7 +178,15 @@ impl Attribution {
             let cgroup = std::fs::read_to_string(proc.join("cgroup"))
                 .ok()
                 .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
-            self.processes.insert(h.pid, Details { at: now, exe, cmdline, cgroup });
+            self.processes.insert(h.pid, Details { at: now, exe, cmdline, cgroup, last: None });
+        }
+        let comm = event.comm();
+        if let Some(last) = &self.processes[&h.pid].last
+            && (last.ppid, last.uid, last.gid, last.comm.as_str()) == (h.ppid, h.uid, h.gid, comm.as_str())
+            // A pod found late (the API listed the container since) is worth a new actor.
+            && (last.container.is_none() || last.pod.is_some())
+        {
+            return last.clone();
         }
         let details = &self.processes[&h.pid];
         let (exe, cmdline) = (details.exe.clone(), details.cmdline.clone());
@@ -176,21 +194,18 @@ impl Attribution {
             Some(c) => Some(c.clone()),
             None => self.cgroup_path(h.cgroup_id),
         };
-        let found = cgroup.as_deref().and_then(container_of);
-        let pod = found.as_ref().and_then(|(id, _)| self.pod_of(id, cgroup.as_deref()));
-        Arc::new(Actor {
-            pod,
-            pid: h.pid,
-            ppid: h.ppid,
-            uid: h.uid,
-            gid: h.gid,
-            comm: event.comm(),
-            exe,
-            cmdline,
-            container_id: found.as_ref().map(|(id, _)| id.clone()),
-            runtime: found.map(|(_, r)| r),
-            cgroup,
-        })
+        let container = cgroup.as_deref().and_then(container_of).map(|(id, runtime)| Container {
+            id,
+            runtime,
+            cgroup: cgroup.clone(),
+        });
+        let pod = container.as_ref().and_then(|c| self.pod_of(&c.id, cgroup.as_deref()));
+        let actor =
+            Arc::new(Actor { pid: h.pid, ppid: h.ppid, uid: h.uid, gid: h.gid, comm, exe, cmdline, container, pod });
+        if let Some(d) = self.processes.get_mut(&h.pid) {
+            d.last = Some(actor.clone());
+        }
+        actor
     }
 
     /// The cgroup v2 path of a cgroup id (the id is the inode number of the cgroup's
@@ -230,9 +245,14 @@ fn walk_for_inode(root: &Path, ino: u64) -> Option<PathBuf> {
 /// runtimes: systemd-managed (`docker-<id>.scope`, `cri-containerd-<id>.scope`,
 /// `crio-<id>.scope`, `libpod-<id>.scope`) and cgroupfs-managed (`/docker/<id>`,
 /// `/kubepods/.../<id>`, `/libpod_parent/libpod-<id>`). Conmon's own cgroup is not a container.
-pub fn container_of(cgroup: &str) -> Option<(String, &'static str)> {
-    const PREFIXES: [(&str, &str); 5] =
-        [("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker"), ("libpod-", "podman"), ("", "")];
+pub(crate) fn container_of(cgroup: &str) -> Option<(String, Runtime)> {
+    const PREFIXES: [(&str, Option<Runtime>); 5] = [
+        ("cri-containerd-", Some(Runtime::Containerd)),
+        ("crio-", Some(Runtime::CriO)),
+        ("docker-", Some(Runtime::Docker)),
+        ("libpod-", Some(Runtime::Podman)),
+        ("", None),
+    ];
     for segment in cgroup.rsplit('/') {
         let segment = segment.strip_suffix(".scope").unwrap_or(segment);
         if segment.starts_with("libpod-conmon-") || segment.starts_with("crio-conmon-") {
@@ -244,10 +264,10 @@ pub fn container_of(cgroup: &str) -> Option<(String, &'static str)> {
                 && id.bytes().all(|b| b.is_ascii_hexdigit())
             {
                 let runtime = match runtime {
-                    "" if cgroup.contains("/docker/") => "docker",
-                    "" if cgroup.contains("kubepods") => "kubernetes",
-                    "" => "unknown",
-                    r => r,
+                    Some(r) => r,
+                    None if cgroup.contains("/docker/") => Runtime::Docker,
+                    None if cgroup.contains("kubepods") => Runtime::Kubernetes,
+                    None => Runtime::Unknown,
                 };
                 return Some((id.to_owned(), runtime));
             }
@@ -264,18 +284,18 @@ mod tests {
     fn container_ids_from_runtime_cgroup_paths() {
         let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         for (path, runtime) in [
-            (format!("/system.slice/docker-{id}.scope"), "docker"),
-            (format!("/docker/{id}"), "docker"),
+            (format!("/system.slice/docker-{id}.scope"), Runtime::Docker),
+            (format!("/docker/{id}"), Runtime::Docker),
             (
                 format!(
                     "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podx.slice/cri-containerd-{id}.scope"
                 ),
-                "containerd",
+                Runtime::Containerd,
             ),
-            (format!("/kubepods.slice/kubepods-pod1.slice/crio-{id}.scope"), "cri-o"),
-            (format!("/kubepods/burstable/pod1234/{id}"), "kubernetes"),
-            (format!("/machine.slice/libpod-{id}.scope/container"), "podman"),
-            (format!("/libpod_parent/libpod-{id}"), "podman"),
+            (format!("/kubepods.slice/kubepods-pod1.slice/crio-{id}.scope"), Runtime::CriO),
+            (format!("/kubepods/burstable/pod1234/{id}"), Runtime::Kubernetes),
+            (format!("/machine.slice/libpod-{id}.scope/container"), Runtime::Podman),
+            (format!("/libpod_parent/libpod-{id}"), Runtime::Podman),
         ] {
             assert_eq!(container_of(&path), Some((id.to_owned(), runtime)), "{path}");
         }

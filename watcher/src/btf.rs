@@ -166,6 +166,7 @@ impl KernelBtf {
     }
 
     /// Size in bytes of the struct (or union) named `name`.
+    #[cfg(test)]
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         Ok(self.record(self.struct_id(name)?)?.2)
     }

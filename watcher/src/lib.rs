@@ -1,28 +1,38 @@
-//! kubefim watch mode: loads and attaches the eBPF programs of ebpf/ (`programs`), keeps
-//! their filter maps filled from the baseline (`state`), reads the ring buffer (`event`),
-//! maps each event to the monitored paths it touches (`resolve`), debounces (`pending`),
-//! rehashes and compares with the last known state, attributes the change to a process,
-//! container (`actor`) and pod (`pods`, through the Kubernetes API), and prints it
-//! (`output`). `lifecycle` gets to a trusted baseline without the private key on the node;
-//! `metrics` and `http` serve Prometheus metrics and the probes. `watch` is the loop that
-//! ties them.
+//! kubefim watch mode. The ring buffer is drained by its own thread (`reader`), which names
+//! each event's process (`actor`, `pods`) and looks at its paths as the process saw them
+//! (`resolve`); the loop (`watch`) maps each event to what it may have changed (`targets`),
+//! debounces (`pending`), rehashes and reports (`report`, typed lines in `model`, printed by
+//! `output`), keeps the kernel's filter in step (`filter`, over the programs of `programs`
+//! loaded with `btf`'s offsets) and runs rescans off the loop (`rescan`). What is known of
+//! each path is `state`: a compact `index` in memory, records in the signed baseline and the
+//! journal. `lifecycle` gets to a trusted baseline without the private key on the node;
+//! `metrics` and `http` serve Prometheus metrics and the probes.
 
-pub mod actor;
-pub mod btf;
+mod actor;
+mod btf;
 pub mod error;
-pub mod event;
+mod event;
+mod filter;
 pub mod http;
-pub mod lifecycle;
+mod index;
+mod lifecycle;
 pub mod metrics;
-pub mod output;
-pub mod pending;
+pub mod model;
+mod output;
+mod pending;
 pub mod pods;
-pub mod programs;
-pub mod resolve;
-pub mod state;
-pub mod watch;
+mod programs;
+mod reader;
+mod report;
+mod rescan;
+mod resolve;
+mod state;
+mod targets;
+mod watch;
 
 pub use error::{Error, Result};
+pub use output::Format;
+pub use watch::{WatchOptions, run};
 
 /// The kernel side as user space drives it, for tests that load the real programs and
 /// assert on the events they send (watcher/tests/kernel.rs): nothing else outside this
@@ -31,5 +41,3 @@ pub mod kernel {
     pub use crate::event::KernelEvent;
     pub use crate::programs::Programs;
 }
-pub use output::Format;
-pub use watch::{WatchOptions, run};

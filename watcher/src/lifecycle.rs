@@ -14,22 +14,22 @@ use kubefim_baseline::request::{self, Signature, SigningRequest};
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::seal;
 use kubefim_baseline::sign::PublicKey;
-use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::error::{Error, Result};
 use crate::http::Health;
 use crate::metrics::Metrics;
-use crate::output::{Printer, state_line};
+use crate::model::{AwaitingSignature, BaselineInstalled, Event, Line, SignatureRejected};
+use crate::output::Printer;
 use crate::watch::WatchOptions;
 
 /// How often the signature file is looked at.
-pub const SIGNATURE_POLL: Duration = Duration::from_secs(2);
+pub(crate) const SIGNATURE_POLL: Duration = Duration::from_secs(2);
 /// How often a waiting agent repeats its request, so a log reader that starts late sees it.
 const REPEAT_REQUEST: Duration = Duration::from_secs(600);
 
 /// The file an operator's signature for this node arrives in.
-pub fn signature_file(opts: &WatchOptions) -> Option<PathBuf> {
+pub(crate) fn signature_file(opts: &WatchOptions) -> Option<PathBuf> {
     opts.signatures.as_ref().map(|dir| dir.join(&opts.node_name))
 }
 
@@ -37,7 +37,7 @@ pub fn signature_file(opts: &WatchOptions) -> Option<PathBuf> {
 /// symlink; the content is what counts). Kept across baselines, so that a signature tried
 /// once is not tried again.
 #[derive(Default)]
-pub struct SignatureWatch {
+pub(crate) struct SignatureWatch {
     seen: Option<Vec<u8>>,
 }
 
@@ -53,8 +53,12 @@ impl SignatureWatch {
     }
 }
 
-fn print(printer: &mut Printer, line: &serde_json::Value) -> Result<()> {
-    printer.print(line).and_then(|()| printer.flush()).map_err(|e| Error::io("writing to stdout", e))
+fn print(printer: &mut Printer, line: Line) -> Result<()> {
+    printer.print(&Event::now(line)).and_then(|()| printer.flush()).map_err(|e| Error::io("writing to stdout", e))
+}
+
+fn rejected(opts: &WatchOptions, digest: Option<String>, error: String) -> Line {
+    Line::SignatureRejected(SignatureRejected { node: opts.node_name.clone(), digest, error })
 }
 
 /// A pending baseline's request, if it was scanned with exactly `policy` (a changed policy
@@ -66,7 +70,7 @@ fn usable_pending(db: &Path, policy: &Policy) -> Result<Option<SigningRequest>> 
 
 /// Tries `signature` on the pending baseline; true once it is installed. A signature for
 /// another scan (stale) or one that does not verify is reported and waited past.
-pub fn try_attach(
+pub(crate) fn try_attach(
     opts: &WatchOptions,
     key: &PublicKey,
     signature: std::result::Result<Signature, String>,
@@ -75,35 +79,29 @@ pub fn try_attach(
     let signature = match signature {
         Ok(s) => s,
         Err(e) => {
-            print(printer, &state_line("signature-rejected", json!({"node": opts.node_name, "error": e})))?;
+            print(printer, rejected(opts, None, e))?;
             return Ok(false);
         }
     };
     if !request::is_for_pending(&opts.db, &signature)? {
-        print(
-            printer,
-            &state_line(
-                "signature-rejected",
-                json!({"node": opts.node_name, "digest": signature.digest,
-                       "error": "not for the pending baseline of this node (stale, another node's, or nothing is pending)"}),
-            ),
-        )?;
+        let why = "not for the pending baseline of this node (stale, another node's, or nothing is pending)";
+        print(printer, rejected(opts, Some(signature.digest), why.into()))?;
         return Ok(false);
     }
     match request::attach(&opts.db, key, &signature) {
         Ok(()) => {
             print(
                 printer,
-                &state_line(
-                    "baseline-installed",
-                    json!({"node": opts.node_name, "db": opts.db.display().to_string(), "digest": signature.digest}),
-                ),
+                Line::BaselineInstalled(BaselineInstalled {
+                    node: opts.node_name.clone(),
+                    db: opts.db.display().to_string(),
+                    digest: signature.digest,
+                }),
             )?;
             Ok(true)
         }
         Err(e) => {
-            let line = json!({"node": opts.node_name, "digest": signature.digest, "error": e.to_string()});
-            print(printer, &state_line("signature-rejected", line))?;
+            print(printer, rejected(opts, Some(signature.digest), e.to_string()))?;
             Ok(false)
         }
     }
@@ -111,7 +109,7 @@ pub fn try_attach(
 
 /// The trusted baseline to watch with, once there is one; `None` when asked to stop while
 /// waiting for it.
-pub async fn trusted(
+pub(crate) async fn trusted(
     opts: &WatchOptions,
     key: &PublicKey,
     signatures: &mut SignatureWatch,
@@ -161,18 +159,16 @@ pub async fn trusted(
         return Err(Error::io("waiting for a signature", std::io::Error::other("no --signatures directory")));
     };
     let awaiting = |request: &SigningRequest| {
-        state_line(
-            "awaiting-signature",
-            json!({
-                "node": opts.node_name,
-                "signature_file": path.display().to_string(),
-                "what_to_do": "sign this request with `kubefim baseline sign --key KEY` where the private key is, \
-                               and put the signature where signature_file is (the kubefim-signatures ConfigMap)",
-                "request": request,
-            }),
-        )
+        Line::AwaitingSignature(AwaitingSignature {
+            node: opts.node_name.clone(),
+            signature_file: path.display().to_string(),
+            what_to_do: "sign this request with `kubefim baseline sign --key KEY` where the private key is, \
+                         and put the signature where signature_file is (the kubefim-signatures ConfigMap)"
+                .into(),
+            request: request.clone(),
+        })
     };
-    print(printer, &awaiting(&request))?;
+    print(printer, awaiting(&request))?;
     health.set_not_ready("baseline awaiting signature (see the signing request in the log)");
     let mut poll = tokio::time::interval(SIGNATURE_POLL);
     let mut repeated = Instant::now();
@@ -185,7 +181,7 @@ pub async fn trusted(
         health.beat();
         if repeated.elapsed() >= REPEAT_REQUEST {
             repeated = Instant::now();
-            print(printer, &awaiting(&request))?;
+            print(printer, awaiting(&request))?;
         }
         if let Some(signature) = signatures.new_signature(&path)
             && try_attach(opts, key, signature, printer)?

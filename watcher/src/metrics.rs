@@ -21,6 +21,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::model::{RescanReason, VerifyResult};
+
 /// The media type of [`Metrics::encode`]'s output: `prometheus_client::encoding::text` writes
 /// OpenMetrics 1.0 text (counters with `_total`, `# UNIT` lines, a closing `# EOF`), which
 /// Prometheus negotiates by default.
@@ -38,7 +40,7 @@ const REHASH_BUCKETS: [f64; 16] = [
 const CHANGE_KINDS: [&str; 4] = ["added", "removed", "modified", "renamed"];
 
 /// The results of a verify run (`kubefim_verify_runs_total{result}`).
-const VERIFY_RESULTS: [&str; 3] = ["clean", "changed", "error"];
+const VERIFY_RESULTS: [VerifyResult; 3] = [VerifyResult::Clean, VerifyResult::Changed, VerifyResult::Error];
 
 /// `op="..."`: the name of a kernel event's operation (write, rename, unlink, chmod...).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,7 +75,7 @@ struct BuildLabel {
 /// A gauge holding a float (timestamps, durations), stored as the bits of an `f64`.
 type FloatGauge = Gauge<f64, AtomicU64>;
 /// A gauge holding a count.
-type CountGauge = Gauge<u64, AtomicU64>;
+pub type CountGauge = Gauge<u64, AtomicU64>;
 
 /// Every metric the agent exports. Cheap to update from the hot loop (atomics, and a read lock
 /// plus a hash look-up for labelled series); share it as `Arc<Metrics>`.
@@ -97,8 +99,16 @@ pub struct Metrics {
     programs_attached: CountGauge,
     programs_degraded: CountGauge,
     watched_inodes: CountGauge,
-    pod_events: Counter,
-    pods: CountGauge,
+    pods: PodMetrics,
+}
+
+/// The pod index's metrics, updated by its watch task as it applies events.
+#[derive(Debug, Clone, Default)]
+pub struct PodMetrics {
+    /// `kubefim_pod_cache_events_total`: watch events applied (list items count one each).
+    pub events: Counter,
+    /// `kubefim_pod_cache_entries`: pods in the index.
+    pub pods: CountGauge,
 }
 
 impl Default for Metrics {
@@ -130,8 +140,7 @@ impl Metrics {
             programs_attached: Gauge::default(),
             programs_degraded: Gauge::default(),
             watched_inodes: Gauge::default(),
-            pod_events: Counter::default(),
-            pods: Gauge::default(),
+            pods: PodMetrics::default(),
         };
         // Looking a series up creates it at zero; the read guard that comes back is not needed.
         for kind in CHANGE_KINDS {
@@ -141,7 +150,10 @@ impl Metrics {
             drop(metrics.last_verify_changes.get_or_create(&KindLabel { kind }));
         }
         for result in VERIFY_RESULTS {
-            drop(metrics.verify_runs.get_or_create(&ResultLabel { result }));
+            drop(metrics.verify_runs.get_or_create(&ResultLabel { result: result.as_str() }));
+        }
+        for reason in RescanReason::ALL {
+            drop(metrics.rescans.get_or_create(&ReasonLabel { reason: reason.as_str() }));
         }
         metrics.register()
     }
@@ -238,11 +250,11 @@ impl Metrics {
         // kubefim_pod_cache_events_total
         r.register(
             "kubefim_pod_cache_events",
-            "Pod watch events received from the Kubernetes API",
-            self.pod_events.clone(),
+            "Pod watch events applied to the pod index (list items count one each)",
+            self.pods.events.clone(),
         );
         // kubefim_pod_cache_entries
-        r.register("kubefim_pod_cache_entries", "Pods in the attribution cache", self.pods.clone());
+        r.register("kubefim_pod_cache_entries", "Pods in the attribution index", self.pods.pods.clone());
         self
     }
 
@@ -261,9 +273,9 @@ impl Metrics {
         self.lost.inc_by(n);
     }
 
-    /// One full rescan started, `reason` saying why (startup, interval, lost, io_uring...).
-    pub fn rescan(&self, reason: &'static str) {
-        self.rescans.get_or_create(&ReasonLabel { reason }).inc();
+    /// One rescan started, `reason` saying why.
+    pub fn rescan(&self, reason: RescanReason) {
+        self.rescans.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
     }
 
     /// One file was rehashed in `d`.
@@ -286,17 +298,17 @@ impl Metrics {
     pub fn verified(&self, at_unix: f64, added: u64, removed: u64, modified: u64, errors: u64, duration: Duration) {
         let changed = added > 0 || removed > 0 || modified > 0;
         let result = match (errors > 0, changed) {
-            (true, _) => "error",
-            (false, true) => "changed",
-            (false, false) => "clean",
+            (true, _) => VerifyResult::Error,
+            (false, true) => VerifyResult::Changed,
+            (false, false) => VerifyResult::Clean,
         };
         for (kind, n) in [("added", added), ("removed", removed), ("modified", modified)] {
             self.last_verify_changes.get_or_create(&KindLabel { kind }).set(n);
         }
         self.last_verify_errors.set(errors);
         self.last_verify_duration.set(duration.as_secs_f64());
-        self.last_verify_success.set(u64::from(result == "clean"));
-        self.verify_runs.get_or_create(&ResultLabel { result }).inc();
+        self.last_verify_success.set(u64::from(result == VerifyResult::Clean));
+        self.verify_runs.get_or_create(&ResultLabel { result: result.as_str() }).inc();
         // Last, so that a scrape seeing the new timestamp also sees the values it stamps.
         self.last_verify_at.set(at_unix);
     }
@@ -312,14 +324,9 @@ impl Metrics {
         self.watched_inodes.set(n);
     }
 
-    /// One pod watch event received by the Kubernetes pod cache.
-    pub fn pod_events(&self) {
-        self.pod_events.inc();
-    }
-
-    /// The pod cache now knows `n` pods.
-    pub fn set_pods(&self, n: u64) {
-        self.pods.set(n);
+    /// The pod index's metrics, for its watch task to update.
+    pub fn pod_metrics(&self) -> PodMetrics {
+        self.pods.clone()
     }
 
     /// The whole exposition, in the format named by [`CONTENT_TYPE`].

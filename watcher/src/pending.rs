@@ -1,103 +1,240 @@
-//! The debounce queue: events gathered per monitored path until it is worth a rehash —
+//! The debounce queue: what is known of each monitored path's changes since its last rehash
+//! — the ops, and for each process that made one, its own ops — until it is worth a rehash:
 //! soon after the close of a writer, after a short quiet period otherwise, and at the latest
 //! a fixed time after the first event, so a file written without pause is still reported.
+//!
+//! A new inode whose name is not known yet (created in a monitored directory, then written)
+//! gathers its changes under the inode, not under its directory: the directory's own events
+//! (other entries created, removed, renamed) never leak onto it. Paths found by a rescan or a
+//! directory listing wait here too, with no process: an event on the same path in the
+//! meantime brings its writer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use kubefim_common::InodeKey;
+
 use crate::actor::Actor;
+use crate::model::{Attribution, FileOp};
 
 /// Quiet time after the last event before a rehash.
-pub const QUIET: Duration = Duration::from_millis(50);
+pub(crate) const QUIET: Duration = Duration::from_millis(50);
 /// Delay after a writer's close (lets the same actor's close-time events land first).
-pub const AFTER_CLOSE: Duration = Duration::from_millis(5);
+pub(crate) const AFTER_CLOSE: Duration = Duration::from_millis(5);
 /// Longest a path waits for quiet.
-pub const MAX_WAIT: Duration = Duration::from_millis(500);
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(500);
 
-/// What is known of a path's changes since its last rehash.
-#[derive(Debug)]
-pub struct Pending {
-    /// Op names, in the order first seen.
-    pub ops: Vec<&'static str>,
-    /// The actor of the latest event that named an op (or of any event, failing that).
-    pub actor: Option<Arc<Actor>>,
-    /// Whether `actor` came from an event that named an op.
-    actor_did_op: bool,
-    /// Pids that made a syscall on the path: their inode-dirtying is not a separate mmap.
-    pub syscall_pids: Vec<u32>,
-    /// Pids whose inode-dirtying was noted as `mmap`.
-    pub dirty_pids: Vec<u32>,
+/// One process's part in a path's changes.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    /// Who.
+    pub actor: Arc<Actor>,
+    /// The ops it made on the path, in the order first seen.
+    pub ops: Vec<FileOp>,
+    /// Whether the path it acted on was inferred rather than resolved as it saw it.
+    pub inferred: bool,
+    /// It made a syscall on the path (its inode dirtying is that syscall, not a store).
+    syscall: bool,
+    /// Its inode dirtying was noted as a store through a mapping.
+    dirtied: bool,
+}
+
+/// How an event is noted on a path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Note {
+    /// The op, if the event names one.
+    pub op: Option<FileOp>,
+    /// The event is a writer's close: rehash soon.
+    pub close: bool,
+    /// The event is a syscall on the path (not inode dirtying or io_uring).
+    pub syscall: bool,
+    /// The path was inferred.
+    pub inferred: bool,
+}
+
+/// What is known of a path's (or an unnamed inode's) changes since its last rehash.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    /// Every process seen acting on it, in the order first seen (with no op yet: an open).
+    writers: Vec<Writer>,
     /// Wall time of the latest event.
     pub time: SystemTime,
     /// The path a rename moved here.
     pub renamed_from: Option<PathBuf>,
-    /// A directory whose entries are to be compared with the state when it is due (an
-    /// entry was created, removed or renamed in it; at the syscall's entry it was not yet).
+    /// A directory whose entries are to be compared with the state when it is due.
     pub list_entries: bool,
+    /// An event was seen on it (not only a rescan or a listing).
+    pub by_event: bool,
     first: Instant,
     due: Instant,
 }
 
-/// Pending paths.
-#[derive(Default)]
-pub struct Queue {
-    paths: HashMap<PathBuf, Pending>,
-}
-
-impl Queue {
-    /// Notes an event on `path`: `op` for `ops` (none for opens and closes), `close` for a
-    /// writer's close.
-    pub fn note(&mut self, path: &Path, op: Option<&'static str>, actor: &Arc<Actor>, time: SystemTime, close: bool) {
+impl Pending {
+    fn new(time: SystemTime, wait: Duration) -> Pending {
         let now = Instant::now();
-        let p = self.paths.entry(path.to_owned()).or_insert_with(|| Pending {
-            ops: Vec::new(),
-            actor: None,
-            actor_did_op: false,
-            syscall_pids: Vec::new(),
-            dirty_pids: Vec::new(),
+        Pending {
+            writers: Vec::new(),
             time,
             renamed_from: None,
             list_entries: false,
+            by_event: false,
             first: now,
-            due: now + QUIET,
-        });
-        if let Some(op) = op
-            && !p.ops.contains(&op)
-        {
-            p.ops.push(op);
-        }
-        if op.is_some() || !p.actor_did_op {
-            p.actor = Some(actor.clone());
-            p.actor_did_op = op.is_some();
-        }
-        p.time = time;
-        let wait = if close { AFTER_CLOSE } else { QUIET };
-        p.due = (now + wait).min(p.first + MAX_WAIT);
-    }
-
-    /// Notes that a syscall of `pid` touched `path`.
-    pub fn syscall_by(&mut self, path: &Path, pid: u32) {
-        if let Some(p) = self.paths.get_mut(path)
-            && !p.syscall_pids.contains(&pid)
-        {
-            p.syscall_pids.push(pid);
+            due: now + wait,
         }
     }
 
-    /// Notes that `pid` dirtied `path` with no syscall of its own on it (yet).
-    pub fn dirty_by(&mut self, path: &Path, pid: u32) {
-        if let Some(p) = self.paths.get_mut(path)
-            && !p.dirty_pids.contains(&pid)
+    fn note(&mut self, actor: &Arc<Actor>, note: Note, time: SystemTime) {
+        let now = Instant::now();
+        self.by_event = true;
+        let w = match self.writers.iter_mut().position(|w| w.actor.pid == actor.pid) {
+            Some(i) => &mut self.writers[i],
+            None => {
+                self.writers.push(Writer {
+                    actor: actor.clone(),
+                    ops: Vec::new(),
+                    inferred: note.inferred,
+                    syscall: false,
+                    dirtied: false,
+                });
+                self.writers.last_mut().expect("just pushed")
+            }
+        };
+        if let Some(op) = note.op
+            && !w.ops.contains(&op)
         {
-            p.dirty_pids.push(pid);
+            w.ops.push(op);
+            // The details of the process as of its latest op (its exe may have changed).
+            w.actor = actor.clone();
+            w.inferred = note.inferred;
+        }
+        w.syscall |= note.syscall;
+        self.time = time;
+        let wait = if note.close { AFTER_CLOSE } else { QUIET };
+        self.due = (now + wait).min(self.first + MAX_WAIT);
+    }
+
+    /// Notes that `actor` dirtied the inode. A process that made a syscall on the path was
+    /// that syscall's writeback; otherwise a store through a mapping (or io_uring's worker).
+    fn dirty(&mut self, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
+        let had_syscall = self.writers.iter().any(|w| w.actor.pid == actor.pid && w.syscall);
+        let op = (!had_syscall).then_some(if io_worker { FileOp::IoUring } else { FileOp::Mmap });
+        self.note(actor, Note { op, close: false, syscall: false, inferred: false }, time);
+        if op == Some(FileOp::Mmap)
+            && let Some(w) = self.writers.iter_mut().find(|w| w.actor.pid == actor.pid)
+        {
+            w.dirtied = true;
         }
     }
 
-    /// Whether `pid` made a syscall on `path` since its last rehash.
-    pub fn had_syscall(&self, path: &Path, pid: u32) -> bool {
-        self.paths.get(path).is_some_and(|p| p.syscall_pids.contains(&pid))
+    /// Takes in what another pending (an inode's, before its name was found) gathered.
+    fn absorb(&mut self, other: Pending) {
+        for w in other.writers {
+            match self.writers.iter_mut().find(|m| m.actor.pid == w.actor.pid) {
+                Some(m) => {
+                    for op in w.ops {
+                        if !m.ops.contains(&op) {
+                            m.ops.push(op);
+                        }
+                    }
+                    m.syscall |= w.syscall;
+                    m.dirtied |= w.dirtied;
+                    m.inferred |= w.inferred;
+                }
+                None => self.writers.push(w),
+            }
+        }
+        self.by_event |= other.by_event;
+        self.time = self.time.max(other.time);
+        self.first = self.first.min(other.first);
+        self.due = self.due.min(other.due);
+    }
+
+    /// The processes that made an op on it, in order, each with its ops. Dirtying seen
+    /// before the same process's syscall event (its write, truncate...) was that syscall,
+    /// not a store through a mapping.
+    pub fn writers(&self) -> Vec<Writer> {
+        self.writers
+            .iter()
+            .cloned()
+            .map(|mut w| {
+                if w.dirtied && w.syscall {
+                    w.ops.retain(|op| *op != FileOp::Mmap);
+                }
+                w
+            })
+            .filter(|w| !w.ops.is_empty())
+            .collect()
+    }
+
+    /// Every op any process made on it, in the order first seen.
+    pub fn ops(&self) -> Vec<FileOp> {
+        let mut ops = Vec::new();
+        for w in self.writers() {
+            for op in w.ops {
+                if !ops.contains(&op) {
+                    ops.push(op);
+                }
+            }
+        }
+        ops
+    }
+
+    /// How sure the attribution of its writers is.
+    pub fn attribution(&self) -> Attribution {
+        let writers = self.writers();
+        if writers.is_empty() {
+            Attribution::None
+        } else if writers.iter().any(|w| w.inferred) {
+            Attribution::Inferred
+        } else {
+            Attribution::Exact
+        }
+    }
+}
+
+/// Pending paths and unnamed inodes.
+#[derive(Default)]
+pub(crate) struct Queue {
+    paths: HashMap<PathBuf, Pending>,
+    /// New inodes, with the directory they were created in.
+    unnamed: HashMap<InodeKey, (PathBuf, Pending)>,
+}
+
+impl Queue {
+    /// Notes an event of `actor` on `path`.
+    pub fn note(&mut self, path: &Path, actor: &Arc<Actor>, note: Note, time: SystemTime) {
+        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).note(actor, note, time);
+    }
+
+    /// Notes that `actor` dirtied the inode of `path`.
+    pub fn dirty(&mut self, path: &Path, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
+        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).dirty(actor, io_worker, time);
+    }
+
+    /// Notes an event of `actor` on a new inode created in `dir` whose name is not known yet.
+    pub fn note_unnamed(&mut self, key: InodeKey, dir: &Path, actor: &Arc<Actor>, note: Note, time: SystemTime) {
+        let (_, p) = self.unnamed.entry(key).or_insert_with(|| (dir.to_owned(), Pending::new(time, QUIET)));
+        p.note(actor, note, time);
+    }
+
+    /// Notes that `actor` dirtied a new inode whose name is not known yet.
+    pub fn dirty_unnamed(&mut self, key: InodeKey, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
+        if let Some((_, p)) = self.unnamed.get_mut(&key) {
+            p.dirty(actor, io_worker, time);
+        }
+    }
+
+    /// The directory a new inode whose name is not known yet was created in.
+    pub fn unnamed_dir(&self, key: &InodeKey) -> Option<&Path> {
+        self.unnamed.get(key).map(|(dir, _)| dir.as_path())
+    }
+
+    /// Notes a path found different by a rescan or a listing (no process known). Nothing
+    /// changes for a path already pending.
+    pub fn found(&mut self, path: &Path, time: SystemTime) {
+        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
     }
 
     /// Records that `to` was renamed from `from`.
@@ -119,20 +256,20 @@ impl Queue {
         self.paths.contains_key(path)
     }
 
-    /// The paths due now.
-    pub fn take_due(&mut self) -> Vec<(PathBuf, Pending)> {
+    /// The paths due now; with `all`, every path whatever its due time (at shutdown).
+    pub fn take_due(&mut self, all: bool) -> Vec<(PathBuf, Pending)> {
         let now = Instant::now();
-        let due: Vec<PathBuf> = self.paths.iter().filter(|(_, p)| p.due <= now).map(|(k, _)| k.clone()).collect();
-        let mut out: Vec<(PathBuf, Pending)> =
-            due.into_iter().filter_map(|k| self.paths.remove(&k).map(|p| (k, p))).collect();
-        for (_, p) in &mut out {
-            // Dirtying seen before the same process's syscall event (its write, truncate...)
-            // was that syscall, not a store through a mapping.
-            if !p.dirty_pids.is_empty() && p.dirty_pids.iter().all(|pid| p.syscall_pids.contains(pid)) {
-                p.ops.retain(|op| *op != "mmap");
-            }
-        }
-        out
+        let due: Vec<PathBuf> =
+            self.paths.iter().filter(|(_, p)| all || p.due <= now).map(|(k, _)| k.clone()).collect();
+        due.into_iter().filter_map(|k| self.paths.remove(&k).map(|p| (k, p))).collect()
+    }
+
+    /// The unnamed inodes due now (or all), with their directory.
+    pub fn take_due_unnamed(&mut self, all: bool) -> Vec<(InodeKey, PathBuf, Pending)> {
+        let now = Instant::now();
+        let due: Vec<InodeKey> =
+            self.unnamed.iter().filter(|(_, (_, p))| all || p.due <= now).map(|(k, _)| *k).collect();
+        due.into_iter().filter_map(|k| self.unnamed.remove(&k).map(|(dir, p)| (k, dir, p))).collect()
     }
 
     /// Removes a path's pending events (handled with another path's report).
@@ -140,18 +277,105 @@ impl Queue {
         self.paths.remove(path)
     }
 
-    /// When the next path is due.
+    /// Adds what an unnamed inode gathered to `path` (its name, now found), which is due.
+    pub fn merge_into(target: &mut Pending, other: Pending) {
+        target.absorb(other);
+    }
+
+    /// A pending with nothing noted yet, for a path about to be rehashed with another's.
+    pub fn empty(time: SystemTime) -> Pending {
+        Pending::new(time, Duration::ZERO)
+    }
+
+    /// When the next path or inode is due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.paths.values().map(|p| p.due).min()
+        self.paths.values().chain(self.unnamed.values().map(|(_, p)| p)).map(|p| p.due).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(pid: u32, comm: &str) -> Arc<Actor> {
+        Arc::new(Actor::for_tests(pid, comm))
     }
 
-    /// How many paths are pending.
-    pub fn len(&self) -> usize {
-        self.paths.len()
+    fn op(op: FileOp) -> Note {
+        Note { op: Some(op), close: false, syscall: true, inferred: false }
     }
 
-    /// Whether nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+    #[test]
+    fn each_process_keeps_its_own_ops_in_order() {
+        let mut q = Queue::default();
+        let (sh, rm) = (actor(10, "sh"), actor(11, "rm"));
+        let t = SystemTime::now();
+        let path = Path::new("/etc/x");
+        q.note(path, &sh, op(FileOp::Truncate), t);
+        q.note(path, &sh, op(FileOp::Write), t);
+        q.note(path, &rm, op(FileOp::Unlink), t);
+        q.note(path, &sh, op(FileOp::Write), t);
+        let (_, p) = q.take_due(true).pop().unwrap();
+        let writers = p.writers();
+        assert_eq!(writers.len(), 2);
+        assert_eq!(
+            (writers[0].actor.comm.as_str(), writers[0].ops.clone()),
+            ("sh", vec![FileOp::Truncate, FileOp::Write])
+        );
+        assert_eq!((writers[1].actor.comm.as_str(), writers[1].ops.clone()), ("rm", vec![FileOp::Unlink]));
+        assert_eq!(p.ops(), [FileOp::Truncate, FileOp::Write, FileOp::Unlink]);
+        assert_eq!(p.attribution(), Attribution::Exact);
+    }
+
+    #[test]
+    fn an_open_alone_names_no_writer_and_a_rescan_finding_names_none() {
+        let mut q = Queue::default();
+        let reader = actor(12, "cat");
+        let t = SystemTime::now();
+        q.note(Path::new("/a"), &reader, Note { op: None, close: true, syscall: true, inferred: false }, t);
+        q.found(Path::new("/b"), t);
+        let mut due = q.take_due(true);
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(due[0].1.writers().is_empty() && due[0].1.by_event);
+        assert_eq!(due[1].1.attribution(), Attribution::None);
+        assert!(!due[1].1.by_event);
+    }
+
+    #[test]
+    fn dirtying_by_a_syscall_writer_is_not_a_store_but_by_another_process_it_is() {
+        let mut q = Queue::default();
+        let (writer, mapper) = (actor(20, "python3"), actor(21, "mapper"));
+        let t = SystemTime::now();
+        let path = Path::new("/f");
+        // Dirtying seen before the write event of the same process.
+        q.dirty(path, &writer, false, t);
+        q.note(path, &writer, op(FileOp::Write), t);
+        q.dirty(path, &mapper, false, t);
+        let (_, p) = q.take_due(true).pop().unwrap();
+        let writers = p.writers();
+        assert_eq!(writers[0].ops, [FileOp::Write]);
+        assert_eq!(writers[1].ops, [FileOp::Mmap]);
+    }
+
+    #[test]
+    fn an_unnamed_inode_keeps_its_changes_apart_from_its_directory() {
+        let mut q = Queue::default();
+        let (sh, rm) = (actor(30, "sh"), actor(31, "rm"));
+        let t = SystemTime::now();
+        let key = InodeKey { dev: 1, ino: 99 };
+        let dir = Path::new("/etc");
+        q.note(dir, &sh, op(FileOp::Create), t);
+        q.note_unnamed(key, dir, &sh, op(FileOp::Create), t);
+        q.note_unnamed(key, dir, &sh, op(FileOp::Write), t);
+        q.note(dir, &rm, op(FileOp::Unlink), t);
+        assert_eq!(q.unnamed_dir(&key), Some(dir));
+        let (k, d, unnamed) = q.take_due_unnamed(true).pop().unwrap();
+        assert_eq!((k, d.as_path()), (key, dir));
+        let mut found = Queue::empty(t);
+        Queue::merge_into(&mut found, unnamed);
+        assert_eq!(found.ops(), [FileOp::Create, FileOp::Write]);
+        assert_eq!(found.writers().len(), 1);
+        let (_, dir_pending) = q.take_due(true).pop().unwrap();
+        assert_eq!(dir_pending.ops(), [FileOp::Create, FileOp::Unlink]);
     }
 }

@@ -24,8 +24,9 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
-use serde_json::{Value, json};
 use tracing::{debug, info, warn};
+
+use crate::metrics::PodMetrics;
 
 /// The annotation a mirror pod carries with its static pod's config hash. The kubelet names a
 /// static pod's cgroup after that hash, not after the mirror pod's API uid.
@@ -73,15 +74,15 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    /// The `pod` object of a report line.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "namespace": self.namespace,
-            "name": self.pod,
-            "uid": self.uid,
-            "container": self.container,
-            "image": self.image,
-        })
+    /// The `pod` of a report line.
+    pub fn to_pod(&self) -> crate::model::Pod {
+        crate::model::Pod {
+            namespace: self.namespace.clone(),
+            name: self.pod.clone(),
+            uid: self.uid.clone(),
+            container: Some(self.container.clone()),
+            image: Some(self.image.clone()),
+        }
     }
 }
 
@@ -114,6 +115,16 @@ struct State {
     synced: AtomicBool,
     events: AtomicU64,
     errors: AtomicU64,
+    metrics: PodMetrics,
+}
+
+impl State {
+    /// One watch event applied: counted, and the pod gauge set to what the index holds.
+    fn applied(&self, pods: usize) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.metrics.events.inc();
+        self.metrics.pods.set(pods as u64);
+    }
 }
 
 /// The two lookups, kept consistent with each other by always changing them together.
@@ -138,15 +149,15 @@ impl PodIndex {
     /// Starts watching the pods of `node_name` with the configuration `kube` infers: the
     /// kubeconfig of `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster
     /// service account. The watch is spawned on the current tokio runtime.
-    pub async fn start(node_name: &str) -> Result<PodIndex, Error> {
+    pub async fn start(node_name: &str, metrics: PodMetrics) -> Result<PodIndex, Error> {
         let config = kube::Config::infer().await.map_err(Error::Config)?;
-        Self::start_with_config(config, node_name)
+        Self::start_with_config(config, node_name, metrics)
     }
 
     /// Starts watching the pods of `node_name` on the API server `config` names. Must be
     /// called inside a tokio runtime (a current_thread one is enough); returns at once, before
     /// the first list has arrived.
-    pub fn start_with_config(config: kube::Config, node_name: &str) -> Result<PodIndex, Error> {
+    pub fn start_with_config(config: kube::Config, node_name: &str, metrics: PodMetrics) -> Result<PodIndex, Error> {
         let node = node_name.trim();
         if node.is_empty() {
             return Err(Error::NoNodeName);
@@ -161,7 +172,7 @@ impl PodIndex {
         // pods (110 by default), so one page is what the API server would send anyway.
         let mut config = watcher::Config::default().fields(&format!("spec.nodeName={node}")).any_semantic();
         config.page_size = None;
-        let state = Arc::new(State::default());
+        let state = Arc::new(State { metrics, ..State::default() });
         let task = runtime.spawn(watch(api, config, Arc::clone(&state), node.to_owned()));
         Ok(PodIndex { inner: Arc::new(Handle { state, task: task.abort_handle() }) })
     }
@@ -199,6 +210,11 @@ impl PodIndex {
     /// The number of container ids in the index.
     pub fn len(&self) -> usize {
         self.inner.state.read().containers.len()
+    }
+
+    /// The number of pods in the index.
+    pub fn pods(&self) -> usize {
+        self.inner.state.read().pods.len()
     }
 
     /// True when no container id is known (not synced yet, or no pod has started one).
@@ -241,13 +257,15 @@ async fn watch(api: Api<Pod>, config: watcher::Config, state: Arc<State>, node: 
         match event {
             Ok(Event::Init) => relist = Some(Maps::default()),
             Ok(Event::InitApply(pod)) => {
-                state.events.fetch_add(1, Ordering::Relaxed);
                 relist.get_or_insert_with(Maps::default).apply(&pod, &node);
+                // The gauge follows the index in use, which the re-list replaces only at InitDone.
+                state.applied(state.read().pods.len());
             }
             Ok(Event::InitDone) => {
                 let fresh = relist.take().unwrap_or_default();
                 let (pods, containers) = (fresh.pods.len(), fresh.containers.len());
                 *state.write() = fresh;
+                state.metrics.pods.set(pods as u64);
                 if !state.synced.swap(true, Ordering::AcqRel) {
                     info!(node = %node, pods, containers, "pod attribution synced with the API server");
                 } else {
@@ -255,14 +273,22 @@ async fn watch(api: Api<Pod>, config: watcher::Config, state: Arc<State>, node: 
                 }
             }
             Ok(Event::Apply(pod)) => {
-                state.events.fetch_add(1, Ordering::Relaxed);
-                state.write().apply(&pod, &node);
+                let pods = {
+                    let mut maps = state.write();
+                    maps.apply(&pod, &node);
+                    maps.pods.len()
+                };
+                state.applied(pods);
             }
             Ok(Event::Delete(pod)) => {
-                state.events.fetch_add(1, Ordering::Relaxed);
-                if let Some(uid) = pod.metadata.uid.as_deref() {
-                    state.write().remove(uid);
-                }
+                let pods = {
+                    let mut maps = state.write();
+                    if let Some(uid) = pod.metadata.uid.as_deref() {
+                        maps.remove(uid);
+                    }
+                    maps.pods.len()
+                };
+                state.applied(pods);
             }
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 // Routine: the resourceVersion fell out of the API server's window.
@@ -392,6 +418,7 @@ fn is_pod_uid(uid: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const UID: &str = "1b2c3d4e-5f6a-4b8c-9d0e-1f2a3b4c5d6e";
     const ID: &str = "4f1c0e9a7b3d2c5e8f6a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e";

@@ -145,14 +145,40 @@ impl Programs {
         now | bits == now || self.watched.insert(key, now | bits, 0).is_ok()
     }
 
-    /// Stops watching an inode (no monitored path has it any more).
-    pub fn unwatch(&mut self, key: InodeKey) {
-        let _ = self.watched.remove(&key);
-    }
-
     /// Adds a monitored name's hash. False when the map is full.
     pub fn watch_name(&mut self, name: &[u8]) -> bool {
         self.names.insert(kubefim_common::name_hash(name), 1, 0).is_ok()
+    }
+
+    /// The parts, for their owners in the watcher: the attached programs (kept alive),
+    /// the filter maps (`filter`), the ring buffer and lost counter (`reader`).
+    pub(crate) fn into_parts(self) -> (Attached, crate::filter::KernelFilter, EventSource) {
+        let attached = Attached { _ebpf: self._ebpf, missing: self.missing, attached: self.attached };
+        let filter = crate::filter::KernelFilter::new(self.watched, self.names, self.capacity);
+        (attached, filter, EventSource { events: self.events, lost: self.lost })
+    }
+}
+
+/// The loaded programs, attached for as long as this lives.
+pub(crate) struct Attached {
+    _ebpf: Ebpf,
+    /// Tracepoints this kernel lacks (their programs are not attached).
+    pub missing: Vec<String>,
+    /// How many programs are attached.
+    pub attached: usize,
+}
+
+/// What the kernel sends: the ring buffer and the per-CPU count of events it had no room for.
+pub(crate) struct EventSource {
+    /// Events.
+    pub events: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl EventSource {
+    /// Events dropped by the kernel side since load.
+    pub fn lost_total(&self) -> u64 {
+        self.lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 }
 

@@ -1,25 +1,23 @@
-//! What the watcher believes each monitored path is now: the signed baseline's records (held
-//! once, taken from the trusted baseline) under an overlay of what was observed since (from
-//! the journal and every rehash), with the indexes that map a kernel event back to paths (by
-//! inode, by file name). Paths are shared (`Arc<[u8]>`) between the maps and the indexes, so
-//! a 100k-file baseline costs one copy of each path.
+//! What the watcher believes each monitored path is now, without holding records: the
+//! [`Index`] (paths, inodes, fingerprints, flags) in memory, the signed baseline's records
+//! read by location when needed, and what was observed since (a record that differs from the
+//! signed one, with its content) in the journal, which is kept exactly in step: a path is in
+//! the journal if and only if its current state differs from the signed baseline.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use kubefim_baseline::baseline::TrustedBaseline;
+use kubefim_baseline::hash::Hash;
 use kubefim_baseline::journal::{Journal, Observed};
-use kubefim_baseline::policy::{path_bytes, path_from_bytes};
-use kubefim_baseline::record::{FileKind, FileRecord};
-use kubefim_common::{InodeKey, name_hash};
+use kubefim_baseline::policy::{Policy, path_bytes, path_from_bytes};
+use kubefim_baseline::record::{FileKind, FileRecord, RecordLoc};
+use kubefim_common::InodeKey;
 
-type PathKey = Arc<[u8]>;
+use crate::index::{EXISTS, Id, Index, IndexBuilder, MODIFIED, OBSERVED, SIGNED};
 
 /// An observed state of one path.
 #[derive(Debug, Clone)]
-pub struct Known {
+pub(crate) struct Known {
     /// The record.
     pub record: FileRecord,
     /// The content, where the rule keeps content and it was read since the baseline (the
@@ -27,217 +25,232 @@ pub struct Known {
     pub content: Option<Vec<u8>>,
 }
 
-/// The current belief about one path, borrowed.
-#[derive(Debug, Clone, Copy)]
-pub struct KnownRef<'a> {
-    /// The record.
-    pub record: &'a FileRecord,
-    /// The content observed since the baseline, if any.
-    pub content: Option<&'a Vec<u8>>,
-}
-
-/// All monitored paths and their indexes.
-#[derive(Default)]
-pub struct State {
-    signed: BTreeMap<PathKey, FileRecord>,
-    /// Paths whose state differs from `signed`: `None` when gone.
-    overlay: BTreeMap<PathKey, Option<Known>>,
-    /// Paths by inode; nearly every inode has one path, so that one is kept inline.
-    by_inode: HashMap<InodeKey, Paths>,
-    by_name: HashMap<u64, Vec<PathKey>>,
-}
-
-/// One path, or several (hard links), without a heap allocation for the common case.
-#[derive(Debug, Clone)]
-enum Paths {
-    One(PathKey),
-    Many(Vec<PathKey>),
-}
-
-impl Paths {
-    fn add(&mut self, path: &PathKey) {
-        match self {
-            Paths::One(p) if p == path => {}
-            Paths::One(p) => *self = Paths::Many(vec![p.clone(), path.clone()]),
-            Paths::Many(v) if v.contains(path) => {}
-            Paths::Many(v) => v.push(path.clone()),
-        }
-    }
-
-    fn as_slice(&self) -> &[PathKey] {
-        match self {
-            Paths::One(p) => std::slice::from_ref(p),
-            Paths::Many(v) => v,
-        }
-    }
-}
-
 /// The kernel key of a record.
-pub fn key_of(record: &FileRecord) -> InodeKey {
+pub(crate) fn key_of(record: &FileRecord) -> InodeKey {
     InodeKey::from_stat(record.dev, record.inode)
 }
 
-fn name_of(path: &[u8]) -> &[u8] {
-    path.rsplit(|&b| b == b'/').next().unwrap_or(path)
+fn current_of(record: &FileRecord) -> (InodeKey, FileKind, u64) {
+    (key_of(record), record.kind, record.fingerprint())
+}
+
+/// How a path differs from the signed baseline now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deviation {
+    /// Not in the baseline, present now.
+    Added,
+    /// In the baseline, gone now.
+    Removed,
+    /// A monitored attribute differs.
+    Modified,
+}
+
+/// The baseline, the journal and the index, kept consistent.
+pub(crate) struct State {
+    index: Index,
+    baseline: TrustedBaseline,
+    journal: Journal,
+    journal_dirty: bool,
+}
+
+/// What [`State::set`] changed that the kernel filter must follow.
+#[derive(Debug, Default)]
+pub(crate) struct Update {
+    /// The inode the path had before, if it was another one.
+    pub old_key: Option<InodeKey>,
 }
 
 impl State {
-    /// The baseline's records (moved out of it), under what the journal observed since.
-    pub fn load(baseline: &mut TrustedBaseline, journal: &Journal) -> kubefim_baseline::Result<State> {
-        let mut state = State::default();
-        for (path, record) in std::mem::take(&mut baseline.records) {
-            let key: PathKey = path.into();
-            state.index(&key, &record);
-            state.signed.insert(key, record);
-        }
-        for (path, observed) in journal.load()? {
-            let now = observed.record.map(|record| Known { record, content: observed.content });
-            state.set(path_from_bytes(&path), now);
-        }
-        Ok(state)
-    }
-
-    fn intern(&self, path: &[u8]) -> PathKey {
-        match self.signed.get_key_value(path) {
-            Some((k, _)) => k.clone(),
-            None => match self.overlay.get_key_value(path) {
-                Some((k, _)) => k.clone(),
-                None => path.into(),
-            },
-        }
-    }
-
-    fn index(&mut self, path: &PathKey, record: &FileRecord) {
-        self.by_inode.entry(key_of(record)).and_modify(|p| p.add(path)).or_insert_with(|| Paths::One(path.clone()));
-        let names = self.by_name.entry(name_hash(name_of(path))).or_default();
-        if !names.contains(path) {
-            names.push(path.clone());
-        }
-    }
-
-    /// Records what a rehash found (`None`: the path is gone).
-    pub fn set(&mut self, path: &Path, now: Option<Known>) {
-        let key = self.intern(path_bytes(path));
-        if let Some(known) = &now {
-            self.index(&key, &known.record);
-        }
-        // The indexes keep stale entries; lookups re-check against the current record.
-        match (self.signed.get(&key), &now) {
-            (Some(signed), Some(known)) if *signed == known.record => {
-                self.overlay.remove(&key);
+    /// Indexes the baseline's records (one chunk in memory at a time), then applies what the
+    /// journal observed since.
+    pub fn load(baseline: TrustedBaseline, journal: Journal) -> kubefim_baseline::Result<State> {
+        let mut builder = IndexBuilder::new();
+        baseline.for_each_record(|loc, path, record| {
+            let id = builder.entry_for(path, record.kind == FileKind::Dir);
+            builder.set(id, Some(current_of(record)), SIGNED);
+            builder.set_signed(id, loc.to_bits());
+            Ok(())
+        })?;
+        let mut index = builder.finish();
+        journal.for_each(|path, observed| {
+            let id = index.lookup_or_insert(path_from_bytes(path));
+            index.set_current(id, observed.record.as_ref().map(current_of));
+            index.set_flags(id, OBSERVED, true);
+            index.set_flags(id, MODIFIED, observed.modified);
+            let e = index.entry(id);
+            if !e.has(EXISTS) && !e.has(SIGNED) {
+                // Observed gone and never signed: nothing to remember.
+                index.set_flags(id, OBSERVED, false);
+                index.release(id);
             }
-            (None, None) => {
-                self.overlay.remove(&key);
-            }
-            _ => {
-                self.overlay.insert(key, now);
-            }
-        }
+            Ok(())
+        })?;
+        Ok(State { index, baseline, journal, journal_dirty: false })
     }
 
-    /// The belief about a path.
-    pub fn get(&self, path: &Path) -> Option<KnownRef<'_>> {
-        let bytes = path_bytes(path);
-        match self.overlay.get(bytes) {
-            Some(Some(k)) => Some(KnownRef { record: &k.record, content: k.content.as_ref() }),
-            Some(None) => None,
-            None => self.signed.get(bytes).map(|record| KnownRef { record, content: None }),
+    /// The index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The policy of the baseline.
+    pub fn policy(&self) -> &Policy {
+        &self.baseline.policy
+    }
+
+    fn signed_of(&self, id: Id) -> kubefim_baseline::Result<Option<FileRecord>> {
+        let e = self.index.entry(id);
+        if !e.has(SIGNED) {
+            return Ok(None);
         }
+        Ok(Some(self.baseline.record(RecordLoc::from_bits(e.loc))?.1))
     }
 
     /// The signed baseline's record of a path.
-    pub fn signed(&self, path: &Path) -> Option<&FileRecord> {
-        self.signed.get(path_bytes(path))
+    pub fn signed(&self, path: &Path) -> kubefim_baseline::Result<Option<FileRecord>> {
+        match self.index.lookup(path) {
+            Some(id) => self.signed_of(id),
+            None => Ok(None),
+        }
     }
 
-    fn current(&self, paths: Option<&[PathKey]>, keep: impl Fn(&FileRecord) -> bool) -> Vec<PathBuf> {
-        paths
-            .into_iter()
-            .flatten()
-            .filter(|p| self.get(path_from_bytes(p)).is_some_and(|k| keep(k.record)))
-            .map(|p| path_from_bytes(p).to_owned())
-            .collect()
+    /// The current belief about a path.
+    pub fn get(&self, path: &Path) -> kubefim_baseline::Result<Option<Known>> {
+        let Some(id) = self.index.lookup(path) else { return Ok(None) };
+        let e = self.index.entry(id);
+        if !e.has(EXISTS) {
+            return Ok(None);
+        }
+        if e.has(OBSERVED) {
+            return Ok(self
+                .journal
+                .get(path_bytes(path))?
+                .and_then(|o| o.record.map(|record| Known { record, content: o.content })));
+        }
+        Ok(self.signed_of(id)?.map(|record| Known { record, content: None }))
+    }
+
+    /// Whether the path exists as far as the watcher knows.
+    pub fn exists(&self, path: &Path) -> bool {
+        self.index.lookup(path).is_some_and(|id| self.index.entry(id).has(EXISTS))
+    }
+
+    /// The content of the path's current state by its hash, for a diff: what the journal
+    /// kept, else the baseline's content store.
+    pub fn content(&self, path: &Path, hash: &Hash) -> kubefim_baseline::Result<Option<Vec<u8>>> {
+        if let Some(id) = self.index.lookup(path)
+            && self.index.entry(id).has(OBSERVED)
+            && let Some(observed) = self.journal.get(path_bytes(path))?
+            && observed.record.as_ref().and_then(FileRecord::hash) == Some(hash)
+        {
+            return Ok(observed.content);
+        }
+        self.baseline.content(hash)
+    }
+
+    /// Takes `now` as the state of `path` (`None`: gone): index, journal.
+    pub fn set(&mut self, path: &Path, now: Option<Known>) -> kubefim_baseline::Result<Update> {
+        let id = match (self.index.lookup(path), &now) {
+            (Some(id), _) => id,
+            (None, Some(_)) => self.index.lookup_or_insert(path),
+            (None, None) => return Ok(Update::default()),
+        };
+        let before = *self.index.entry(id);
+        let signed = self.signed_of(id)?;
+        let matches_signed = match (&signed, &now) {
+            (Some(s), Some(k)) => *s == k.record,
+            (None, None) => true,
+            _ => false,
+        };
+        let old_key = before.has(EXISTS).then_some(before.key);
+        self.index.set_current(id, now.as_ref().map(|k| current_of(&k.record)));
+        let update = Update { old_key: old_key.filter(|k| now.as_ref().is_none_or(|n| key_of(&n.record) != *k)) };
+        if matches_signed {
+            if before.has(OBSERVED) {
+                self.journal.put(path_bytes(path), None)?;
+                self.journal_dirty = true;
+            }
+            self.index.set_flags(id, OBSERVED | MODIFIED, false);
+        } else {
+            let modified = match (&signed, &now) {
+                (Some(s), Some(k)) => {
+                    let rule = usize::try_from(k.record.rule).ok().and_then(|i| self.baseline.policy.rules.get(i));
+                    rule.is_none_or(|r| !s.changed_attributes(&k.record, r.attributes).is_empty())
+                }
+                _ => false,
+            };
+            let (record, content) = match now {
+                Some(k) => (Some(k.record), k.content),
+                None => (None, None),
+            };
+            self.journal.put(path_bytes(path), Some(&Observed { record, content, modified }))?;
+            self.journal_dirty = true;
+            self.index.set_flags(id, OBSERVED, true);
+            self.index.set_flags(id, MODIFIED, modified);
+        }
+        if !self.index.entry(id).has(EXISTS) {
+            self.index.release(id);
+        }
+        Ok(update)
+    }
+
+    /// Makes the journal durable if anything was written since the last time.
+    pub fn flush_journal(&mut self) -> kubefim_baseline::Result<()> {
+        if self.journal_dirty {
+            self.journal.flush()?;
+            self.journal_dirty = false;
+        }
+        Ok(())
     }
 
     /// Paths whose current inode is `key`.
-    pub fn paths_of_inode(&self, key: &InodeKey) -> Vec<PathBuf> {
-        self.current(self.by_inode.get(key).map(Paths::as_slice), |r| key_of(r) == *key)
-    }
-
-    /// Known paths with this file name.
-    pub fn paths_named(&self, name: &[u8]) -> Vec<PathBuf> {
-        let mut out = self.current(self.by_name.get(&name_hash(name)).map(Vec::as_slice), |_| true);
-        out.retain(|p| p.file_name().is_some_and(|n| path_bytes(Path::new(n)) == name));
-        out
+    pub fn paths_of_inode(&self, key: InodeKey) -> Vec<PathBuf> {
+        self.index.ids_of_inode(key).into_iter().map(|id| self.index.path(id)).collect()
     }
 
     /// The known directory with this inode, if any.
-    pub fn dir_of_inode(&self, key: &InodeKey) -> Option<PathBuf> {
-        self.current(self.by_inode.get(key).map(Paths::as_slice), |r| key_of(r) == *key && r.kind == FileKind::Dir)
-            .into_iter()
-            .next()
+    pub fn dir_of_inode(&self, key: InodeKey) -> Option<PathBuf> {
+        let id = self.index.ids_of_inode(key).into_iter().find(|&id| self.index.entry(id).is_dir())?;
+        Some(self.index.path(id))
     }
 
-    /// Known entries directly inside `dir`.
+    /// Known, existing paths with this file name.
+    pub fn paths_named(&self, name: &[u8]) -> Vec<PathBuf> {
+        self.index.ids_named(name).into_iter().map(|id| self.index.path(id)).collect()
+    }
+
+    /// Whether the path is a known, existing directory.
+    pub fn is_dir(&self, path: &Path) -> bool {
+        self.index.lookup(path).is_some_and(|id| self.index.entry(id).is_dir())
+    }
+
+    /// Known, existing entries directly inside `dir`.
     pub fn children(&self, dir: &Path) -> Vec<PathBuf> {
-        let mut prefix = path_bytes(dir).to_vec();
-        if prefix.last() != Some(&b'/') {
-            prefix.push(b'/');
-        }
-        let direct = |k: &PathKey| k.starts_with(&prefix) && !k[prefix.len()..].contains(&b'/');
-        let from = (Bound::Included(&prefix[..]), Bound::Unbounded);
-        let from_signed = self.signed.range::<[u8], _>(from).map(|(k, _)| k).take_while(|k| k.starts_with(&prefix));
-        let from_overlay = self.overlay.range::<[u8], _>(from).map(|(k, _)| k).take_while(|k| k.starts_with(&prefix));
-        let mut out: Vec<PathBuf> = from_signed
-            .chain(from_overlay)
-            .filter(|k| direct(k))
-            .map(|k| path_from_bytes(k).to_owned())
-            .filter(|p| self.get(p).is_some())
-            .collect();
+        let Some(id) = self.index.lookup(dir) else { return Vec::new() };
+        let mut out: Vec<PathBuf> =
+            self.index.children(id).filter(|&c| self.index.entry(c).has(EXISTS)).map(|c| self.index.path(c)).collect();
         out.sort();
-        out.dedup();
         out
     }
 
-    /// Every path that currently exists, with its record.
-    pub fn iter(&self) -> impl Iterator<Item = (&Path, &FileRecord)> {
-        let signed =
-            self.signed.iter().filter(|(k, _)| !self.overlay.contains_key(*k)).map(|(k, r)| (path_from_bytes(k), r));
-        let overlay =
-            self.overlay.iter().filter_map(|(k, v)| v.as_ref().map(|known| (path_from_bytes(k), &known.record)));
-        signed.chain(overlay)
-    }
-
-    /// How many paths the baseline and the overlay name.
-    pub fn len(&self) -> usize {
-        self.signed.len() + self.overlay.len()
-    }
-
-    /// Whether nothing is known.
-    pub fn is_empty(&self) -> bool {
-        self.signed.is_empty() && self.overlay.is_empty()
-    }
-
-    /// Paths whose current state differs from the signed baseline in any way: (path, signed
-    /// record, current record).
-    pub fn deviations(&self) -> impl Iterator<Item = (&Path, Option<&FileRecord>, Option<&FileRecord>)> {
-        self.overlay
-            .iter()
-            .map(|(k, now)| (path_from_bytes(k), self.signed.get(k), now.as_ref().map(|known| &known.record)))
-    }
-
     /// How many records the signed baseline has.
-    pub fn signed_len(&self) -> usize {
-        self.signed.len()
+    pub fn signed_len(&self) -> u64 {
+        self.baseline.len()
     }
 
-    /// The journal entry for a path: what was observed, or `None` when it matches the
-    /// baseline.
-    pub fn journal_entry(&self, path: &Path) -> Option<Observed> {
-        let bytes = path_bytes(path);
-        self.overlay.get(bytes).map(|now| Observed {
-            record: now.as_ref().map(|k| k.record.clone()),
-            content: now.as_ref().and_then(|k| k.content.clone()),
+    /// Every path whose current state differs from the signed baseline in a monitored
+    /// attribute, with how.
+    pub fn deviations(&self) -> impl Iterator<Item = (Id, Deviation)> + '_ {
+        self.index.with_flags(OBSERVED).filter_map(|(id, e)| match (e.has(SIGNED), e.has(EXISTS)) {
+            (false, true) => Some((id, Deviation::Added)),
+            (true, false) => Some((id, Deviation::Removed)),
+            (true, true) if e.has(MODIFIED) => Some((id, Deviation::Modified)),
+            _ => None,
         })
+    }
+
+    /// The path of an index entry.
+    pub fn path(&self, id: Id) -> PathBuf {
+        self.index.path(id)
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kubefim_watcher::http::{self, Health};
 use kubefim_watcher::metrics::{CONTENT_TYPE, Metrics};
+use kubefim_watcher::model::RescanReason;
 use prometheus_parse::{LineInfo, Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -150,9 +151,9 @@ async fn metrics_reflect_the_calls_made() {
     metrics.change("modified");
     metrics.lost(5);
     metrics.lost(2);
-    metrics.rescan("startup");
-    metrics.rescan("lost");
-    metrics.rescan("lost");
+    metrics.rescan(RescanReason::Startup);
+    metrics.rescan(RescanReason::LostEvents);
+    metrics.rescan(RescanReason::LostEvents);
     for d in [Duration::from_micros(5), Duration::from_micros(300), Duration::from_millis(40), Duration::from_secs(2)] {
         metrics.rehash_seconds(d);
     }
@@ -160,9 +161,10 @@ async fn metrics_reflect_the_calls_made() {
     metrics.verified(1_700_000_500.5, 1, 0, 2, 0, Duration::from_millis(750));
     metrics.set_programs(11, 1);
     metrics.set_watched_inodes(98_765);
-    metrics.pod_events();
-    metrics.pod_events();
-    metrics.set_pods(17);
+    let pods = metrics.pod_metrics();
+    pods.events.inc();
+    pods.events.inc();
+    pods.pods.set(17);
 
     let reply = get(addr, "/metrics").await;
     assert_eq!(reply.status, 200);
@@ -177,7 +179,8 @@ async fn metrics_reflect_the_calls_made() {
     assert_eq!(value(&s, "kubefim_changes_total", &[("kind", "removed")]), 0.0);
     assert_eq!(value(&s, "kubefim_lost_events_total", &[]), 7.0);
     assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "startup")]), 1.0);
-    assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "lost")]), 2.0);
+    assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "lost_events")]), 2.0);
+    assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "truncated_path")]), 0.0, "every reason exists at 0");
 
     // The histogram: cumulative buckets from 10 µs to 1 s, the 2 s rehash only in +Inf.
     let b = buckets(&s, "kubefim_rehash_duration_seconds");

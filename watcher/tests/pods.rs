@@ -18,6 +18,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use kubefim_watcher::metrics::PodMetrics;
 use kubefim_watcher::pods::{self, PodIndex, PodInfo, pod_uid_from_cgroup};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -198,7 +199,7 @@ fn assert_initial_list(index: &PodIndex) {
         }
     );
     assert_eq!(
-        nginx.to_json(),
+        serde_json::to_value(nginx.to_pod()).unwrap(),
         json!({"namespace": "shop", "name": "web-7d4b9c8f6d-x2k9p", "uid": WEB_UID, "container": "nginx",
                "image": "docker.io/library/nginx:1.27.4"})
     );
@@ -220,7 +221,8 @@ fn assert_initial_list(index: &PodIndex) {
 #[tokio::test]
 async fn list_then_watch_keeps_the_index_current() {
     let mut server = ApiServer::start(&["pod-list.json"]).await;
-    let index = PodIndex::start_with_config(server.config(), NODE).expect("starting the pod index");
+    let metrics = PodMetrics::default();
+    let index = PodIndex::start_with_config(server.config(), NODE, metrics.clone()).expect("starting the pod index");
     eventually("the first list", || index.is_synced()).await;
 
     let lists = server.lists();
@@ -262,6 +264,9 @@ async fn list_then_watch_keeps_the_index_current() {
     assert_eq!(pod_of(&index, &report_cgroup), None);
     assert_eq!(index.len(), 5, "web (4 ids with the previous nginx) and the static pod");
     assert!(index.events_applied() >= 6, "2 listed + 4 watched, got {}", index.events_applied());
+    // The metrics say the same: every applied event counted, the gauge counts pods (not ids).
+    assert_eq!(metrics.events.get(), index.events_applied());
+    assert_eq!((index.pods(), metrics.pods.get()), (2, 2), "web and the static pod");
 
     // The watch ends after a bookmark: the client resumes from the bookmark's resourceVersion
     // without listing again.
@@ -279,7 +284,8 @@ async fn list_then_watch_keeps_the_index_current() {
 #[tokio::test]
 async fn an_expired_watch_relists_and_replaces_the_index() {
     let mut server = ApiServer::start(&["pod-list.json", "pod-list-relist.json"]).await;
-    let index = PodIndex::start_with_config(server.config(), NODE).expect("starting the pod index");
+    let index =
+        PodIndex::start_with_config(server.config(), NODE, PodMetrics::default()).expect("starting the pod index");
     eventually("the first list", || index.is_synced()).await;
     assert_initial_list(&index);
 
@@ -349,7 +355,8 @@ async fn an_unreachable_api_server_is_retried_until_it_answers() {
     // A port nothing listens on (yet).
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
     let config = kube::Config::new(format!("http://{addr}").parse().expect("a URL"));
-    let index = PodIndex::start_with_config(config, NODE).expect("starting does not need the server");
+    let index =
+        PodIndex::start_with_config(config, NODE, PodMetrics::default()).expect("starting does not need the server");
     eventually("a failed list", || index.watch_errors() >= 1).await;
     assert!(!index.is_synced());
     assert!(index.is_empty());
@@ -369,10 +376,10 @@ async fn an_unreachable_api_server_is_retried_until_it_answers() {
 #[test]
 fn starting_needs_a_node_name_and_a_runtime() {
     let config = || kube::Config::new("http://127.0.0.1:1".parse().expect("a URL"));
-    assert!(matches!(PodIndex::start_with_config(config(), NODE), Err(pods::Error::NoRuntime)));
+    assert!(matches!(PodIndex::start_with_config(config(), NODE, PodMetrics::default()), Err(pods::Error::NoRuntime)));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     let _inside = runtime.enter();
-    assert!(matches!(PodIndex::start_with_config(config(), " "), Err(pods::Error::NoNodeName)));
+    assert!(matches!(PodIndex::start_with_config(config(), " ", PodMetrics::default()), Err(pods::Error::NoNodeName)));
 }
 
 /// The half of the `start` tests that runs in a child process, where the environment that
@@ -383,12 +390,12 @@ async fn start_in_child_process() {
     let Ok(expect) = std::env::var("KUBEFIM_PODS_CHILD") else { return };
     match expect.as_str() {
         "synced" => {
-            let index = PodIndex::start(NODE).await.expect("starting from KUBECONFIG");
+            let index = PodIndex::start(NODE, PodMetrics::default()).await.expect("starting from KUBECONFIG");
             eventually("the first list", || index.is_synced()).await;
             assert_initial_list(&index);
         }
         "no-config" => {
-            let error = PodIndex::start(NODE).await.expect_err("no cluster to talk to");
+            let error = PodIndex::start(NODE, PodMetrics::default()).await.expect_err("no cluster to talk to");
             assert!(matches!(error, pods::Error::Config(_)), "{error:?}");
             assert!(error.to_string().contains("KUBECONFIG"), "{error}");
         }

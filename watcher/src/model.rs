@@ -1,0 +1,580 @@
+//! Every line `kubefim watch` prints, as types: one [`Event`] per line, its `kind` telling
+//! a change (`added`, `removed`, `modified`, `renamed`) from a line about the watcher itself
+//! (`rescan`, `lost`, `degraded`, `error`, `verify`, and the baseline's lifecycle). The JSON
+//! is their serde form and the JSON Schema (`kubefim schema events`) is generated from them;
+//! human output is their `Display`. The vocabularies (ops, reasons, results, origins) are
+//! enums: code never compares their names.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// What the kernel saw a process do to a path (`ops` of a change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOp {
+    /// write, pwrite, writev, copy_file_range, sendfile, splice into the file.
+    Write,
+    /// truncate, ftruncate, or an open with O_TRUNC.
+    Truncate,
+    /// fallocate.
+    Fallocate,
+    /// rename, renameat, renameat2 (also RENAME_EXCHANGE).
+    Rename,
+    /// unlink, unlinkat.
+    Unlink,
+    /// rmdir, unlinkat with AT_REMOVEDIR.
+    Rmdir,
+    /// link, linkat.
+    Link,
+    /// symlink, symlinkat.
+    Symlink,
+    /// chmod family.
+    Chmod,
+    /// chown family.
+    Chown,
+    /// setxattr family.
+    Setxattr,
+    /// removexattr family.
+    Removexattr,
+    /// utimes, utimensat, futimesat.
+    Utimes,
+    /// A store through a shared writable mapping (or the mmap that made it).
+    Mmap,
+    /// An io_uring request.
+    IoUring,
+    /// An open with O_CREAT that created the file.
+    Create,
+    /// mkdir, mkdirat.
+    Mkdir,
+    /// mknod, mknodat.
+    Mknod,
+}
+
+impl FileOp {
+    /// The op a kernel event names, if it names one (opens for writing and closes do not:
+    /// they change nothing by themselves; inode dirtying is decided by who dirtied it).
+    pub fn of_kernel(op: kubefim_common::Op) -> Option<FileOp> {
+        use kubefim_common::Op as K;
+        Some(match op {
+            K::Write => FileOp::Write,
+            K::Truncate => FileOp::Truncate,
+            K::Fallocate => FileOp::Fallocate,
+            K::Rename => FileOp::Rename,
+            K::Unlink => FileOp::Unlink,
+            K::Rmdir => FileOp::Rmdir,
+            K::Link => FileOp::Link,
+            K::Symlink => FileOp::Symlink,
+            K::Chmod => FileOp::Chmod,
+            K::Chown => FileOp::Chown,
+            K::Setxattr => FileOp::Setxattr,
+            K::Removexattr => FileOp::Removexattr,
+            K::Utimes => FileOp::Utimes,
+            K::Mmap => FileOp::Mmap,
+            K::IoUring => FileOp::IoUring,
+            K::Create => FileOp::Create,
+            K::Mkdir => FileOp::Mkdir,
+            K::Mknod => FileOp::Mknod,
+            K::OpenWrite | K::Close | K::Dirty => return None,
+        })
+    }
+
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileOp::Write => "write",
+            FileOp::Truncate => "truncate",
+            FileOp::Fallocate => "fallocate",
+            FileOp::Rename => "rename",
+            FileOp::Unlink => "unlink",
+            FileOp::Rmdir => "rmdir",
+            FileOp::Link => "link",
+            FileOp::Symlink => "symlink",
+            FileOp::Chmod => "chmod",
+            FileOp::Chown => "chown",
+            FileOp::Setxattr => "setxattr",
+            FileOp::Removexattr => "removexattr",
+            FileOp::Utimes => "utimes",
+            FileOp::Mmap => "mmap",
+            FileOp::IoUring => "io_uring",
+            FileOp::Create => "create",
+            FileOp::Mkdir => "mkdir",
+            FileOp::Mknod => "mknod",
+        }
+    }
+}
+
+impl fmt::Display for FileOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a rescan ran (`reason` of a `rescan` line, and the metric's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RescanReason {
+    /// Once ready: what changed while the watcher was not running.
+    Startup,
+    /// `--rescan-interval`.
+    Interval,
+    /// Part of a `verify` (`--verify-interval`).
+    Verify,
+    /// The kernel or the watcher dropped events.
+    LostEvents,
+    /// io_uring changed the namespace by path, which no event describes.
+    IoUring,
+    /// A path too long to be sent whole: what it could name is rescanned.
+    TruncatedPath,
+}
+
+impl RescanReason {
+    /// Every reason, for metrics that must exist at zero.
+    pub const ALL: [RescanReason; 6] = [
+        RescanReason::Startup,
+        RescanReason::Interval,
+        RescanReason::Verify,
+        RescanReason::LostEvents,
+        RescanReason::IoUring,
+        RescanReason::TruncatedPath,
+    ];
+
+    /// The name in lines and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RescanReason::Startup => "startup",
+            RescanReason::Interval => "interval",
+            RescanReason::Verify => "verify",
+            RescanReason::LostEvents => "lost_events",
+            RescanReason::IoUring => "io_uring",
+            RescanReason::TruncatedPath => "truncated_path",
+        }
+    }
+}
+
+/// How a change was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectedBy {
+    /// A kernel event on the path and a targeted rehash.
+    Event,
+    /// A comparison of what is on disk with what the watcher knew (a rescan, or the listing
+    /// of a directory whose entries changed) with no event on the path itself.
+    Rescan,
+}
+
+/// How sure the watcher is of who made a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// Each listed process made a syscall the kernel tied to this path.
+    Exact,
+    /// A listed process's path could not be resolved as it saw it (it had exited, or the
+    /// path was too long to be sent whole): the path was inferred from names or from a
+    /// rescan of what the path could name.
+    Inferred,
+    /// No process is known to have made the change (found by a rescan or a listing).
+    None,
+}
+
+/// RFC 3339 UTC time with milliseconds.
+pub fn time_string(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A process, as the kernel named it when it acted, and /proc while it lived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Process id (the kernel's tgid), in the host's pid namespace.
+    pub pid: u32,
+    /// Its parent's process id.
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Command name (`task->comm`, at most 15 bytes).
+    pub comm: String,
+    /// Executable, when /proc still had it.
+    pub exe: Option<String>,
+    /// Command line, arguments joined by spaces, when /proc still had it.
+    pub cmdline: Option<String>,
+}
+
+/// The container runtime a cgroup path's format belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// containerd (`cri-containerd-<id>.scope`).
+    Containerd,
+    /// CRI-O (`crio-<id>.scope`).
+    CriO,
+    /// Docker (`docker-<id>.scope`, `/docker/<id>`).
+    Docker,
+    /// podman (`libpod-<id>`).
+    Podman,
+    /// A kubelet-managed cgroup whose runtime the path does not say (`/kubepods/.../<id>`).
+    Kubernetes,
+    /// A 64-hex-digit id in a path of no known format.
+    Unknown,
+}
+
+/// The container a process runs in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// The container id (64 hex digits).
+    pub id: String,
+    /// The runtime that named its cgroup.
+    pub runtime: Runtime,
+    /// Its cgroup v2 path.
+    pub cgroup: Option<String>,
+}
+
+/// The pod a container belongs to, as the Kubernetes API says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The pod's uid.
+    pub uid: String,
+    /// The container's name in the pod spec (null when the pod was found by the uid in the
+    /// cgroup path before the API listed the container).
+    pub container: Option<String>,
+    /// The container's image, as its status reports it.
+    pub image: Option<String>,
+}
+
+/// Where a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Outside any container.
+    Host,
+    /// In a container whose pod is not known.
+    Container,
+    /// In a container of a known pod.
+    Pod,
+}
+
+/// One process that changed a path, with what it did to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    /// The process.
+    #[serde(flatten)]
+    pub process: Process,
+    /// What it did to this path, in the order first seen.
+    pub ops: Vec<FileOp>,
+    /// Its container, null on the host.
+    pub container: Option<Container>,
+    /// Its pod, when known.
+    pub pod: Option<Pod>,
+    /// Where it runs.
+    pub origin: Origin,
+}
+
+/// A record's attributes as `verify` prints them (kubefim-baseline's shape).
+pub type RecordJson = serde_json::Map<String, serde_json::Value>;
+
+/// One line of `kubefim watch`: when, and what.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339 UTC time with milliseconds: of the latest kernel event for a change, of the
+    /// line otherwise.
+    pub time: String,
+    /// What the line says.
+    #[serde(flatten)]
+    pub line: Line,
+}
+
+/// What a line says; `kind` tells which.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Line {
+    /// A path not known before exists now.
+    Added(Change),
+    /// A known path is gone.
+    Removed(Change),
+    /// A monitored attribute of a path changed.
+    Modified(Change),
+    /// A file was renamed (`path` to `to`), with the same inode.
+    Renamed(Change),
+    /// A rescan ended.
+    Rescan(Rescan),
+    /// Events were lost; a rescan of everything follows.
+    Lost(Lost),
+    /// The watcher sees less than it should.
+    Degraded(Degraded),
+    /// A path could not be rehashed.
+    Error(PathError),
+    /// Everything compared with the signed baseline.
+    Verify(Verify),
+    /// No signed baseline yet: this node's signing request, waiting for its signature.
+    AwaitingSignature(AwaitingSignature),
+    /// A signature that was not taken.
+    SignatureRejected(SignatureRejected),
+    /// A newly signed baseline was installed.
+    BaselineInstalled(BaselineInstalled),
+}
+
+/// A change to one path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    /// The path (non-UTF-8 bytes escaped as `\xNN`, backslashes doubled).
+    pub path: String,
+    /// The path's bytes in hex, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
+    /// Where a `renamed` path went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `to`'s bytes in hex, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_hex: Option<String>,
+    /// The monitored attributes that differ (empty for added and removed).
+    pub changed: Vec<kubefim_baseline::policy::Attribute>,
+    /// Every op the kernel saw on this path since its last report, in the order first seen.
+    pub ops: Vec<FileOp>,
+    /// The last known record (null for added).
+    pub old: Option<RecordJson>,
+    /// The record now (null for removed).
+    pub new: Option<RecordJson>,
+    /// A unified diff against the last known content, where the rule keeps content (never
+    /// for `secret: true`).
+    pub diff: Option<String>,
+    /// The changed 64 KiB ranges of the content, `[start, end)` byte offsets.
+    pub changed_ranges: Option<Vec<[u64; 2]>>,
+    /// Whether the path now equals the signed baseline in every monitored attribute but
+    /// those a restore cannot bring back (mtime, ctime, inode number).
+    pub baseline_match: bool,
+    /// The process that made the last change, when known (the last of `processes`).
+    pub process: Option<Process>,
+    /// `process`'s container, null on the host.
+    pub container: Option<Container>,
+    /// `process`'s pod, when known.
+    pub pod: Option<Pod>,
+    /// Where `process` runs; null when no process is known.
+    pub origin: Option<Origin>,
+    /// Every process that changed the path since its last report, in order, each with its
+    /// own ops.
+    pub processes: Vec<Writer>,
+    /// How sure the naming of `processes` is.
+    pub attribution: Attribution,
+    /// How the change was found.
+    pub detected_by: DetectedBy,
+}
+
+/// A path a rescan could not check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unverified {
+    /// The path.
+    pub path: String,
+    /// Why.
+    pub error: String,
+}
+
+/// A rescan ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rescan {
+    /// Why it ran.
+    pub reason: RescanReason,
+    /// What it covered: empty for everything the policy names, else these subtrees.
+    pub scope: Vec<String>,
+    /// Entries scanned.
+    pub scanned: u64,
+    /// Changes it reported (those with events of their own are reported as events).
+    pub changes: u64,
+    /// Paths it could not check.
+    pub unverified: Vec<Unverified>,
+    /// How long it took, scan and reports.
+    pub seconds: f64,
+}
+
+/// Who dropped events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostBy {
+    /// The kernel: its ring buffer was full.
+    Kernel,
+    /// The watcher: its queue between the reader and the rest was full.
+    Watcher,
+}
+
+/// Events were lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lost {
+    /// How many since the last `lost` line.
+    pub events: u64,
+    /// Where.
+    pub dropped_by: LostBy,
+    /// How many the kernel has dropped since the programs were loaded.
+    pub total: u64,
+    /// What follows.
+    pub action: String,
+}
+
+/// Why the watcher is degraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DegradedReason {
+    /// Tracepoints this kernel does not have: the rescans cover what they would see.
+    MissingTracepoints,
+    /// The in-kernel filter is full: changes beyond it are found by rescans only.
+    FilterFull,
+    /// No Kubernetes API: changes are attributed to containers, not pods.
+    NoKubernetesApi,
+}
+
+/// The watcher sees less than it should.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Degraded {
+    /// Why.
+    pub reason: DegradedReason,
+    /// What it means, for people.
+    pub message: String,
+    /// The missing tracepoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// The filter's capacity, in inodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    /// The error behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A path that could not be rehashed: nothing is concluded about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathError {
+    /// The path.
+    pub path: String,
+    /// The path's bytes in hex, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
+    /// Why.
+    pub error: String,
+}
+
+/// Why a verify ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyReason {
+    /// Once, at start.
+    Startup,
+    /// `--verify-interval`.
+    Interval,
+}
+
+/// What a verify found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyResult {
+    /// Everything equals the signed baseline.
+    Clean,
+    /// Something differs.
+    Changed,
+    /// Something could not be checked (whatever else was found).
+    Error,
+}
+
+impl VerifyResult {
+    /// The name in lines and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyResult::Clean => "clean",
+            VerifyResult::Changed => "changed",
+            VerifyResult::Error => "error",
+        }
+    }
+}
+
+/// How a path deviates from the signed baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviationKind {
+    /// Not in the baseline.
+    Added,
+    /// Gone.
+    Removed,
+    /// A monitored attribute differs.
+    Modified,
+}
+
+/// One path that deviates from the signed baseline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deviation {
+    /// The path.
+    pub path: String,
+    /// How.
+    pub kind: DeviationKind,
+}
+
+/// Everything compared with the signed baseline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verify {
+    /// Why it ran.
+    pub reason: VerifyReason,
+    /// What it found.
+    pub result: VerifyResult,
+    /// Paths not in the baseline.
+    pub added: u64,
+    /// Baseline paths gone.
+    pub removed: u64,
+    /// Baseline paths modified.
+    pub modified: u64,
+    /// Paths that could not be checked.
+    pub errors: u64,
+    /// Up to 100 deviating paths (the counts are complete).
+    pub deviations: Vec<Deviation>,
+    /// Whether `deviations` was cut at 100.
+    pub deviations_truncated: bool,
+    /// Records in the signed baseline.
+    pub baseline_entries: u64,
+    /// How long it took.
+    pub seconds: f64,
+}
+
+/// This node's signing request, waiting for its signature.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AwaitingSignature {
+    /// The node.
+    pub node: String,
+    /// Where the signature is expected.
+    pub signature_file: String,
+    /// What the operator does.
+    pub what_to_do: String,
+    /// The request to sign.
+    pub request: kubefim_baseline::request::SigningRequest,
+}
+
+/// A signature that was not taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignatureRejected {
+    /// The node.
+    pub node: String,
+    /// The digest the signature is for, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Why it was not taken.
+    pub error: String,
+}
+
+/// A newly signed baseline was installed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineInstalled {
+    /// The node.
+    pub node: String,
+    /// Where.
+    pub db: String,
+    /// The digest its signature covers.
+    pub digest: String,
+}
+
+impl Event {
+    /// A line about now.
+    pub fn now(line: Line) -> Event {
+        Event { time: time_string(SystemTime::now()), line }
+    }
+}

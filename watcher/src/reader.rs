@@ -1,0 +1,183 @@
+//! The ring buffer's reader, on a thread of its own so that nothing else the watcher does (a
+//! rehash on a slow disk, a rescan, a verify) ever stops it draining. For each record it
+//! does only what cannot wait: decode it, name its process (from /proc, before the process
+//! can exit) and look at a path event's paths as the process sees them (`resolve`). The
+//! result goes to the rest of the watcher through a bounded queue; when the queue is full the
+//! event is dropped and counted, and the count, like the kernel's own count of events its
+//! ring buffer had no room for, becomes a `lost` message (a rescan of everything follows).
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use kubefim_baseline::root::HostRoot;
+use tokio::sync::mpsc::{Sender, error::TrySendError};
+
+use crate::actor::{Actor, Attribution};
+use crate::event::KernelEvent;
+use crate::metrics::Metrics;
+use crate::model::LostBy;
+use crate::programs::EventSource;
+use crate::resolve::{Seen, look};
+
+/// How often the kernel's lost-event counter is read, and how long a poll waits.
+const TICK: Duration = Duration::from_millis(100);
+
+/// One kernel event with what could only be learnt at once.
+#[derive(Debug)]
+pub(crate) struct Observation {
+    /// The event.
+    pub event: KernelEvent,
+    /// Who.
+    pub actor: Arc<Actor>,
+    /// What each path of a path event named, as the actor saw it (`None`: gone, or not a
+    /// path event).
+    pub seen: [Option<Seen>; 2],
+    /// When (wall time).
+    pub time: SystemTime,
+}
+
+/// What the reader sends.
+#[derive(Debug)]
+pub(crate) enum Message {
+    /// An event.
+    Event(Box<Observation>),
+    /// Events were dropped.
+    Lost {
+        /// How many.
+        events: u64,
+        /// Where.
+        by: LostBy,
+        /// The kernel's count since load.
+        kernel_total: u64,
+    },
+}
+
+/// The reader thread.
+pub(crate) struct Reader {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Wall time minus boot time, to turn `bpf_ktime_get_boot_ns` into wall time.
+fn boot_offset() -> Duration {
+    let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let boot = Duration::new(u64::try_from(boot.tv_sec).unwrap_or(0), u32::try_from(boot.tv_nsec).unwrap_or(0));
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().saturating_sub(boot)
+}
+
+/// What the reader works with.
+pub(crate) struct ReaderParts {
+    /// The ring buffer and the lost counter.
+    pub source: EventSource,
+    /// Who acted.
+    pub attribution: Attribution,
+    /// Where the policy's paths are on disk.
+    pub host: HostRoot,
+    /// Events by op.
+    pub metrics: Arc<Metrics>,
+    /// To the rest of the watcher.
+    pub tx: Sender<Message>,
+}
+
+impl Reader {
+    /// Starts reading.
+    pub fn start(parts: ReaderParts) -> std::io::Result<Reader> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("kubefim-reader".into()).spawn(move || run(parts, &flag))?;
+        Ok(Reader { stop, thread: Some(thread) })
+    }
+
+    /// Drains what the kernel has sent so far, delivers it all (waiting for room), and stops.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn run(mut parts: ReaderParts, stop: &AtomicBool) {
+    let boot = boot_offset();
+    let mut kernel_seen = 0u64;
+    let mut kernel_lost = 0u64;
+    let mut dropped = 0u64;
+    let mut checked = Instant::now();
+    let Ok(ring) = parts.source.events.as_fd().try_clone_to_owned() else {
+        tracing::error!("cannot poll the ring buffer: no descriptor left");
+        return;
+    };
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        if !stopping {
+            let mut fds = [rustix::event::PollFd::new(&ring, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: i64::try_from(TICK.as_nanos()).unwrap_or(0) };
+            // An interrupted poll is just an early wake-up.
+            let _ = rustix::event::poll(&mut fds, Some(&timeout));
+        }
+        loop {
+            let event = {
+                let Some(item) = parts.source.events.next() else { break };
+                KernelEvent::decode(&item)
+            };
+            let Some(event) = event else { continue };
+            parts.metrics.event(event.op.name());
+            let observation = observe(&mut parts, event, boot);
+            let message = Message::Event(Box::new(observation));
+            if stopping {
+                if parts.tx.blocking_send(message).is_err() {
+                    return;
+                }
+                continue;
+            }
+            match parts.tx.try_send(message) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => dropped += 1,
+                Err(TrySendError::Closed(_)) => return,
+            }
+        }
+        if stopping || checked.elapsed() >= TICK {
+            checked = Instant::now();
+            let total = parts.source.lost_total();
+            kernel_lost += total.saturating_sub(kernel_seen);
+            kernel_seen = kernel_seen.max(total);
+        }
+        for (count, by) in [(&mut kernel_lost, LostBy::Kernel), (&mut dropped, LostBy::Watcher)] {
+            if *count == 0 {
+                continue;
+            }
+            let message = Message::Lost { events: *count, by, kernel_total: kernel_seen };
+            let sent =
+                if stopping { parts.tx.blocking_send(message).is_ok() } else { parts.tx.try_send(message).is_ok() };
+            // Not sent (the queue is still full): counted again in the next message.
+            if sent {
+                *count = 0;
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Decodes what only the moment can tell: the actor, and what its paths name.
+fn observe(parts: &mut ReaderParts, event: KernelEvent, boot: Duration) -> Observation {
+    let actor = parts.attribution.actor(&event);
+    let mut seen = [None, None];
+    for (i, path) in event.paths.iter().enumerate().take(2) {
+        if !path.is_empty() {
+            seen[i] = look(&parts.host, event.header.pid, event.header.dirfd[i], path, event.truncated[i]);
+        }
+    }
+    let time = SystemTime::UNIX_EPOCH + boot + Duration::from_nanos(event.header.time_ns);
+    Observation { event, actor, seen, time }
+}

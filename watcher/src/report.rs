@@ -1,0 +1,502 @@
+//! From observations to reports: each kernel event is mapped to what it may have changed
+//! (`targets`) and noted in the debounce queue (`pending`); what is due is rehashed, compared
+//! with what was known, and reported as a typed line naming each process that changed that
+//! path; the state, the journal and the kernel filter are then kept in step.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
+use kubefim_baseline::record::{FileKind, FileRecord};
+use kubefim_baseline::report::{escape_bytes, record_json};
+use kubefim_baseline::root::HostRoot;
+use kubefim_baseline::scan::rehash;
+use kubefim_baseline::verify::{Change as Difference, ChangeKind, compare_with};
+use kubefim_common::{EVENT_IO_WORKER, InodeKey, Op};
+
+use crate::error::{Error, Result};
+use crate::filter::KernelFilter;
+use crate::metrics::Metrics;
+use crate::model::{
+    Change, Degraded, DegradedReason, DetectedBy, Deviation, DeviationKind, Event, FileOp, Line, PathError,
+    RescanReason, Verify, VerifyReason, VerifyResult, time_string,
+};
+use crate::output::Printer;
+use crate::pending::{Note, Pending, Queue};
+use crate::reader::Observation;
+use crate::rescan::{Request, Rescans, Scope};
+use crate::state::{Deviation as StateDeviation, Known, State, key_of};
+use crate::targets::{View, covered, targets};
+
+/// How many deviating paths a `verify` line names (the counts are always complete).
+const VERIFY_LISTED: usize = 100;
+
+/// What the loop acts on besides the queue: a rescan to ask for.
+pub(crate) enum Follow {
+    /// Nothing.
+    Nothing,
+    /// A rescan now.
+    Rescan(Request),
+    /// A rescan of everything once an io_uring path operation has had time to complete.
+    RescanSoon,
+}
+
+/// The state, the queue, the kernel filter and the output, kept consistent.
+pub(crate) struct Reporter {
+    pub state: State,
+    pub filter: KernelFilter,
+    pub queue: Queue,
+    printer: Printer,
+    metrics: Arc<Metrics>,
+    host: HostRoot,
+}
+
+/// The mapping's view of the state and the queue.
+struct Lookup<'a> {
+    state: &'a State,
+    queue: &'a Queue,
+}
+
+impl View for Lookup<'_> {
+    fn policy(&self) -> &Policy {
+        self.state.policy()
+    }
+
+    fn dir_of_inode(&self, key: InodeKey) -> Option<PathBuf> {
+        self.state.dir_of_inode(key)
+    }
+
+    fn paths_of_inode(&self, key: InodeKey) -> Vec<PathBuf> {
+        self.state.paths_of_inode(key)
+    }
+
+    fn paths_named(&self, name: &[u8]) -> Vec<PathBuf> {
+        self.state.paths_named(name)
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        self.state.is_dir(path)
+    }
+
+    fn unnamed_dir(&self, key: InodeKey) -> Option<PathBuf> {
+        self.queue.unnamed_dir(&key).map(Path::to_owned)
+    }
+}
+
+/// A path's bytes for a line: the text, and the hex when it is not UTF-8.
+fn path_text(path: &Path) -> (String, Option<String>) {
+    let bytes = path_bytes(path);
+    let (text, escaped) = escape_bytes(bytes);
+    (text, escaped.then(|| bytes.iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+/// The inode key of a directory entry listed in a directory whose device is `dev`.
+fn entry_key(dev: u64, entry: &std::fs::DirEntry) -> InodeKey {
+    InodeKey { dev, ino: entry.ino() }
+}
+
+impl Reporter {
+    /// A reporter over `state`, printing with `printer`.
+    pub fn new(state: State, filter: KernelFilter, printer: Printer, metrics: Arc<Metrics>, host: HostRoot) -> Self {
+        Reporter { state, filter, queue: Queue::default(), printer, metrics, host }
+    }
+
+    /// Prints one line.
+    pub fn print(&mut self, line: Line) -> Result<()> {
+        self.print_event(&Event::now(line))
+    }
+
+    fn print_event(&mut self, event: &Event) -> Result<()> {
+        self.printer.print(event).map_err(|e| Error::io("writing to stdout", e))
+    }
+
+    /// The printer, for lines printed elsewhere (the baseline's lifecycle).
+    pub fn printer(&mut self) -> &mut Printer {
+        &mut self.printer
+    }
+
+    /// Flushes what was printed.
+    pub fn flush(&mut self) -> Result<()> {
+        self.printer.flush().map_err(|e| Error::io("writing to stdout", e))
+    }
+
+    /// Notes one kernel event in the queue; says what else it calls for.
+    pub fn observe(&mut self, obs: &Observation) -> Follow {
+        let ev = &obs.event;
+        let t = targets(ev, &obs.seen, &Lookup { state: &self.state, queue: &self.queue });
+        let note = Note {
+            op: FileOp::of_kernel(ev.op),
+            close: ev.op == Op::Close,
+            syscall: !matches!(ev.op, Op::Dirty | Op::Mmap | Op::IoUring),
+            inferred: t.inferred,
+        };
+        let io_worker = ev.header.flags & EVENT_IO_WORKER != 0;
+        let (actor, time) = (&obs.actor, obs.time);
+        for path in &t.paths {
+            if let Some(key) = t.inode {
+                // The inode must still be the path's: its number may have been reused.
+                let is_it = std::fs::symlink_metadata(self.host.disk(path))
+                    .is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key);
+                if !is_it {
+                    continue;
+                }
+            }
+            if ev.op == Op::Dirty {
+                self.queue.dirty(path, actor, io_worker, time);
+            } else {
+                self.queue.note(path, actor, note, time);
+            }
+        }
+        for dir in &t.dirs {
+            self.queue.list_entries(dir);
+        }
+        if let Some((key, dir)) = &t.unnamed {
+            if ev.op == Op::Create {
+                // The kernel side watches the new inode from now on.
+                self.filter.watched_by_kernel();
+            }
+            if ev.op == Op::Dirty {
+                self.queue.dirty_unnamed(*key, actor, io_worker, time);
+            } else {
+                self.queue.note_unnamed(*key, dir, actor, note, time);
+            }
+        }
+        if let Some((from, to)) = &t.renamed {
+            self.queue.renamed(to, from);
+        }
+        if let Some(reason) = t.full_rescan {
+            debug_assert_eq!(reason, RescanReason::IoUring);
+            return Follow::RescanSoon;
+        }
+        if !t.rescan.is_empty() {
+            let writers = t.rescan.iter().map(|root| (root.clone(), actor.clone(), note.op)).collect();
+            return Follow::Rescan(Request {
+                reason: RescanReason::TruncatedPath,
+                scope: Scope::Under(t.rescan),
+                verify: None,
+                writers,
+            });
+        }
+        Follow::Nothing
+    }
+
+    /// Rehashes what is due (with `all`, everything pending) and reports what changed.
+    pub fn process_due(&mut self, all: bool, rescans: &mut Rescans) -> Result<()> {
+        let now = SystemTime::now();
+        let mut batch: HashMap<PathBuf, Pending> = self.queue.take_due(all).into_iter().collect();
+        // New inodes: their changes go to the name they have now.
+        for (key, dir, gathered) in self.queue.take_due_unnamed(all) {
+            let Some(path) = self.name_of(&dir, key) else { continue };
+            let target = match batch.remove(&path) {
+                Some(p) => p,
+                None => self.queue.take(&path).unwrap_or_else(|| Queue::empty(now)),
+            };
+            let mut target = target;
+            Queue::merge_into(&mut target, gathered);
+            batch.insert(path, target);
+        }
+        // Directories whose entries changed: entries with no event of their own are found
+        // by listing (no process is known to have made them).
+        let listed: Vec<PathBuf> = batch.iter().filter(|(_, p)| p.list_entries).map(|(d, _)| d.clone()).collect();
+        for dir in listed {
+            for entry in self.dir_changes(&dir) {
+                if !batch.contains_key(&entry) && !self.queue.contains(&entry) {
+                    batch.insert(entry, Queue::empty(now));
+                }
+            }
+        }
+        let mut work: Vec<(PathBuf, Pending)> = batch.into_iter().collect();
+        // Destinations of renames first: they may account for their source.
+        work.sort_by(|(a, p), (b, q)| (p.renamed_from.is_none(), a).cmp(&(q.renamed_from.is_none(), b)));
+        let mut done: Vec<PathBuf> = Vec::new();
+        for (path, pending) in work {
+            if done.contains(&path) {
+                continue;
+            }
+            if let Some(from) = pending.renamed_from.clone()
+                && !done.contains(&from)
+                && self.report_rename(&from, &path, &pending)?
+            {
+                rescans.processed(&from, true);
+                rescans.processed(&path, true);
+                done.push(from);
+                continue;
+            }
+            let reported = self.rehash_and_report(&path, &pending)?;
+            rescans.processed(&path, reported);
+        }
+        Ok(())
+    }
+
+    /// The name an inode has in `dir` now (listing it: `d_ino` needs no stat per entry).
+    fn name_of(&self, dir: &Path, key: InodeKey) -> Option<PathBuf> {
+        let disk = self.host.disk(dir);
+        let dev = std::fs::symlink_metadata(&disk).ok()?.dev();
+        let found = std::fs::read_dir(&disk)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| entry_key(InodeKey::from_stat(dev, 0).dev, e) == key)?;
+        Some(dir.join(found.file_name()))
+    }
+
+    /// The entries of `dir` that differ from the state's: new on disk, or known and gone.
+    /// New ones that are a pending new inode are left to it (it knows who made them).
+    fn dir_changes(&self, dir: &Path) -> Vec<PathBuf> {
+        let policy = self.state.policy();
+        let known = self.state.children(dir);
+        let disk = self.host.disk(dir);
+        let dev = std::fs::symlink_metadata(&disk).map(|m| InodeKey::from_stat(m.dev(), 0).dev).unwrap_or(0);
+        let mut on_disk = Vec::new();
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&disk) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let path = dir.join(e.file_name());
+                if !known.contains(&path)
+                    && self.queue.unnamed_dir(&entry_key(dev, &e)).is_none()
+                    && covered(policy, &path)
+                {
+                    out.push(path.clone());
+                }
+                on_disk.push(path);
+            }
+        }
+        out.extend(known.into_iter().filter(|p| !on_disk.contains(p) && covered(policy, p)));
+        out
+    }
+
+    /// Rehashes `path` now; `None` when the policy does not cover it or it could not be read
+    /// (an `error` line says why).
+    fn rehash_now(&mut self, path: &Path) -> Result<Option<Option<Known>>> {
+        let started = std::time::Instant::now();
+        let Some(rehashed) = rehash(path, self.state.policy(), &self.host) else { return Ok(None) };
+        self.metrics.rehash_seconds(started.elapsed());
+        match rehashed {
+            Ok(r) => Ok(Some(Some(Known { record: r.record, content: r.content }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(None)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(Some(None)),
+            Err(e) => {
+                let (path, path_hex) = path_text(path);
+                self.print(Line::Error(PathError { path, path_hex, error: e.to_string() }))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn diff(&self, path: &Path, old: Option<&Known>, now: Option<&Known>) -> Result<Option<Difference>> {
+        Ok(match (old, now) {
+            (None, None) => None,
+            (Some(o), None) => Some(Difference {
+                path: path.to_owned(),
+                kind: ChangeKind::Removed,
+                changed: Vec::new(),
+                old: Some(o.record.clone()),
+                new: None,
+                diff: None,
+                changed_ranges: None,
+            }),
+            (o, Some(n)) => {
+                let old_content = |hash: &kubefim_baseline::hash::Hash| match o {
+                    Some(k) if k.content.is_some() => Ok(k.content.clone()),
+                    _ => self.state.content(path, hash),
+                };
+                compare_with(
+                    self.state.policy(),
+                    path.to_owned(),
+                    o.map(|k| &k.record),
+                    n.record.clone(),
+                    n.content.as_deref(),
+                    old_content,
+                )?
+            }
+        })
+    }
+
+    /// The line for a difference found for `pending`.
+    fn change_line(&self, difference: &Difference, renamed_to: Option<&Path>, pending: &Pending) -> Result<Line> {
+        let policy = self.state.policy();
+        let (path, path_hex) = path_text(&difference.path);
+        let (to, to_hex) = match renamed_to.map(path_text) {
+            Some((t, h)) => (Some(t), h),
+            None => (None, None),
+        };
+        let now = if renamed_to.is_some() { None } else { difference.new.as_ref() };
+        let writers = pending.writers();
+        let last = writers.last().map(|w| &w.actor);
+        let change = Change {
+            path,
+            path_hex,
+            to,
+            to_hex,
+            changed: difference.changed.clone(),
+            ops: pending.ops(),
+            old: difference.old.as_ref().map(|r| record_json(r, policy)),
+            new: difference.new.as_ref().map(|r| record_json(r, policy)),
+            diff: difference.diff.clone(),
+            changed_ranges: difference.changed_ranges.clone(),
+            baseline_match: self.baseline_match(&difference.path, now)?,
+            process: last.map(|a| a.process()),
+            container: last.and_then(|a| a.container.clone()),
+            pod: last.and_then(|a| a.pod.clone()),
+            origin: last.map(|a| a.origin()),
+            processes: writers.iter().map(|w| w.actor.writer(w.ops.clone())).collect(),
+            attribution: pending.attribution(),
+            detected_by: if pending.by_event { DetectedBy::Event } else { DetectedBy::Rescan },
+        };
+        Ok(match (renamed_to, difference.kind) {
+            (Some(_), _) => Line::Renamed(change),
+            (None, ChangeKind::Added) => Line::Added(change),
+            (None, ChangeKind::Removed) => Line::Removed(change),
+            (None, ChangeKind::Modified) => Line::Modified(change),
+        })
+    }
+
+    /// Rehashes one path and reports it if it changed; true when a change was reported.
+    fn rehash_and_report(&mut self, path: &Path, pending: &Pending) -> Result<bool> {
+        let Some(now) = self.rehash_now(path)? else { return Ok(false) };
+        let old = self.state.get(path)?;
+        let difference = self.diff(path, old.as_ref(), now.as_ref())?;
+        let new_dir = old.is_none() && now.as_ref().is_some_and(|k| k.record.kind == FileKind::Dir);
+        let mut reported = false;
+        if let Some(difference) = difference {
+            let line = self.change_line(&difference, None, pending)?;
+            self.print_event(&Event { time: time_string(pending.time), line })?;
+            self.metrics.change(difference.kind.name());
+            reported = true;
+        }
+        self.update(path, now)?;
+        if new_dir {
+            // A new directory may have been filled before the kernel's filter knew it (tar -x,
+            // mkdir -p): its entries are compared with the state in a moment.
+            let policy = self.state.policy();
+            let entries: Vec<PathBuf> = std::fs::read_dir(self.host.disk(path))
+                .map(|it| it.filter_map(|e| e.ok()).map(|e| path.join(e.file_name())).collect())
+                .unwrap_or_default();
+            let time = SystemTime::now();
+            for entry in entries.into_iter().filter(|e| covered(policy, e) && !self.state.exists(e)) {
+                self.queue.found(&entry, time);
+            }
+        }
+        Ok(reported)
+    }
+
+    /// Reports `from` renamed to `to` when that is what happened: `from` is gone, `to` is new
+    /// and is the inode `from` was. False when it is something else (then each is reported
+    /// on its own).
+    fn report_rename(&mut self, from: &Path, to: &Path, pending: &Pending) -> Result<bool> {
+        let Some(source) = self.state.get(from)?.map(|k| k.record) else { return Ok(false) };
+        if self.state.exists(to) || std::fs::symlink_metadata(self.host.disk(from)).is_ok() {
+            return Ok(false);
+        }
+        let Some(Some(now)) = self.rehash_now(to)? else { return Ok(false) };
+        if now.record.inode != source.inode || now.record.dev != source.dev {
+            return Ok(false);
+        }
+        let mut pending = pending.clone();
+        if let Some(p) = self.queue.take(from) {
+            Queue::merge_into(&mut pending, p);
+        }
+        let rule = usize::try_from(now.record.rule).ok().and_then(|i| self.state.policy().rules.get(i));
+        let attributes = rule.map_or_else(AttributeSet::all, |r| r.attributes);
+        let difference = Difference {
+            path: from.to_owned(),
+            kind: ChangeKind::Modified,
+            changed: source.changed_attributes(&now.record, attributes),
+            old: Some(source),
+            new: Some(now.record.clone()),
+            diff: None,
+            changed_ranges: None,
+        };
+        let line = self.change_line(&difference, Some(to), &pending)?;
+        self.print_event(&Event { time: time_string(pending.time), line })?;
+        self.metrics.change("renamed");
+        self.update(from, None)?;
+        self.update(to, Some(now))?;
+        Ok(true)
+    }
+
+    /// Whether `now` equals the signed baseline's record of `path` in every monitored
+    /// attribute but the ones a restore cannot bring back (times, inode number).
+    fn baseline_match(&self, path: &Path, now: Option<&FileRecord>) -> Result<bool> {
+        Ok(match (self.state.signed(path)?, now) {
+            (None, None) => true,
+            (Some(signed), Some(now)) => {
+                let rule = usize::try_from(now.rule).ok().and_then(|i| self.state.policy().rules.get(i));
+                let attrs: AttributeSet = rule
+                    .map(|r| r.attributes)
+                    .unwrap_or_else(AttributeSet::all)
+                    .iter()
+                    .filter(|a| !matches!(a, Attribute::Mtime | Attribute::Ctime | Attribute::Inode))
+                    .collect();
+                signed.changed_attributes(now, attrs).is_empty()
+            }
+            _ => false,
+        })
+    }
+
+    /// Takes `now` as the state of `path`: state, journal, kernel filter.
+    fn update(&mut self, path: &Path, now: Option<Known>) -> Result<()> {
+        let watch = now.as_ref().map(|k| (key_of(&k.record), k.record.kind == FileKind::Dir));
+        let update = self.state.set(path, now)?;
+        if let Some((key, is_dir)) = watch {
+            let name = path.file_name().map_or(&[][..], |n| path_bytes(Path::new(n)));
+            self.filter.watch(key, is_dir, name);
+        }
+        // A key no path has any more leaves the kernel's filter: its number may be reused.
+        if let Some(old) = update.old_key
+            && self.state.paths_of_inode(old).is_empty()
+        {
+            self.filter.unwatch(old);
+        }
+        self.metrics.set_watched_inodes(self.filter.inodes());
+        if self.filter.newly_full() {
+            let capacity = self.filter.capacity();
+            self.print(Line::Degraded(Degraded {
+                reason: DegradedReason::FilterFull,
+                message: "the in-kernel filter is full; changes to paths beyond it are found by rescans only".into(),
+                missing: Vec::new(),
+                capacity: Some(capacity),
+                error: None,
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Everything compared with the signed baseline, as the `verify` line says it.
+    pub fn verify_line(&self, reason: VerifyReason, errors: u64, started: std::time::Instant) -> Verify {
+        let (mut added, mut removed, mut modified) = (0u64, 0u64, 0u64);
+        let mut deviations = Vec::new();
+        for (id, how) in self.state.deviations() {
+            let (count, kind) = match how {
+                StateDeviation::Added => (&mut added, DeviationKind::Added),
+                StateDeviation::Removed => (&mut removed, DeviationKind::Removed),
+                StateDeviation::Modified => (&mut modified, DeviationKind::Modified),
+            };
+            *count += 1;
+            if deviations.len() < VERIFY_LISTED {
+                deviations.push(Deviation { path: path_text(&self.state.path(id)).0, kind });
+            }
+        }
+        let total = added + removed + modified;
+        let result = match (errors, total) {
+            (0, 0) => VerifyResult::Clean,
+            (0, _) => VerifyResult::Changed,
+            _ => VerifyResult::Error,
+        };
+        deviations.sort_by(|a, b| a.path.cmp(&b.path));
+        Verify {
+            reason,
+            result,
+            added,
+            removed,
+            modified,
+            errors,
+            deviations,
+            deviations_truncated: total > VERIFY_LISTED as u64,
+            baseline_entries: self.state.signed_len(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
