@@ -157,6 +157,7 @@ pub fn raw_line(label: &str, run: usize, s: &Sample) -> String {
         mib(s.memory_at_exit.rss_kib),
         mib(s.memory_at_exit.hwm_kib)
     );
+    let _ = write!(line, "; timeline {}", s.timeline.join(" "));
     if !s.degraded.is_empty() {
         let _ = write!(line, "; DEGRADED: {}", s.degraded.join("; "));
     }

@@ -26,6 +26,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(2);
 /// Stderr lines kept for error messages.
 const STDERR_TAIL: usize = 20;
+/// State lines kept in a sample's timeline.
+const TIMELINE: usize = 30;
 
 /// What the run should do.
 pub struct RunOptions<'a> {
@@ -68,6 +70,9 @@ pub struct Sample {
     pub baseline_entries: Option<u64>,
     /// Reasons of `degraded` lines (e.g. a full in-kernel filter).
     pub degraded: Vec<String>,
+    /// The watcher's own lines (not changes) as `kind[/reason]@seconds from spawn`, and
+    /// the harness's append and ready as `append@`, `ready@`: what happened when.
+    pub timeline: Vec<String>,
     pub memory_at_exit: Memory,
 }
 
@@ -187,9 +192,12 @@ fn spawn(opts: &RunOptions) -> Result<Watcher> {
 struct Seen {
     startup: Option<StartupDone>,
     first_event_ms: Option<f64>,
+    /// A rescan, not an event, reported the probe after the append.
+    probe_by_rescan: bool,
     scanned: Option<u64>,
     baseline_entries: Option<u64>,
     degraded: Vec<String>,
+    timeline: Vec<String>,
 }
 
 impl Seen {
@@ -197,16 +205,27 @@ impl Seen {
         let Ok(v) = serde_json::from_str::<Value>(line) else { return Ok(()) };
         let kind = v["kind"].as_str().unwrap_or("");
         let startup = v["reason"].as_str() == Some("startup");
+        if !matches!(kind, "added" | "removed" | "modified" | "renamed") && self.timeline.len() < TIMELINE {
+            let reason = v["reason"].as_str().filter(|r| r.len() <= 24).map_or_else(String::new, |r| format!("/{r}"));
+            self.timeline.push(format!("{kind}{reason}@{:.2}", at.duration_since(clock.spawned).as_secs_f64()));
+        }
         match kind {
             "rescan" if startup => self.scanned = v["scanned"].as_u64(),
             "verify" if startup => self.baseline_entries = v["baseline_entries"].as_u64(),
             "degraded" => self.degraded.push(v["reason"].as_str().unwrap_or("?").to_owned()),
-            "modified" if v["path"].as_str() == probe.path.to_str() && v["detected_by"].as_str() != Some("rescan") => {
+            "modified" if v["path"].as_str() == probe.path.to_str() => {
+                // A rescan also reports the probe (it deviates from the baseline after the
+                // first run, see ProbeRestore): only an event's line times the event.
+                let by_rescan = v["detected_by"].as_str() == Some("rescan");
                 if let Some(appended) = probe.appended
                     && at >= appended
-                    && self.first_event_ms.is_none()
                 {
-                    self.first_event_ms = Some(at.duration_since(appended).as_secs_f64() * 1e3);
+                    if by_rescan {
+                        self.probe_by_rescan = true;
+                    } else if self.first_event_ms.is_none() {
+                        self.first_event_ms = Some(at.duration_since(appended).as_secs_f64() * 1e3);
+                        self.timeline.push(format!("event@{:.2}", at.duration_since(clock.spawned).as_secs_f64()));
+                    }
                 }
             }
             _ => {}
@@ -283,14 +302,18 @@ pub fn run_once(opts: &RunOptions) -> Result<Sample> {
         mib(at_ready.hwm_kib)
     );
 
+    seen.timeline.push(format!("ready@{ready_s:.2}"));
     probe_restore.append()?;
     probe.appended = Some(Instant::now());
+    seen.timeline.push(format!("append@{:.2}", clock.spawned.elapsed().as_secs_f64()));
     let event_deadline = Instant::now() + EVENT_TIMEOUT;
     while seen.startup.is_none() || seen.first_event_ms.is_none() {
         let now = Instant::now();
         if seen.first_event_ms.is_none() && now > event_deadline {
+            let rescan_only = if seen.probe_by_rescan { " (only a rescan's, detected_by rescan)" } else { "" };
             bail!(
-                "no `modified` line for {} within {} s of appending to it; the watcher's stderr ends with:\n{}",
+                "no `modified` line for {} from an event within {} s of appending to it{rescan_only}; the watcher's \
+                 stderr ends with:\n{}",
                 opts.probe.display(),
                 EVENT_TIMEOUT.as_secs(),
                 w.stderr_tail()
@@ -321,7 +344,7 @@ pub fn run_once(opts: &RunOptions) -> Result<Sample> {
     drop(w);
     drop(probe_restore);
     remove(&f.ready)?;
-    let Seen { startup, first_event_ms, scanned, baseline_entries, degraded } = seen;
+    let Seen { startup, first_event_ms, scanned, baseline_entries, degraded, timeline, .. } = seen;
     Ok(Sample {
         ready_s,
         at_ready,
@@ -332,6 +355,7 @@ pub fn run_once(opts: &RunOptions) -> Result<Sample> {
         scanned,
         baseline_entries,
         degraded,
+        timeline,
         memory_at_exit,
     })
 }
