@@ -344,7 +344,10 @@ pub fn run_once(opts: &RunOptions) -> Result<Sample> {
     drop(w);
     drop(probe_restore);
     remove(&f.ready)?;
-    let Seen { startup, first_event_ms, scanned, baseline_entries, degraded, timeline, .. } = seen;
+    remove(&f.journal())?;
+    let Seen { startup, first_event_ms, scanned, baseline_entries, degraded, mut timeline, .. } = seen;
+    // In time order (the harness's own entries were added when it got to them).
+    timeline.sort_by(|a, b| at_seconds(a).total_cmp(&at_seconds(b)));
     Ok(Sample {
         ready_s,
         at_ready,
@@ -358,6 +361,10 @@ pub fn run_once(opts: &RunOptions) -> Result<Sample> {
         timeline,
         memory_at_exit,
     })
+}
+
+fn at_seconds(entry: &str) -> f64 {
+    entry.rsplit_once('@').and_then(|(_, s)| s.parse().ok()).unwrap_or(f64::MAX)
 }
 
 /// KiB to MiB.
