@@ -259,8 +259,8 @@ impl TrustedBaseline {
                 manifest.format_version
             )));
         }
-        let policy =
-            Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
+        let policy = Policy::from_yaml(&manifest.policy, "the baseline's policy")
+            .map_err(|e| untrusted(crate::error::chain(&e)))?;
         let mut records = BTreeMap::new();
         for (i, chunk) in chunks.iter().enumerate() {
             let entries =
