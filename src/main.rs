@@ -243,12 +243,10 @@ struct HostRootArg {
 
 impl HostRootArg {
     fn resolve(&self) -> anyhow::Result<kubefim_baseline::root::HostRoot> {
-        use anyhow::Context;
+        // The library's error names the directory and the flag.
         match &self.host_root {
             None => Ok(kubefim_baseline::root::HostRoot::identity()),
-            Some(dir) => {
-                kubefim_baseline::root::HostRoot::new(dir).with_context(|| format!("--host-root {}", dir.display()))
-            }
+            Some(dir) => Ok(kubefim_baseline::root::HostRoot::new(dir)?),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anstyle::{AnsiColor, Style};
 use kubefim_baseline::baseline::TrustedBaseline;
+use kubefim_baseline::error::chain;
 use kubefim_baseline::record::FileRecord;
 use kubefim_baseline::report::display_path;
 use kubefim_baseline::scan::{ScanProgress, ScanWarning};
@@ -31,9 +32,11 @@ pub fn init_logging() {
     }
 }
 
-/// Prints an error, with its causes, once.
+/// Prints an error with its causes, each once (as the watcher's JSON `error` fields do, through
+/// the same [`chain`]: a dependency's error that repeats its cause is said once there too).
 pub fn error(e: &anyhow::Error) {
-    let _ = writeln!(anstream::stderr(), "{}kubefim: error:{} {e:#}", REMOVED.bold(), REMOVED.bold().render_reset());
+    let line = chain(&**e);
+    let _ = writeln!(anstream::stderr(), "{}kubefim: error:{} {line}", REMOVED.bold(), REMOVED.bold().render_reset());
 }
 
 /// A status line on stderr.

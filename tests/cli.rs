@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt, symlink};
@@ -1244,6 +1244,143 @@ fn missing_policy_or_key_exits_2() {
     ]));
     run.expect_code(2);
     assert!(!fx.db().exists(), "a failed create left a db behind");
+}
+
+/// A command that must fail, and what its one error line must say.
+struct Failing<'a> {
+    what: &'a str,
+    argv: Vec<OsString>,
+    code: i32,
+    /// The path the error is about.
+    path: &'a Path,
+    /// What to do about it (a flag, a command, a remedy).
+    hint: &'a str,
+    /// The text of the cause (an OS error's), which must be said exactly once.
+    cause: Option<&'a str>,
+}
+
+/// Real failing commands of the real binary: each says, on one `kubefim: error:` line, which
+/// path, what to do, and its cause once (messages used to print their source and then main
+/// printed it again as the next link of the chain).
+#[test]
+fn errors_name_the_path_say_what_to_do_and_their_cause_once() {
+    const ENOENT: &str = "No such file or directory";
+    let fx = Fixture::new();
+    let policy = fx.default_policy();
+    let (key, pubkey, db) = (fx.key(), fx.pubkey(), fx.db());
+    let (no_policy, no_key, no_pubkey) =
+        (fx.path("no-such-policy.yaml"), fx.path("no-such.key"), fx.path("no-such.pub"));
+    let (no_root, file) = (fx.path("no-such-root"), fx.path("a-regular-file"));
+    write(&file, "not a directory\n");
+    let tree = fx.tree();
+    let create = |policy: &Path, db: &Path, key: &Path| {
+        let (policy, db, key) = (policy.as_os_str(), db.as_os_str(), key.as_os_str());
+        args(&[
+            "baseline".as_ref(),
+            "create".as_ref(),
+            "--policy".as_ref(),
+            policy,
+            "--db".as_ref(),
+            db,
+            "--key".as_ref(),
+            key,
+        ])
+    };
+    let verify = |db: &Path, pubkey: &Path| {
+        args(&["verify".as_ref(), "--db".as_ref(), db.as_os_str(), "--pubkey".as_ref(), pubkey.as_os_str()])
+    };
+    let with_host_root = |mut argv: Vec<OsString>, dir: &Path| {
+        argv.extend(["--host-root".into(), dir.as_os_str().to_owned()]);
+        argv
+    };
+    let cases = [
+        Failing {
+            what: "missing policy",
+            argv: create(&no_policy, &db, &key),
+            code: 2,
+            path: &no_policy,
+            hint: "`kubefim default-policy` prints one",
+            cause: Some(ENOENT),
+        },
+        Failing {
+            what: "policy that is a directory",
+            argv: create(&tree, &db, &key),
+            code: 2,
+            path: &tree,
+            hint: "a FimPolicy YAML file",
+            cause: Some("Is a directory"),
+        },
+        Failing {
+            what: "missing private key",
+            argv: create(&policy, &db, &no_key),
+            code: 2,
+            path: &no_key,
+            hint: "the kubefim.key that `kubefim keygen` wrote",
+            cause: Some(ENOENT),
+        },
+        Failing {
+            what: "create with a --db that is a regular file",
+            argv: create(&policy, &file, &key),
+            code: 2,
+            path: &file,
+            hint: "remove it or choose another --db path",
+            cause: None,
+        },
+        Failing {
+            what: "verify with a --db that is a regular file",
+            argv: verify(&file, &pubkey),
+            code: 3,
+            path: &file,
+            hint: "check the --db path",
+            cause: None,
+        },
+        Failing {
+            what: "missing public key",
+            argv: verify(&db, &no_pubkey),
+            code: 2,
+            path: &no_pubkey,
+            hint: "the kubefim.pub that `kubefim keygen` wrote",
+            cause: Some(ENOENT),
+        },
+        Failing {
+            what: "missing --host-root",
+            argv: with_host_root(verify(&db, &pubkey), &no_root),
+            code: 2,
+            path: &no_root,
+            hint: "--host-root takes the absolute path of the directory the host's / is mounted at",
+            cause: Some(ENOENT),
+        },
+        Failing {
+            what: "--host-root that is a regular file",
+            argv: with_host_root(create(&policy, &db, &key), &file),
+            code: 2,
+            path: &file,
+            hint: "--host-root takes the absolute path",
+            cause: Some("not a directory"),
+        },
+        Failing {
+            what: "missing database",
+            argv: verify(&db, &pubkey),
+            code: 3,
+            path: &db,
+            hint: "create one with `kubefim baseline create`",
+            cause: None,
+        },
+    ];
+    for case in cases {
+        let run = kubefim(&case.argv);
+        let what = case.what;
+        assert_eq!(run.code(), case.code, "{what}: want exit {}\n{}", case.code, run.dump());
+        let errors: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("kubefim: error: ")).collect();
+        assert_eq!(errors.len(), 1, "{what}: want one error line\n{}", run.dump());
+        let line = errors[0];
+        assert!(line.contains(case.path.to_str().unwrap()), "{what}: the error does not name the path\n{}", run.dump());
+        assert!(line.contains(case.hint), "{what}: the error does not say {:?}\n{}", case.hint, run.dump());
+        if let Some(cause) = case.cause {
+            assert_eq!(line.matches(cause).count(), 1, "{what}: want the cause {cause:?} said once\n{}", run.dump());
+        }
+        assert!(!db.exists(), "{what}: a failed command left a database behind\n{}", run.dump());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -268,8 +268,8 @@ impl TrustedBaseline {
                 manifest.format_version
             )));
         }
-        let policy =
-            Policy::from_yaml(&manifest.policy, "the baseline's policy").map_err(|e| untrusted(e.to_string()))?;
+        let policy = Policy::from_yaml(&manifest.policy, "the baseline's policy")
+            .map_err(|e| untrusted(crate::error::chain(&e)))?;
         Ok(TrustedBaseline { store, manifest, policy, chunks, cache: Mutex::new(Vec::new()) })
     }
 

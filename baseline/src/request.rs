@@ -93,7 +93,7 @@ impl SigningRequest {
 impl Signature {
     /// Reads a signature file.
     pub fn load(path: &Path) -> Result<Signature> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read the signature", path, e))?;
         serde_json::from_str::<Signature>(&text).ok().filter(|s| s.kind == SIGNATURE_KIND).ok_or_else(|| Error::Store {
             path: path.to_owned(),
             message: "not a kubefim signature (make one with `kubefim baseline sign`)".into(),
@@ -168,7 +168,7 @@ pub fn scan(
         };
         let path = dir.join(store::REQUEST_FILE);
         std::fs::write(&path, serde_json::to_vec(&request).expect("a request serialises"))
-            .map_err(|e| Error::io(&path, e))?;
+            .map_err(|e| Error::io("write the signing request", &path, e))?;
         store::install(&dir, &pending)?;
         Ok(request)
     })();
@@ -190,7 +190,7 @@ pub fn pending_request(db: &Path) -> Result<Option<SigningRequest>> {
             message: format!("unreadable signing request ({e}); rescan with `kubefim baseline scan`"),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(&path, e)),
+        Err(e) => Err(Error::io("read the signing request", &path, e)),
     }
 }
 
@@ -258,7 +258,7 @@ pub fn attach(db: &Path, public: &PublicKey, signature: &Signature) -> Result<()
     }
     // The request is part of no baseline; the seal now says everything it said.
     let request_file = pending.join(store::REQUEST_FILE);
-    std::fs::remove_file(&request_file).map_err(|e| Error::io(&request_file, e))?;
+    std::fs::remove_file(&request_file).map_err(|e| Error::io("remove the signing request", &request_file, e))?;
     store::install(&pending, db)
 }
 

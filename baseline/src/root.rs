@@ -21,13 +21,13 @@ impl HostRoot {
     /// The host's root mounted at `dir`: an existing directory, given as an absolute path
     /// without `..` (symlinks in it are resolved once, here, so the prefix is stable).
     pub fn new(dir: &Path) -> Result<Self> {
-        let bad = |message: String| Error::Io { path: dir.to_owned(), source: std::io::Error::other(message) };
+        let bad = |source| Error::HostRoot { path: dir.to_owned(), source };
         if !dir.is_absolute() || dir.components().any(|c| c == Component::ParentDir) {
-            return Err(bad("the host root must be an absolute path without `..`".into()));
+            return Err(bad(std::io::Error::other("not an absolute path without `..`")));
         }
-        let canonical = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+        let canonical = std::fs::canonicalize(dir).map_err(bad)?;
         if !canonical.is_dir() {
-            return Err(bad("the host root is not a directory (mount the host's / there)".into()));
+            return Err(bad(std::io::Error::other("not a directory")));
         }
         Ok(if canonical == Path::new("/") { HostRoot(None) } else { HostRoot(Some(canonical)) })
     }
@@ -75,10 +75,16 @@ mod tests {
 
     #[test]
     fn refuses_relative_missing_and_non_directories() {
-        assert!(HostRoot::new(Path::new("host")).is_err());
-        assert!(HostRoot::new(Path::new("/nonexistent-kubefim-root")).is_err());
+        let refusal = |dir: &Path| crate::error::chain(&HostRoot::new(dir).unwrap_err());
+        let e = refusal(Path::new("host"));
+        assert!(
+            e.contains("cannot use host as the host root") && e.ends_with("not an absolute path without `..`"),
+            "{e}"
+        );
+        let e = refusal(Path::new("/nonexistent-kubefim-root"));
+        assert!(e.contains("/nonexistent-kubefim-root") && e.contains("No such file or directory"), "{e}");
         let file = tempfile::NamedTempFile::new().unwrap();
-        let e = HostRoot::new(file.path()).unwrap_err().to_string();
-        assert!(e.contains("not a directory"), "{e}");
+        let e = refusal(file.path());
+        assert!(e.contains("--host-root") && e.ends_with(": not a directory"), "{e}");
     }
 }

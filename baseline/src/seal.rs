@@ -42,7 +42,7 @@ fn body(dir: &Path, policy: &str, records: Option<&Hash>) -> Result<Vec<u8>> {
     if let Some(records) = records {
         body.extend_from_slice(format!("records {}\n", hex::encode(records)).as_bytes());
     }
-    body.extend(store::file_listing(dir).map_err(|e| Error::io(dir, e))?);
+    body.extend(store::file_listing(dir).map_err(|e| Error::io("list the files of", dir, e))?);
     Ok(body)
 }
 
@@ -65,7 +65,9 @@ pub fn write_signed(dir: &Path, mut body: Vec<u8>, signature: &[u8]) -> Result<(
     // Written in place, not renamed over: a directory with a partial seal does not verify,
     // which is what an interrupted signing must look like.
     let path = dir.join(store::SEAL_FILE);
-    std::fs::write(&path, body).and_then(|()| std::fs::File::open(&path)?.sync_all()).map_err(|e| Error::io(&path, e))
+    std::fs::write(&path, body)
+        .and_then(|()| std::fs::File::open(&path)?.sync_all())
+        .map_err(|e| Error::io("write the seal", &path, e))
 }
 
 /// The policy and records digest a v2 seal body names; `None` if it is not one.
@@ -118,10 +120,14 @@ impl Seal {
     /// Reads the seal of the baseline at `db` and checks its signature with `key`.
     pub fn read_verified(db: &Path, key: &PublicKey) -> Result<Seal> {
         let file = std::fs::read(db.join(store::SEAL_FILE)).map_err(|e| {
-            let reason = if db.exists() {
-                format!("its seal file {} cannot be read ({e})", store::SEAL_FILE)
-            } else {
+            let reason = if !db.exists() {
                 "no baseline database there (create one with `kubefim baseline create`)".to_owned()
+            } else if !db.is_dir() {
+                "it is a file, not a baseline database (the directory `kubefim baseline create` writes); \
+                 check the --db path"
+                    .to_owned()
+            } else {
+                format!("its seal file {} cannot be read ({e})", store::SEAL_FILE)
             };
             untrusted(db, reason)
         })?;
@@ -166,7 +172,7 @@ impl Seal {
 /// an edit made behind kubefim's back pass the seal, so only the inner signature can catch it.
 #[doc(hidden)]
 pub fn reseal_for_tests(db: &Path, key: &SigningKey) -> Result<()> {
-    let file = std::fs::read(db.join(store::SEAL_FILE)).map_err(|e| Error::io(db, e))?;
+    let file = std::fs::read(db.join(store::SEAL_FILE)).map_err(|e| Error::io("read the seal of", db, e))?;
     let parsed = parse(&file).ok_or_else(|| untrusted(db, "its seal file is malformed".into()))?;
     write(db, key, &parsed.policy)
 }

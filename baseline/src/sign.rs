@@ -45,7 +45,12 @@ pub struct SigningKey {
 impl SigningKey {
     /// Loads a PKCS#8 Ed25519 key, PEM or DER (v1 as written by OpenSSL, or v2).
     pub fn load(path: &Path) -> Result<SigningKey> {
-        let raw = std::fs::read(path).map_err(|e| key_err(path, format!("cannot read the private key: {e}")))?;
+        let raw = std::fs::read(path).map_err(|e| {
+            key_err(
+                path,
+                format!("cannot read the private key ({e}); pass the kubefim.key that `kubefim keygen` wrote"),
+            )
+        })?;
         let der = unarmor(&raw, "PRIVATE KEY").map_err(|m| key_err(path, m))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
             key_err(path, format!("not a PKCS#8 Ed25519 private key ({e}); make one with `kubefim keygen`"))
@@ -78,7 +83,9 @@ impl PublicKey {
     /// Loads a public key: PEM or DER SubjectPublicKeyInfo (as `kubefim keygen` and
     /// `openssl pkey -pubout` write), 32 raw bytes, or 64 hex digits.
     pub fn load(path: &Path) -> Result<PublicKey> {
-        let raw = std::fs::read(path).map_err(|e| key_err(path, format!("cannot read the public key: {e}")))?;
+        let raw = std::fs::read(path).map_err(|e| {
+            key_err(path, format!("cannot read the public key ({e}); pass the kubefim.pub that `kubefim keygen` wrote"))
+        })?;
         let bytes = parse_public(&raw).ok_or_else(|| {
             key_err(path, "not an Ed25519 public key (expected the kubefim.pub written by `kubefim keygen`)")
         })?;
@@ -133,7 +140,7 @@ fn unarmor(raw: &[u8], tag: &str) -> std::result::Result<Vec<u8>, String> {
 /// Writes a new key pair into `dir` (`kubefim.key`, mode 0600, and `kubefim.pub`) and
 /// returns their paths. Refuses to overwrite an existing key.
 pub fn generate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create the key directory", dir, e))?;
     let (key_path, pub_path) = (dir.join(PRIVATE_KEY_FILE), dir.join(PUBLIC_KEY_FILE));
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .map_err(|_| key_err(&key_path, "the system random generator failed"))?;
@@ -145,8 +152,11 @@ pub fn generate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .mode(0o600)
         .open(&key_path)
         .map_err(|e| key_err(&key_path, format!("cannot create ({e}); an existing key is never overwritten")))?;
-    file.write_all(private_pem.as_bytes()).and_then(|()| file.sync_all()).map_err(|e| Error::io(&key_path, e))?;
-    std::fs::write(&pub_path, key.public_key().to_pem()).map_err(|e| Error::io(&pub_path, e))?;
+    file.write_all(private_pem.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io("write the private key", &key_path, e))?;
+    std::fs::write(&pub_path, key.public_key().to_pem())
+        .map_err(|e| Error::io("write the public key", &pub_path, e))?;
     Ok((key_path, pub_path))
 }
 

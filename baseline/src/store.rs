@@ -82,7 +82,7 @@ impl Store {
             ));
         }
         let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create the directory", parent, e))?;
         remove_stale_temporaries(target);
         let name = target.file_name().ok_or_else(|| store_err(target, "the --db path has no file name"))?;
         let stamp =
@@ -122,7 +122,7 @@ impl Store {
         let dir = tempfile::Builder::new()
             .prefix("kubefim-baseline-")
             .tempdir()
-            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            .map_err(|e| Error::io("make a private copy of the baseline in", std::env::temp_dir(), e))?;
         let copy = dir.path().join("db");
         copy_dir(path, &copy).map_err(|e| untrusted(path, format!("cannot be read: {e}")))?;
         check(&copy)?;
@@ -292,7 +292,7 @@ pub fn install(tmp: &Path, target: &Path) -> Result<()> {
         }
     }
     if had_previous {
-        std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+        std::fs::remove_dir_all(tmp).map_err(|e| Error::io("remove the replaced baseline", tmp, e))?;
     }
     Ok(())
 }

@@ -198,7 +198,7 @@ pub fn verify_db(
 ) -> Result<(TrustedBaseline, VerifyReport)> {
     let seal = Seal::read_verified(db, key)?;
     let policy = Policy::from_yaml(&seal.policy, "the baseline's policy")
-        .map_err(|e| crate::Error::Untrusted { path: db.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| crate::Error::Untrusted { path: db.to_owned(), reason: crate::error::chain(&e) })?;
     let (baseline, (entries, summary)) = std::thread::scope(|s| {
         let loader = s.spawn(|| TrustedBaseline::open_sealed(db, key, &seal));
         let scanned = rescan(&policy, host, db, progress);

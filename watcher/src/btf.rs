@@ -24,7 +24,7 @@ const MAX_DEPTH: u32 = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     /// The BTF file could not be read; usually the kernel was built without BTF.
-    #[error("cannot read kernel BTF at {VMLINUX_BTF}: {0}; kubefim watch needs a kernel with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error("cannot read kernel BTF at {VMLINUX_BTF}; kubefim watch needs a kernel with CONFIG_DEBUG_INFO_BTF=y")]
     Read(#[source] std::io::Error),
     /// The blob does not start with the little-endian BTF magic.
     #[error("kernel BTF has magic {0:#06x}, not 0xeb9f: not little-endian BTF (big-endian hosts are unsupported)")]

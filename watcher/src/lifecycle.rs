@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kubefim_baseline::baseline::TrustedBaseline;
+use kubefim_baseline::error::chain;
 use kubefim_baseline::policy::Policy;
 use kubefim_baseline::request::{self, Signature, SigningRequest};
 use kubefim_baseline::scan::ScanProgress;
@@ -49,7 +50,7 @@ impl SignatureWatch {
             return None;
         }
         self.seen = Some(bytes);
-        Some(Signature::load(path).map_err(|e| e.to_string()))
+        Some(Signature::load(path).map_err(|e| chain(&e)))
     }
 }
 
@@ -101,7 +102,7 @@ pub(crate) fn try_attach(
             Ok(true)
         }
         Err(e) => {
-            print(printer, rejected(opts, Some(signature.digest), e.to_string()))?;
+            print(printer, rejected(opts, Some(signature.digest), chain(&e)))?;
             Ok(false)
         }
     }

@@ -39,11 +39,11 @@ pub enum Error {
     /// account gave an API server to talk to.
     #[error(
         "no Kubernetes API to attribute pods with (not in a cluster, and no usable KUBECONFIG or \
-         ~/.kube/config): {0}; run kubefim in the DaemonSet of deploy/ or point KUBECONFIG at a cluster"
+         ~/.kube/config); run kubefim in the DaemonSet of deploy/ or point KUBECONFIG at a cluster"
     )]
     Config(#[source] kube::config::InferConfigError),
     /// The client could not be built from the configuration (bad certificate, bad URL...).
-    #[error("building the Kubernetes client failed: {0}; check the kubeconfig or the service account mount")]
+    #[error("building the Kubernetes client failed; check the kubeconfig or the service account mount")]
     Client(#[source] kube::Error),
     /// The node name is empty, which would watch every pod of the cluster.
     #[error(
@@ -299,7 +299,7 @@ async fn watch(api: Api<Pod>, config: watcher::Config, state: Arc<State>, node: 
                 state.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     node = %node,
-                    error = %error,
+                    error = %kubefim_baseline::error::chain(&error),
                     "watching this node's pods failed; pod attribution retries with backoff"
                 );
             }

@@ -69,7 +69,7 @@ where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(Error::Map { name, message: "missing from the object".into() })?;
-    T::try_from(map).map_err(|e| Error::Map { name, message: e.to_string() })
+    T::try_from(map).map_err(|e| Error::Map { name, message: kubefim_baseline::error::chain(&e) })
 }
 
 impl Programs {

@@ -279,7 +279,7 @@ impl Reporter {
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(Some(None)),
             Err(e) => {
                 let (path, path_hex) = path_text(path);
-                self.print(Line::Error(PathError { path, path_hex, error: e.to_string() }))?;
+                self.print(Line::Error(PathError { path, path_hex, error: kubefim_baseline::error::chain(&e) }))?;
                 Ok(None)
             }
         }

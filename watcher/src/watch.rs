@@ -98,8 +98,7 @@ pub fn run(opts: WatchOptions) -> Result<()> {
         .map_err(|e| Error::io("starting the async runtime", e))?;
     if let Some(addr) = opts.listen {
         let _in = background.enter();
-        let (bound, _task) = crate::http::serve(addr, metrics.clone(), health.clone())
-            .map_err(|e| Error::io(format!("--listen {addr}"), std::io::Error::other(e)))?;
+        let (bound, _task) = crate::http::serve(addr, metrics.clone(), health.clone())?;
         eprintln!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
     let pods = opts.kubernetes.then(|| start_pods(&background, &opts, &metrics)).flatten();
@@ -142,7 +141,7 @@ fn start_pods(background: &tokio::runtime::Runtime, opts: &WatchOptions, metrics
                 message: "no Kubernetes API: changes are attributed to containers, not pods".into(),
                 missing: Vec::new(),
                 capacity: None,
-                error: Some(e.to_string()),
+                error: Some(kubefim_baseline::error::chain(&e)),
             });
             let mut printer = Printer::new(opts.format);
             let _ = printer.print(&Event::now(line)).and_then(|()| printer.flush());
