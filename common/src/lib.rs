@@ -212,8 +212,10 @@ pub struct Config {
     /// `I_DIRTY_PAGES` of this kernel (renumbered in 6.12): only page dirtying is a store;
     /// timestamp-only dirtying (a read updating atime) is not.
     pub dirty_pages: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// `I_DIRTY_SYNC | I_DIRTY_DATASYNC` of this kernel: `mark_inode_dirty()` passes them
+    /// with `I_DIRTY_PAGES` for any metadata change (a chmod, a size update), while a store
+    /// dirties pages alone; so only pages without these bits are a store.
+    pub dirty_inode: u32,
     /// Offsets, in bytes.
     pub offsets: Offsets,
 }

@@ -29,9 +29,12 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     if unsafe { OPENS.get(pid_tgid as u32) }.is_some() {
         return 0;
     }
-    // Timestamp-only dirtying (atime of a read, a chmod's ctime) is not a store; the syscall
-    // hooks see those changes.
-    if flags as u32 & cfg.dirty_pages == 0 {
+    // Only pages dirtied alone are a store (`__folio_mark_dirty` passes I_DIRTY_PAGES by
+    // itself). Timestamp-only dirtying (atime of a read) has no page bit, and a metadata
+    // change through `mark_inode_dirty()` (a chmod, ext4's size update) passes the page bit
+    // with the inode bits (checked on 6.18 with the writeback_mark_inode_dirty trace): the
+    // syscall hooks see those changes, and blaming them as a store would name a chmod `mmap`.
+    if flags as u32 & cfg.dirty_pages == 0 || flags as u32 & cfg.dirty_inode != 0 {
         return 0;
     }
     let task = current_task();

@@ -48,7 +48,7 @@ static CONFIG: Config = Config {
     self_pid: 0,
     ready: 0,
     dirty_pages: 0,
-    _pad: 0,
+    dirty_inode: 0,
     offsets: kubefim_common::Offsets {
         task_files: 0,
         task_fs: 0,

@@ -81,8 +81,12 @@ impl Programs {
         }
         let btf = KernelBtf::from_sys_fs()?;
         // I_DIRTY_PAGES was 1 << 2 until the inode state bits were renumbered (6.12).
+        // The inode state bits were renumbered in 6.12 (I_DIRTY_SYNC, _DATASYNC, _PAGES were
+        // 1 << 0, 1 << 1, 1 << 2 before).
         let dirty_pages = btf.enum_value("I_DIRTY_PAGES").unwrap_or(1 << 2);
-        let config = Config { self_pid: pid, ready: 1, dirty_pages, _pad: 0, offsets: offsets(&btf)? };
+        let dirty_inode =
+            btf.enum_value("I_DIRTY_SYNC").unwrap_or(1 << 0) | btf.enum_value("I_DIRTY_DATASYNC").unwrap_or(1 << 1);
+        let config = Config { self_pid: pid, ready: 1, dirty_pages, dirty_inode, offsets: offsets(&btf)? };
         let mut loader = EbpfLoader::new();
         loader
             .override_global(maps::CONFIG, &config, true)

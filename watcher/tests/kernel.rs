@@ -300,6 +300,19 @@ fn attribute_changes_by_path_are_reported() {
 }
 
 #[test]
+fn metadata_changes_of_a_watched_inode_are_not_stores() {
+    let Some(mut k) = Kernel::load() else { return };
+    let file = k.file("meta-only", b"alpha\n");
+    let key = k.watch(&file);
+    let path = c(&file);
+    // ext4 passes I_DIRTY_PAGES with the inode bits for these (mark_inode_dirty): not a store.
+    sys!(SYS_chmod, path.as_ptr(), 0o600);
+    sys!(SYS_chown, path.as_ptr(), 0, 0);
+    sys!(SYS_utimensat, AT_FDCWD, path.as_ptr(), 0, 0);
+    k.assert_no_event("a store for a metadata change", |e| e.op == Op::Dirty && e.target() == Some(key));
+}
+
+#[test]
 fn relative_paths_carry_their_dirfd_and_start_directory() {
     let Some(mut k) = Kernel::load() else { return };
     // Names not monitored: the events are kept because they start in a watched directory.
