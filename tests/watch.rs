@@ -730,3 +730,147 @@ fn ring_buffer_overflow_is_reported_as_lost_and_a_rescan_finds_every_change() {
     }
     assert!(w.stop().success());
 }
+
+/// Asserts that `line` names exactly these writers, in order, each with its own ops, and that
+/// its `process` is the last of them (each of these made its ops in turn).
+#[track_caller]
+fn assert_writers(line: &Value, writers: &[(u32, &str, &[&str])]) {
+    let got: Vec<(u64, String, Vec<String>)> = line["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes in {line:#}"))
+        .iter()
+        .map(|w| (w["pid"].as_u64().unwrap(), w["comm"].as_str().unwrap().to_owned(), names(w, "ops")))
+        .collect();
+    let want: Vec<(u64, String, Vec<String>)> = writers
+        .iter()
+        .map(|(pid, comm, ops)| (u64::from(*pid), (*comm).to_owned(), ops.iter().map(|o| (*o).to_owned()).collect()))
+        .collect();
+    assert_eq!(got, want, "writers of {line:#}");
+    let last = writers.last().expect("at least one writer");
+    assert_eq!(line["process"]["pid"], last.0, "process is the last writer: {line:#}");
+    assert_eq!(line["attribution"], "exact", "{line:#}");
+}
+
+#[test]
+fn a_new_file_and_a_removal_back_to_back_each_name_their_own_process_every_time() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let etc = fx.t("etc");
+    fs::create_dir(&etc).unwrap();
+    for i in 0..10 {
+        put(&etc.join(format!("old{i}.conf")), ORIGINAL);
+    }
+    let w = Watcher::start(&fx, None);
+    for i in 0..10 {
+        let (new, old) = (etc.join(format!("new{i}")), etc.join(format!("old{i}.conf")));
+        // The issue's repro: a shell creates a file, then rm removes another, back to back.
+        let sh = common::watch::sh(&format!("echo x > {}", s(&new)));
+        let mut rm = Command::new("rm");
+        rm.arg(&old);
+        let rm = run_child(rm);
+        let added = w.change_for(&new);
+        assert_change(&added, "added", &[], &["create", "write"]);
+        assert_writers(&added, &[(sh, "sh", &["create", "write"])]);
+        let removed = w.change_for(&old);
+        assert_change(&removed, "removed", &[], &["unlink"]);
+        assert_writers(&removed, &[(rm, "rm", &["unlink"])]);
+        // The directory's report carries the directory's own ops, each by its process.
+        let deadline = Instant::now() + REPORT_WITHIN;
+        loop {
+            let dir_writers: Vec<(u64, Vec<String>)> = w
+                .changes_for(&etc)
+                .iter()
+                .flat_map(|l| l["processes"].as_array().cloned().unwrap_or_default())
+                .map(|p| (p["pid"].as_u64().unwrap(), names(&p, "ops")))
+                .collect();
+            if dir_writers.contains(&(u64::from(sh), vec!["create".to_owned()]))
+                && dir_writers.contains(&(u64::from(rm), vec!["unlink".to_owned()]))
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {i}: the directory's writers are {dir_writers:?}\n{}", w.dump());
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(w.changes_for(&new).len(), 1, "round {i}: one report of the new file\n{}", w.dump());
+    }
+    assert!(w.stop().success());
+}
+
+#[test]
+fn two_writers_of_one_file_in_one_window_are_both_named_with_their_own_ops() {
+    if !root_or_skip() {
+        return;
+    }
+    let (_fx, w, path) = one_file("two-writers.txt");
+    // The first writer holds the file open across the second's write (which exits without a
+    // close(2), so nothing makes the path due early), writing every 10 ms meanwhile so the
+    // quiet time never passes however slowly the second starts, then truncates and closes.
+    let second = format!(
+        "import os\nfd = os.open({p}, os.O_WRONLY | os.O_APPEND)\nos.write(fd, b'second\\n')\nos._exit(0)",
+        p = lit(&path)
+    );
+    let first = python(&format!(
+        "import os, subprocess, sys, threading, time\nfd = os.open({p}, os.O_WRONLY | os.O_APPEND)\n\
+         os.write(fd, b'first\\n')\ndone = threading.Event()\n\
+         def keep():\n    while not done.is_set():\n        os.write(fd, b'.')\n        time.sleep(0.01)\n\
+         t = threading.Thread(target=keep)\nt.start()\n\
+         subprocess.run([sys.executable, '-c', {second:?}])\ndone.set()\nt.join()\n\
+         os.ftruncate(fd, 30)\nos.close(fd)",
+        p = lit(&path)
+    ));
+    let line = w.change_for(&path);
+    let writers = line["processes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(writers.len(), 2, "both writers in one report: {line:#}\n{}", w.dump());
+    assert_eq!(writers[0]["pid"], first, "{line:#}");
+    assert_eq!(names(&writers[0], "ops"), ["write", "truncate"], "the first writer's own ops: {line:#}");
+    assert_eq!(names(&writers[1], "ops"), ["write"], "the second writer's own ops: {line:#}");
+    assert_ne!(writers[1]["pid"], first, "{line:#}");
+    assert_eq!(names(&line, "ops"), ["write", "truncate"], "every op on the path: {line:#}");
+    assert_eq!(line["process"]["pid"], first, "process made the latest change (the truncate): {line:#}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_change_at_a_path_over_1000_bytes_is_found_by_a_rescan_of_what_the_cut_path_names() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    // Four components of 250 bytes: the kernel sends only the first 255 bytes of the path.
+    let mut deep = fx.tree();
+    for c in ['a', 'b', 'c', 'd'] {
+        deep.push(c.to_string().repeat(250));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let (file, gone) = (deep.join("conf.txt"), deep.join("gone.txt"));
+    put(&file, ORIGINAL);
+    put(&gone, ORIGINAL);
+    assert!(s(&file).len() > 1000, "the path is {} bytes", s(&file).len());
+    let w = Watcher::start(&fx, None);
+    let pid = python(&format!("import os\nos.chmod({}, 0o600)\nos.unlink({})", lit(&file), lit(&gone)));
+    let line = w.change_for(&file);
+    assert_change(&line, "modified", &["mode", "ctime"], &["chmod"]);
+    assert_eq!(line["new"]["mode"], 0o600, "{line:#}");
+    // The cut path could not name the file whole: who made it is inferred, and said so.
+    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    assert_eq!(line["attribution"], "inferred", "{line:#}");
+    let removed = w.change_for(&gone);
+    assert_eq!(removed["kind"], "removed", "{removed:#}");
+    let rescan = w.wait_for("the rescan of the cut path's subtree", REPORT_WITHIN, |l| {
+        l["kind"] == "rescan" && l["reason"] == "truncated_path"
+    });
+    let scope: Vec<String> = names(&rescan, "scope");
+    assert!(
+        !scope.is_empty() && scope.iter().all(|root| s(&file).starts_with(root.as_str())),
+        "a targeted rescan above the file, not of everything: {rescan:#}"
+    );
+    // A write through a descriptor needs no path: exact, whatever the path's length.
+    let pid = python(&format!("f = open({}, 'a'); f.write('gamma\\n'); f.close()", lit(&file)));
+    let line = nth_change_for(&w, &file, 1);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["write"]);
+    assert_actor(&line, pid, "python3");
+    assert_eq!(line["attribution"], "exact", "{line:#}");
+    assert!(w.stop().success());
+}

@@ -349,7 +349,7 @@ pub struct Change {
     /// Whether the path now equals the signed baseline in every monitored attribute but
     /// those a restore cannot bring back (mtime, ctime, inode number).
     pub baseline_match: bool,
-    /// The process that made the last change, when known (the last of `processes`).
+    /// The process whose op the kernel saw last, when known (one of `processes`).
     pub process: Option<Process>,
     /// `process`'s container, null on the host.
     pub container: Option<Container>,

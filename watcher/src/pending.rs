@@ -59,6 +59,8 @@ pub(crate) struct Note {
 pub(crate) struct Pending {
     /// Every process seen acting on it, in the order first seen (with no op yet: an open).
     writers: Vec<Writer>,
+    /// The process of the latest op.
+    latest: Option<u32>,
     /// Wall time of the latest event.
     pub time: SystemTime,
     /// The path a rename moved here.
@@ -76,6 +78,7 @@ impl Pending {
         let now = Instant::now();
         Pending {
             writers: Vec::new(),
+            latest: None,
             time,
             renamed_from: None,
             list_entries: false,
@@ -101,13 +104,14 @@ impl Pending {
                 self.writers.last_mut().expect("just pushed")
             }
         };
-        if let Some(op) = note.op
-            && !w.ops.contains(&op)
-        {
-            w.ops.push(op);
-            // The details of the process as of its latest op (its exe may have changed).
-            w.actor = actor.clone();
-            w.inferred = note.inferred;
+        if let Some(op) = note.op {
+            self.latest = Some(actor.pid);
+            if !w.ops.contains(&op) {
+                w.ops.push(op);
+                // The details of the process as of its latest op (its exe may have changed).
+                w.actor = actor.clone();
+                w.inferred = note.inferred;
+            }
         }
         w.syscall |= note.syscall;
         self.time = time;
@@ -146,6 +150,9 @@ impl Pending {
             }
         }
         self.by_event |= other.by_event;
+        if other.time >= self.time {
+            self.latest = other.latest.or(self.latest);
+        }
         self.time = self.time.max(other.time);
         self.first = self.first.min(other.first);
         self.due = self.due.min(other.due);
@@ -166,6 +173,16 @@ impl Pending {
             })
             .filter(|w| !w.ops.is_empty())
             .collect()
+    }
+
+    /// The writer whose op was seen last (the one that made the state reported).
+    pub fn latest_writer(&self) -> Option<Writer> {
+        let writers = self.writers();
+        let latest = self.latest.and_then(|pid| writers.iter().position(|w| w.actor.pid == pid));
+        match latest {
+            Some(i) => writers.into_iter().nth(i),
+            None => writers.into_iter().last(),
+        }
     }
 
     /// Every op any process made on it, in the order first seen.
@@ -325,6 +342,7 @@ mod tests {
         assert_eq!((writers[1].actor.comm.as_str(), writers[1].ops.clone()), ("rm", vec![FileOp::Unlink]));
         assert_eq!(p.ops(), [FileOp::Truncate, FileOp::Write, FileOp::Unlink]);
         assert_eq!(p.attribution(), Attribution::Exact);
+        assert_eq!(p.latest_writer().unwrap().actor.comm, "sh", "sh wrote last");
     }
 
     #[test]

@@ -324,7 +324,8 @@ impl Reporter {
         };
         let now = if renamed_to.is_some() { None } else { difference.new.as_ref() };
         let writers = pending.writers();
-        let last = writers.last().map(|w| &w.actor);
+        let latest = pending.latest_writer();
+        let last = latest.as_ref().map(|w| &w.actor);
         let change = Change {
             path,
             path_hex,
