@@ -13,6 +13,8 @@ mod btf;
 pub mod error;
 mod event;
 mod filter;
+#[cfg(test)]
+mod fixture;
 pub mod http;
 mod index;
 mod lifecycle;

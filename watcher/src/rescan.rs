@@ -97,7 +97,10 @@ struct Running {
     request: Request,
     started: Instant,
     seen: Vec<u64>,
+    /// What it queued and is not reported yet.
     found: HashSet<PathBuf>,
+    /// Changes reported of what it queued.
+    changes: u64,
 }
 
 /// A rescan whose findings are being reported.
@@ -215,7 +218,8 @@ impl Rescans {
             return;
         }
         self.metrics.rescan(request.reason);
-        self.running = Some(Running { request, started: Instant::now(), seen: Vec::new(), found: HashSet::new() });
+        self.running =
+            Some(Running { request, started: Instant::now(), seen: Vec::new(), found: HashSet::new(), changes: 0 });
     }
 
     /// The next message of the running rescan's thread (pending forever when none runs).
@@ -278,15 +282,22 @@ impl Rescans {
             scanned,
             unverified,
             waiting: running.found,
-            changes: 0,
+            changes: running.changes,
         });
         if let Some(next) = self.next.take() {
             self.start(next);
         }
     }
 
-    /// A queued path was rehashed (`reported`: a change was printed for it).
+    /// A queued path was rehashed (`reported`: a change was printed for it), by the
+    /// running rescan's findings as they come, or after it ended.
     pub fn processed(&mut self, path: &Path, reported: bool) {
+        if let Some(r) = &mut self.running
+            && r.found.remove(path)
+            && reported
+        {
+            r.changes += 1;
+        }
         for f in &mut self.finishing {
             if f.waiting.remove(path) && reported {
                 f.changes += 1;
@@ -324,4 +335,85 @@ fn found(running: &mut Running, queue: &mut Queue, path: &Path, time: SystemTime
         }
     }
     running.found.insert(path.to_owned());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kubefim_baseline::root::HostRoot;
+
+    use super::*;
+    use crate::fixture::Fixture;
+
+    /// Runs a rescan of the fixture to its end, reporting (as the loop would) every finding
+    /// as soon as it is queued; returns the finished rescan and the paths found.
+    fn rescan(fx: &Fixture, state: &State, scope: Scope) -> (Finished, Vec<PathBuf>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let setup = Setup { host: HostRoot::identity(), skip: Vec::new() };
+        let mut rescans = Rescans::new(fx.policy(), setup, Arc::new(Metrics::new()));
+        let mut queue = Queue::default();
+        rescans.request(Request { reason: RescanReason::Interval, scope, verify: None, writers: Vec::new() });
+        let mut found = Vec::new();
+        runtime.block_on(async {
+            loop {
+                match rescans.recv().await.expect("the rescan thread") {
+                    Found::Batch(entries) => rescans.batch(state, &mut queue, entries),
+                    Found::Done { scanned, incomplete } => {
+                        rescans.done(state, &mut queue, scanned, incomplete);
+                        for (path, _) in queue.take_due(true) {
+                            rescans.processed(&path, true);
+                            found.push(path);
+                        }
+                        break;
+                    }
+                }
+                // Findings reported while the scan still runs.
+                for (path, _) in queue.take_due(true) {
+                    rescans.processed(&path, true);
+                    found.push(path);
+                }
+            }
+        });
+        let mut finished = rescans.take_finished();
+        assert_eq!(finished.len(), 1, "the rescan is over once all it found is reported");
+        found.sort();
+        (finished.remove(0), found)
+    }
+
+    #[test]
+    fn a_rescan_finds_what_differs_and_what_is_gone_and_counts_what_was_reported_while_it_ran() {
+        // Enough entries for several batches, so findings are reported before the scan ends.
+        let files: Vec<(String, String)> = (0..3000).map(|i| (format!("d{}/f{i}", i % 7), format!("{i}\n"))).collect();
+        let refs: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
+        let fx = Fixture::new(&refs);
+        let state = fx.state();
+        std::fs::write(fx.path("d0/f0"), "changed\n").unwrap();
+        std::fs::remove_file(fx.path("d1/f1")).unwrap();
+        std::fs::write(fx.path("d2/new"), "new\n").unwrap();
+        let (finished, found) = rescan(&fx, &state, Scope::All);
+        // d0/f0 changed, d1/f1 is gone, d2/new is new, and the directories whose entries
+        // changed (d1, d2) differ too.
+        let want: Vec<PathBuf> = ["d0/f0", "d1", "d1/f1", "d2", "d2/new"]
+            .iter()
+            .map(|r| fx.path(r))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(found, want);
+        assert_eq!(finished.changes, want.len() as u64);
+        assert_eq!(finished.scanned, 3000 + 7 + 1, "files, directories and the tree");
+        assert!(finished.unverified.is_empty());
+    }
+
+    #[test]
+    fn a_rescan_of_a_subtree_concludes_nothing_outside_it() {
+        let fx = Fixture::new(&[("in/a", "a\n"), ("in/b", "b\n"), ("out/c", "c\n")]);
+        let state = fx.state();
+        std::fs::remove_file(fx.path("in/a")).unwrap();
+        std::fs::remove_file(fx.path("out/c")).unwrap();
+        let (finished, found) = rescan(&fx, &state, Scope::Under([fx.path("in")].into_iter().collect()));
+        assert_eq!(found, [fx.path("in"), fx.path("in/a")]);
+        assert_eq!(finished.scanned, 2, "in and in/b");
+    }
 }

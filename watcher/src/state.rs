@@ -254,3 +254,70 @@ impl State {
         self.index.path(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kubefim_baseline::root::HostRoot;
+    use kubefim_baseline::scan::rehash;
+
+    use super::*;
+    use crate::fixture::Fixture;
+
+    fn now(state: &State, path: &Path) -> Option<Known> {
+        match rehash(path, state.policy(), &HostRoot::identity()) {
+            Some(Ok(r)) => Some(Known { record: r.record, content: r.content }),
+            _ => None,
+        }
+    }
+
+    fn deviations(state: &State) -> Vec<(PathBuf, Deviation)> {
+        let mut out: Vec<_> = state.deviations().map(|(id, d)| (state.path(id), d)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn what_differs_from_the_signed_baseline_lives_in_the_journal_and_survives_a_restart() {
+        let fx = Fixture::new(&[("a.conf", "alpha\n"), ("sub/b.conf", "beta\n"), ("gone.conf", "x\n")]);
+        let (a, b, gone, new) = (fx.path("a.conf"), fx.path("sub/b.conf"), fx.path("gone.conf"), fx.path("new"));
+        let mut state = fx.state();
+        assert_eq!(state.get(&a).unwrap().unwrap().record, state.signed(&a).unwrap().unwrap());
+        assert!(deviations(&state).is_empty());
+
+        std::fs::write(&a, "alpha 2\n").unwrap();
+        std::fs::remove_file(&gone).unwrap();
+        std::fs::write(&new, "new\n").unwrap();
+        for p in [&a, &gone, &new] {
+            state.set(p, now(&state, p)).unwrap();
+        }
+        let known = state.get(&a).unwrap().unwrap();
+        assert_eq!(known.content.as_deref(), Some(&b"alpha 2\n"[..]), "the journal keeps the content for diffs");
+        assert!(!state.exists(&gone) && state.exists(&new));
+        let expected =
+            vec![(a.clone(), Deviation::Modified), (gone.clone(), Deviation::Removed), (new.clone(), Deviation::Added)];
+        assert_eq!(deviations(&state), expected);
+        state.flush_journal().unwrap();
+        drop(state);
+
+        // A restart: the same belief, from the journal.
+        let mut state = fx.state();
+        assert_eq!(deviations(&state), expected);
+        assert_eq!(state.get(&a).unwrap().unwrap().content.as_deref(), Some(&b"alpha 2\n"[..]));
+        assert_eq!(state.paths_of_inode(key_of(&state.get(&new).unwrap().unwrap().record)), [new.clone()]);
+        assert_eq!(state.children(&fx.tree()), [a.clone(), new.clone(), fx.path("sub")]);
+
+        // Restored, and the new file gone again: nothing deviates, the journal is empty.
+        std::fs::write(&a, "alpha\n").unwrap();
+        std::fs::remove_file(&new).unwrap();
+        let mut restored = now(&state, &a).unwrap();
+        let signed = state.signed(&a).unwrap().unwrap();
+        // A restore cannot bring back the times; only what the content and mode say is equal.
+        restored.record.mtime_ns = signed.mtime_ns;
+        restored.record.ctime_ns = signed.ctime_ns;
+        state.set(&a, Some(restored)).unwrap();
+        state.set(&new, None).unwrap();
+        assert_eq!(deviations(&state), vec![(gone.clone(), Deviation::Removed)]);
+        assert!(!state.exists(&new) && state.paths_named(b"new").is_empty());
+        assert!(state.get(&b).unwrap().is_some());
+    }
+}
