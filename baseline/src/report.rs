@@ -132,3 +132,6 @@ mod tests {
         assert_eq!(escape_bytes(b"bad\xffname\\x"), ("bad\\xffname\\\\x".into(), true));
     }
 }
+
+#[cfg(test)]
+mod golden;
