@@ -8,12 +8,13 @@ use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
+use kubefim_baseline::report::{RecordLine, VerifyReportView};
 use kubefim_baseline::request::{self, Signature, SigningRequest};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
-use kubefim_baseline::{report, verify as verifier};
+use kubefim_baseline::verify as verifier;
 
 use crate::exit;
 use crate::output::{self, Progress};
@@ -61,7 +62,7 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     let mut out = anstream::stdout().lock();
     for (k, record) in &trusted.records {
         if jsonl {
-            output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, &trusted.policy))?;
+            output::json_line(&mut out, &RecordLine::new(path_from_bytes(k), record, &trusted.policy))?;
         } else {
             output::record_human(&mut out, path_from_bytes(k), record)?;
         }
@@ -80,7 +81,7 @@ pub fn verify(db: &Path, pubkey: &Path, host: &HostRoot, json: bool) -> Result<u
         .with_context(|| format!("verifying against {}", db.display()))?;
     tracing::debug!(elapsed = ?started.elapsed(), scanned = report.scanned, "verified");
     if json {
-        output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report, &trusted.policy))?;
+        output::json_line(&mut anstream::stdout().lock(), &VerifyReportView::new(&report, &trusted.policy))?;
     } else {
         output::status(&output::baseline_header(&trusted));
         output::verify_human(&report)?;

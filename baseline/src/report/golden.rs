@@ -1,8 +1,9 @@
 //! The JSON kubefim printed before its shapes became types, byte for byte: records (UTF-8 and
 //! non-UTF-8 paths, a symlink, xattrs, an unknown rule), changes (one with a diff and changed
 //! ranges) and a whole verify report. The literals were captured from the hand-assembled
-//! `serde_json::Map` code; any change to key order, to a key that is omitted or null, or to
-//! the escaping of bytes shows up here.
+//! `serde_json::Map` code that the types replaced; any change to key order, to a key that is
+//! omitted or null, or to the escaping of bytes shows up here. The same literals read back
+//! into the types.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -163,10 +164,10 @@ const CHANGE_ADDED_NON_UTF8: &str = r#"{"path":"/etc/new\\xff\\\\name","path_hex
 const CHANGE_REMOVED: &str = r#"{"path":"/usr/bin/gone","kind":"removed","changed":[],"old":{"type":"symlink","size":13,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"/usr/bin/real","xattrs":{},"hash":null,"error":null,"rule":"/usr/bin"},"new":null}"#;
 const CHANGE_MODIFIED_UNREADABLE: &str = r#"{"path":"/etc/ssh","kind":"modified","changed":["mode"],"old":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null},"new":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}}"#;
 
-const SUMMARY: &str = r#"{"summary":{"added":1,"removed":1,"modified":2,"unverified":2,"scanned":42,"clean":false},"changes":["#;
+const SUMMARY: &str =
+    r#"{"summary":{"added":1,"removed":1,"modified":2,"unverified":2,"scanned":42,"clean":false},"changes":["#;
 const ERRORS: &str = r#"],"errors":[{"path":"/etc/shadow","error":"cannot read: Permission denied (os error 13)"},{"path":"/etc/\\xe9t\\xe9","path_hex":"2f6574632fe974e9","error":"vanished"}]}"#;
-const CLEAN: &str =
-    r#"{"summary":{"added":0,"removed":0,"modified":0,"unverified":0,"scanned":3,"clean":true},"changes":[],"errors":[]}"#;
+const CLEAN: &str = r#"{"summary":{"added":0,"removed":0,"modified":0,"unverified":0,"scanned":3,"clean":true},"changes":[],"errors":[]}"#;
 
 fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("serialises")
@@ -174,17 +175,43 @@ fn json(value: &impl serde::Serialize) -> String {
 
 #[test]
 fn record_line_of_a_file_with_xattrs() {
-    assert_eq!(json(&record_line(&path(b"/etc/hosts"), &file(b"abc"), &policy())), LINE_FILE);
+    assert_eq!(json(&RecordLine::new(&path(b"/etc/hosts"), &file(b"abc"), &policy())), LINE_FILE);
 }
 
 #[test]
 fn record_line_of_a_non_utf8_symlink_has_path_hex_and_link_target_hex() {
-    assert_eq!(json(&record_line(&path(b"/usr/bin/odd\xfe\\link"), &symlink(b"tgt\xfe"), &policy())), LINE_SYMLINK);
+    assert_eq!(json(&RecordLine::new(&path(b"/usr/bin/odd\xfe\\link"), &symlink(b"tgt\xfe"), &policy())), LINE_SYMLINK);
 }
 
 #[test]
 fn record_line_of_an_unreadable_entry_has_its_error_and_a_null_unknown_rule() {
-    assert_eq!(json(&record_line(&path(b"/etc/ssh"), &unreadable(), &policy())), LINE_UNREADABLE);
+    assert_eq!(json(&RecordLine::new(&path(b"/etc/ssh"), &unreadable(), &policy())), LINE_UNREADABLE);
+}
+
+#[test]
+fn the_literals_read_back_into_the_views() {
+    let policy = policy();
+    let line: RecordLine = serde_json::from_str(LINE_SYMLINK).expect("a record line");
+    assert_eq!(line, RecordLine::new(&path(b"/usr/bin/odd\xfe\\link"), &symlink(b"tgt\xfe"), &policy));
+    let changes = [CHANGE_MODIFIED_WITH_DIFF, CHANGE_ADDED_NON_UTF8, CHANGE_REMOVED, CHANGE_MODIFIED_UNREADABLE];
+    let read: VerifyReportView =
+        serde_json::from_str(&[SUMMARY, &changes.join(","), ERRORS].concat()).expect("a report");
+    assert_eq!(read, VerifyReportView::new(&report(), &policy));
+}
+
+#[test]
+fn enum_names_are_their_serde_names() {
+    let name = |v: Value| v.as_str().expect("a unit variant is a string").to_owned();
+    for a in Attribute::ALL {
+        assert_eq!(name(serde_json::to_value(a).unwrap()), a.name());
+    }
+    use FileKind::*;
+    for k in [File, Dir, Symlink, Fifo, Socket, Char, Block] {
+        assert_eq!(name(serde_json::to_value(k).unwrap()), k.name());
+    }
+    for k in [ChangeKind::Added, ChangeKind::Removed, ChangeKind::Modified] {
+        assert_eq!(name(serde_json::to_value(k).unwrap()), k.name());
+    }
 }
 
 #[test]
@@ -201,10 +228,35 @@ fn change_json_of_a_modification_with_diff_and_ranges() {
 fn verify_report_with_every_kind_of_change_and_errors() {
     let changes = [CHANGE_MODIFIED_WITH_DIFF, CHANGE_ADDED_NON_UTF8, CHANGE_REMOVED, CHANGE_MODIFIED_UNREADABLE];
     let want = [SUMMARY, &changes.join(","), ERRORS].concat();
-    assert_eq!(json(&verify_json(&report(), &policy())), want);
+    assert_eq!(json(&VerifyReportView::new(&report(), &policy())), want);
 }
 
 #[test]
 fn clean_verify_report() {
-    assert_eq!(json(&verify_json(&VerifyReport { scanned: 3, ..VerifyReport::default() }, &policy())), CLEAN);
+    assert_eq!(json(&VerifyReportView::new(&VerifyReport { scanned: 3, ..VerifyReport::default() }, &policy())), CLEAN);
+}
+
+/// Panics unless `json` conforms to the schema `kubefim schema` prints for `T`.
+#[track_caller]
+fn assert_conforms<T: JsonSchema>(json: &str) {
+    let schema = serde_json::to_value(output_schema::<T>()).expect("a schema is JSON");
+    let validator = jsonschema::draft202012::new(&schema).expect("the generated schema is a valid schema");
+    let instance: Value = serde_json::from_str(json).expect("the literal is JSON");
+    let errors: Vec<String> =
+        validator.iter_errors(&instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{json}\ndoes not conform to its schema: {errors:#?}\n{schema:#}");
+}
+
+#[test]
+fn the_literals_conform_to_the_schemas() {
+    for line in [LINE_FILE, LINE_SYMLINK, LINE_UNREADABLE] {
+        assert_conforms::<RecordLine>(line);
+    }
+    assert_conforms::<RecordView>(RECORD_FILE);
+    let changes = [CHANGE_MODIFIED_WITH_DIFF, CHANGE_ADDED_NON_UTF8, CHANGE_REMOVED, CHANGE_MODIFIED_UNREADABLE];
+    for change in changes {
+        assert_conforms::<ChangeView>(change);
+    }
+    assert_conforms::<VerifyReportView>(&[SUMMARY, &changes.join(","), ERRORS].concat());
+    assert_conforms::<VerifyReportView>(CLEAN);
 }
