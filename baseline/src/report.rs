@@ -5,7 +5,7 @@
 //! stream. They derive `Serialize` (what is printed), `Deserialize` (for readers, tests
 //! among them) and `JsonSchema` (`kubefim schema ...`, from [`output_schema`]); their doc
 //! comments are the schema's descriptions. Bytes that are not UTF-8 are escaped reversibly
-//! and also given as hex ([`escaped`]), so no byte is lost.
+//! and also given as hex ([`EscapedField`]), so no byte is lost.
 
 mod escaped;
 

@@ -17,7 +17,8 @@ use serde_json::{Map, Value, json};
 use crate::policy::path_bytes;
 
 /// Bytes as a JSON string: UTF-8 as is; otherwise invalid bytes as `\xNN` and backslashes
-/// doubled. The bool says whether escaping was needed.
+/// doubled. The bool says whether escaping was needed. [`EscapedBytes`] is built on it; the
+/// watcher also calls it for its `to` key, until that is an [`EscapedField`] with keys of its own.
 pub fn escape_bytes(bytes: &[u8]) -> (String, bool) {
     if let Ok(s) = std::str::from_utf8(bytes) {
         return (s.to_owned(), false);
