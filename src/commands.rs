@@ -1,6 +1,7 @@
 //! One function per subcommand: load what the flags name, call the library, hand the result
 //! to `output`, return the exit code.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -8,12 +9,13 @@ use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
+use kubefim_baseline::report::{self, RecordLine, VerifyReportView};
 use kubefim_baseline::request::{self, Signature, SigningRequest};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
-use kubefim_baseline::{report, verify as verifier};
+use kubefim_baseline::verify as verifier;
 
 use crate::exit;
 use crate::output::{self, Progress};
@@ -61,7 +63,7 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     let mut out = anstream::stdout().lock();
     for (k, record) in &trusted.record_map()? {
         if jsonl {
-            output::json_line(&mut out, &report::record_line(path_from_bytes(k), record, &trusted.policy))?;
+            output::json_line(&mut out, &RecordLine::new(path_from_bytes(k), record, &trusted.policy))?;
         } else {
             output::record_human(&mut out, path_from_bytes(k), record)?;
         }
@@ -80,7 +82,7 @@ pub fn verify(db: &Path, pubkey: &Path, host: &HostRoot, json: bool) -> Result<u
         .with_context(|| format!("verifying against {}", db.display()))?;
     tracing::debug!(elapsed = ?started.elapsed(), scanned = report.scanned, "verified");
     if json {
-        output::json_line(&mut anstream::stdout().lock(), &report::verify_json(&report, &trusted.policy))?;
+        output::json_line(&mut anstream::stdout().lock(), &VerifyReportView::new(&report, &trusted.policy))?;
     } else {
         output::status(&output::baseline_header(&trusted));
         output::verify_human(&report)?;
@@ -209,6 +211,29 @@ pub fn attach(db: &Path, pubkey: &Path, signature: &Path) -> Result<u8> {
     request::attach(db, &public, &signature)
         .with_context(|| format!("attaching the signature to {}", request::pending_path(db).display()))?;
     output::status(&format!("signed baseline {} installed for node {}", db.display(), signature.node));
+    Ok(exit::CLEAN)
+}
+
+/// The JSON outputs `kubefim schema` describes; each names the type that prints it. (The
+/// watcher's `events` join them when its lines are types.)
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchemaOutput {
+    /// The document `verify --format json` (and `run --format json`) prints.
+    Verify,
+    /// One line of `baseline show --format jsonl`.
+    Record,
+}
+
+/// `kubefim schema OUTPUT`: the JSON Schema (draft 2020-12) of that output, generated from
+/// the types that print it.
+pub fn schema(output: SchemaOutput) -> Result<u8> {
+    let schema = match output {
+        SchemaOutput::Verify => report::output_schema::<VerifyReportView>(),
+        SchemaOutput::Record => report::output_schema::<RecordLine>(),
+    };
+    let mut out = anstream::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &schema)?;
+    writeln!(out)?;
     Ok(exit::CLEAN)
 }
 

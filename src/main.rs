@@ -119,6 +119,13 @@ enum Command {
     },
     /// Print the embedded default policy.
     DefaultPolicy,
+    /// Print the JSON Schema (draft 2020-12) of a JSON output, generated from the types that
+    /// print it.
+    Schema {
+        /// Which output.
+        #[arg(value_enum)]
+        output: commands::SchemaOutput,
+    },
     /// Developer tools (tamper a database to test detection).
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -359,6 +366,7 @@ fn main() -> ExitCode {
             print!("{}", kubefim_baseline::policy::DEFAULT_POLICY);
             Ok(exit::CLEAN)
         }
+        Command::Schema { output } => commands::schema(output),
         Command::Debug(DebugCommand::Tamper { db, op, other_db, reseal_with }) => {
             commands::tamper(&db, op, other_db.as_deref(), reseal_with.as_deref())
         }

@@ -58,7 +58,7 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// One JSON value per line.
-pub fn json_line(out: &mut impl Write, value: &serde_json::Value) -> std::io::Result<()> {
+pub fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> std::io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
     out.write_all(b"\n")
 }

@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use schemars::JsonSchema;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +20,7 @@ pub const DEFAULT_POLICY: &str = include_str!("../../policies/node.yaml");
 
 /// One attribute of a file that a rule can monitor. The names are the contract of the JSON
 /// reports (`changed: [...]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribute {
     /// The file type (file, dir, symlink, ...).
@@ -65,7 +66,7 @@ impl Attribute {
         Attribute::Xattrs,
     ];
 
-    /// The name used in reports.
+    /// The name used in reports and policies (its serde name).
     pub fn name(self) -> &'static str {
         match self {
             Attribute::Type => "type",

@@ -1,6 +1,7 @@
 //! What kubefim records of one file: [`FileRecord`], the versioned, compressed chunks in
 //! which the store keeps records, and the comparison of two records attribute by attribute.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{ContentDigest, Hash};
@@ -73,7 +74,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Option<Vec<PathRecord>> {
 }
 
 /// The type of a file system entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileKind {
     /// A regular file.
@@ -106,7 +107,7 @@ impl FileKind {
         }
     }
 
-    /// The name used in reports.
+    /// The name used in reports (its serde name).
     pub fn name(self) -> &'static str {
         match self {
             FileKind::File => "file",

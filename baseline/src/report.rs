@@ -1,134 +1,241 @@
-//! JSON shapes of records and changes (the contract in docs/output-formats.md), shared by
-//! `baseline show`, `verify` and the watcher's event stream. Paths that are not UTF-8 are
-//! escaped reversibly and also given as hex, so no byte is lost.
+//! The JSON shapes of records and changes (the contract in docs/output-formats.md) as types:
+//! [`RecordView`] (one record's attributes), [`RecordLine`] (`baseline show --format jsonl`),
+//! [`ChangeView`] and [`VerifyReportView`] (`verify --format json`), built from the library's
+//! own [`FileRecord`], [`Change`] and [`VerifyReport`] and shared with the watcher's event
+//! stream. They derive `Serialize` (what is printed), `Deserialize` (for readers, tests
+//! among them) and `JsonSchema` (`kubefim schema ...`, from [`output_schema`]); their doc
+//! comments are the schema's descriptions. Bytes that are not UTF-8 are escaped reversibly
+//! and also given as hex ([`EscapedField`]), so no byte is lost.
+
+mod escaped;
 
 use std::path::Path;
 
-use serde_json::{Map, Value, json};
+use indexmap::IndexMap;
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, Schema};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::policy::{Policy, path_bytes};
-use crate::record::FileRecord;
-use crate::verify::{Change, VerifyReport};
+pub use self::escaped::{EscapedBytes, EscapedField, EscapedPath, FieldKeys, PathKeys, display_path, escape_bytes};
+use crate::policy::{Attribute, Policy};
+use crate::record::{FileKind, FileRecord};
+use crate::verify::{Change, ChangeKind, VerifyError, VerifyReport};
 
-/// Bytes as a JSON string: UTF-8 as is; otherwise invalid bytes as `\xNN` and backslashes
-/// doubled. The bool says whether escaping was needed.
-pub fn escape_bytes(bytes: &[u8]) -> (String, bool) {
-    if let Ok(s) = std::str::from_utf8(bytes) {
-        return (s.to_owned(), false);
-    }
-    let mut out = String::with_capacity(bytes.len() + 8);
-    for chunk in bytes.utf8_chunks() {
-        out.push_str(&chunk.valid().replace('\\', "\\\\"));
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
+/// The attributes of one recorded entry, as `baseline show` prints them after the path and
+/// as `old` and `new` of a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "Record", deny_unknown_fields)]
+pub struct RecordView {
+    /// The file type.
+    #[serde(rename = "type")]
+    pub kind: FileKind,
+    /// The size in bytes (`st_size`).
+    pub size: u64,
+    /// The permission bits including setuid, setgid and sticky (`st_mode & 0o7777`), as a number.
+    pub mode: u32,
+    /// The owner's user id.
+    pub uid: u32,
+    /// The owner's group id.
+    pub gid: u32,
+    /// The modification time in nanoseconds since the Unix epoch.
+    pub mtime: i64,
+    /// The status change time in nanoseconds since the Unix epoch.
+    pub ctime: i64,
+    /// The inode number.
+    pub inode: u64,
+    /// The hard link count.
+    pub nlink: u64,
+    /// The target of a symbolic link (escaped like a path, with `link_target_hex` when it is not UTF-8); null for anything else.
+    pub link_target: Option<String>,
+    /// The bytes of `link_target` in lowercase hex; present only when they are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "String", regex(pattern = r"^([0-9a-f]{2})+$"))]
+    pub link_target_hex: Option<String>,
+    /// The extended attributes (security.* labels, capabilities, POSIX ACLs, user.*), name to value in name order, both escaped like paths (without hex).
+    pub xattrs: IndexMap<String, String>,
+    /// The BLAKE3 hash of the content in lowercase hex (equal to b3sum's); null when the content is not monitored, not a regular file's, or could not be read.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub hash: Option<String>,
+    /// Why the entry could not be fully recorded (for example an unreadable file: its metadata is recorded, its content is not); null when it was.
+    pub error: Option<String>,
+    /// The root path of the policy rule that governs the entry; null if the policy has no such rule.
+    pub rule: Option<String>,
+}
+
+impl RecordView {
+    /// The view of `record`, whose rule index points into `policy` (the baseline's).
+    pub fn new(record: &FileRecord, policy: &Policy) -> Self {
+        let link_target = record.link_target.as_deref().map(EscapedBytes::new);
+        let rule = usize::try_from(record.rule).ok().and_then(|i| policy.rules.get(i));
+        RecordView {
+            kind: record.kind,
+            size: record.size,
+            mode: record.mode,
+            uid: record.uid,
+            gid: record.gid,
+            mtime: record.mtime_ns,
+            ctime: record.ctime_ns,
+            inode: record.inode,
+            nlink: record.nlink,
+            link_target_hex: link_target.as_ref().and_then(|t| t.hex.clone()),
+            link_target: link_target.map(|t| t.text),
+            xattrs: record.xattrs.iter().map(|(k, v)| (escape_bytes(k).0, escape_bytes(v).0)).collect(),
+            hash: record.digest.as_ref().map(|d| d.hex()),
+            error: record.error.clone(),
+            rule: rule.map(|r| r.path.display().to_string()),
         }
     }
-    (out, true)
 }
 
-/// Inserts `key` (and `key_hex` when the bytes are not UTF-8) into `obj`.
-fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
-    let (s, escaped) = escape_bytes(bytes);
-    obj.insert(key.to_owned(), Value::String(s));
-    if escaped {
-        obj.insert(format!("{key}_hex"), Value::String(hex::encode(bytes)));
+/// One line of `kubefim baseline show --format jsonl`: a recorded entry, its path first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RecordLine {
+    /// The path.
+    #[serde(flatten)]
+    pub path: EscapedPath,
+    /// The record.
+    #[serde(flatten)]
+    pub record: RecordView,
+}
+
+impl RecordLine {
+    /// The line of `record` at `path`, under `policy` (the baseline's).
+    pub fn new(path: &Path, record: &FileRecord, policy: &Policy) -> Self {
+        RecordLine { path: EscapedPath::of_path(path), record: RecordView::new(record, policy) }
     }
 }
 
-/// A path for human output: lossless escape of non-UTF-8 bytes.
-pub fn display_path(path: &Path) -> String {
-    escape_bytes(path_bytes(path)).0
+/// One difference between the baseline and now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "Change", deny_unknown_fields)]
+pub struct ChangeView {
+    /// The path.
+    #[serde(flatten)]
+    pub path: EscapedPath,
+    /// Added, removed or modified.
+    pub kind: ChangeKind,
+    /// The attributes that differ, only those the entry's rule monitors, in this order: type, content, size, mode, uid, gid, mtime, ctime, inode, nlink, link_target, xattrs; empty for added and removed entries.
+    pub changed: Vec<Attribute>,
+    /// The baseline's record; null for an added entry.
+    pub old: Option<RecordView>,
+    /// The record now; null for a removed entry.
+    pub new: Option<RecordView>,
+    /// A unified diff of the content; present only when the rule has `diff: true` and not `secret: true`, and the file is text of at most 1 MiB on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+    /// The byte ranges `[start, end)` whose content differs, at 64 KiB granularity; present only when the content changed and was read on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_ranges: Option<Vec<[u64; 2]>>,
 }
 
-/// A record's attributes as a JSON object (without the path), with the root of the rule
-/// that governs it.
+impl ChangeView {
+    /// The view of `change`, whose records' rule indexes point into `policy` (the baseline's).
+    pub fn new(change: &Change, policy: &Policy) -> Self {
+        ChangeView {
+            path: EscapedPath::of_path(&change.path),
+            kind: change.kind,
+            changed: change.changed.clone(),
+            old: change.old.as_ref().map(|r| RecordView::new(r, policy)),
+            new: change.new.as_ref().map(|r| RecordView::new(r, policy)),
+            diff: change.diff.clone(),
+            changed_ranges: change.changed_ranges.clone(),
+        }
+    }
+}
+
+/// The document `kubefim verify --format json` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "VerifyReport", deny_unknown_fields)]
+pub struct VerifyReportView {
+    /// The counts.
+    pub summary: VerifySummary,
+    /// Every difference, in path byte order.
+    pub changes: Vec<ChangeView>,
+    /// Every entry that could not be verified, in path byte order.
+    pub errors: Vec<UnverifiedView>,
+}
+
+/// The counts of a verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct VerifySummary {
+    /// How many entries are new since the baseline.
+    pub added: u64,
+    /// How many entries of the baseline are gone.
+    pub removed: u64,
+    /// How many entries differ in a monitored attribute.
+    pub modified: u64,
+    /// How many entries could not be verified (listed in `errors`; they keep the report from being clean).
+    pub unverified: u64,
+    /// How many entries were scanned now.
+    pub scanned: u64,
+    /// True only when nothing changed and everything could be verified (verify then exits 0).
+    pub clean: bool,
+}
+
+/// An entry that could not be verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "Unverified", deny_unknown_fields)]
+pub struct UnverifiedView {
+    /// The path.
+    #[serde(flatten)]
+    pub path: EscapedPath,
+    /// Why it could not be verified.
+    pub error: String,
+}
+
+impl UnverifiedView {
+    /// The view of `error`.
+    pub fn new(error: &VerifyError) -> Self {
+        UnverifiedView { path: EscapedPath::of_path(&error.path), error: error.message.clone() }
+    }
+}
+
+impl VerifyReportView {
+    /// The view of `report`, whose records' rule indexes point into `policy` (the baseline's).
+    pub fn new(report: &VerifyReport, policy: &Policy) -> Self {
+        let count = |kind| report.count(kind) as u64;
+        VerifyReportView {
+            summary: VerifySummary {
+                added: count(ChangeKind::Added),
+                removed: count(ChangeKind::Removed),
+                modified: count(ChangeKind::Modified),
+                unverified: report.errors.len() as u64,
+                scanned: report.scanned,
+                clean: report.is_clean(),
+            },
+            changes: report.changes.iter().map(|c| ChangeView::new(c, policy)).collect(),
+            errors: report.errors.iter().map(UnverifiedView::new).collect(),
+        }
+    }
+}
+
+/// The JSON Schema (draft 2020-12) of what kubefim prints as `T`: for the serialising side,
+/// so a key that is always printed is required even when its value may be null.
+pub fn output_schema<T: JsonSchema>() -> Schema {
+    SchemaSettings::draft2020_12().for_serialize().into_generator().into_root_schema_for::<T>()
+}
+
+/// [`RecordView::new`] as a JSON object. Kept, with the same signature, for the watcher
+/// (watcher/src/output.rs) until it builds its event lines on the types.
 pub fn record_json(record: &FileRecord, policy: &Policy) -> Map<String, Value> {
-    let mut o = Map::new();
-    o.insert("type".into(), json!(record.kind.name()));
-    o.insert("size".into(), json!(record.size));
-    o.insert("mode".into(), json!(record.mode));
-    o.insert("uid".into(), json!(record.uid));
-    o.insert("gid".into(), json!(record.gid));
-    o.insert("mtime".into(), json!(record.mtime_ns));
-    o.insert("ctime".into(), json!(record.ctime_ns));
-    o.insert("inode".into(), json!(record.inode));
-    o.insert("nlink".into(), json!(record.nlink));
-    match &record.link_target {
-        Some(t) => put_bytes(&mut o, "link_target", t),
-        None => {
-            o.insert("link_target".into(), Value::Null);
-        }
-    }
-    let xattrs: Map<String, Value> =
-        record.xattrs.iter().map(|(k, v)| (escape_bytes(k).0, Value::String(escape_bytes(v).0))).collect();
-    o.insert("xattrs".into(), Value::Object(xattrs));
-    o.insert("hash".into(), record.digest.as_ref().map_or(Value::Null, |d| json!(d.hex())));
-    o.insert("error".into(), record.error.as_ref().map_or(Value::Null, |e| json!(e)));
-    let rule = usize::try_from(record.rule).ok().and_then(|i| policy.rules.get(i));
-    o.insert("rule".into(), rule.map_or(Value::Null, |r| json!(r.path.display().to_string())));
-    o
+    json_object(&RecordView::new(record, policy))
 }
 
-/// A record with its path, as `baseline show --format jsonl` prints it.
-pub fn record_line(path: &Path, record: &FileRecord, policy: &Policy) -> Value {
-    let mut o = Map::new();
-    put_bytes(&mut o, "path", path_bytes(path));
-    o.extend(record_json(record, policy));
-    Value::Object(o)
-}
-
-/// One change as a JSON object.
+/// [`ChangeView::new`] as a JSON object. Kept, with the same signature, for the watcher
+/// (watcher/src/output.rs) until it builds its event lines on the types.
 pub fn change_json(change: &Change, policy: &Policy) -> Map<String, Value> {
-    let mut o = Map::new();
-    put_bytes(&mut o, "path", path_bytes(&change.path));
-    o.insert("kind".into(), json!(change.kind.name()));
-    o.insert("changed".into(), json!(change.changed.iter().map(|a| a.name()).collect::<Vec<_>>()));
-    let side = |r: &Option<FileRecord>| r.as_ref().map_or(Value::Null, |r| Value::Object(record_json(r, policy)));
-    o.insert("old".into(), side(&change.old));
-    o.insert("new".into(), side(&change.new));
-    if let Some(diff) = &change.diff {
-        o.insert("diff".into(), json!(diff));
-    }
-    if let Some(ranges) = &change.changed_ranges {
-        o.insert("changed_ranges".into(), json!(ranges));
-    }
-    o
+    json_object(&ChangeView::new(change, policy))
 }
 
-/// The whole verify report, as `verify --format json` prints it.
-pub fn verify_json(report: &VerifyReport, policy: &Policy) -> Value {
-    use crate::verify::ChangeKind::{Added, Modified, Removed};
-    let errors: Vec<Value> = report
-        .errors
-        .iter()
-        .map(|e| {
-            let mut o = Map::new();
-            put_bytes(&mut o, "path", path_bytes(&e.path));
-            o.insert("error".into(), json!(e.message));
-            Value::Object(o)
-        })
-        .collect();
-    json!({
-        "summary": {
-            "added": report.count(Added),
-            "removed": report.count(Removed),
-            "modified": report.count(Modified),
-            "unverified": report.errors.len(),
-            "scanned": report.scanned,
-            "clean": report.is_clean(),
-        },
-        "changes": report.changes.iter().map(|c| Value::Object(change_json(c, policy))).collect::<Vec<_>>(),
-        "errors": errors,
-    })
+fn json_object(view: &impl Serialize) -> Map<String, Value> {
+    match serde_json::to_value(view) {
+        Ok(Value::Object(o)) => o,
+        other => unreachable!("a view serialises to a JSON object, not {other:?}"),
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_only_what_is_not_utf8() {
-        assert_eq!(escape_bytes(b"/etc/a\\b"), ("/etc/a\\b".into(), false));
-        assert_eq!(escape_bytes(b"bad\xffname\\x"), ("bad\\xffname\\\\x".into(), true));
-    }
-}
+mod golden;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::baseline::TrustedBaseline;
 use crate::error::Result;
@@ -20,7 +22,8 @@ use crate::seal::Seal;
 use crate::sign::PublicKey;
 
 /// What kind of change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum ChangeKind {
     /// Not in the baseline, present now.
     Added,
@@ -31,7 +34,7 @@ pub enum ChangeKind {
 }
 
 impl ChangeKind {
-    /// The name used in reports.
+    /// The name used in reports (its serde name).
     pub fn name(self) -> &'static str {
         match self {
             ChangeKind::Added => "added",
