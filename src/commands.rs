@@ -214,10 +214,11 @@ pub fn attach(db: &Path, pubkey: &Path, signature: &Path) -> Result<u8> {
     Ok(exit::CLEAN)
 }
 
-/// The JSON outputs `kubefim schema` describes; each names the type that prints it. (The
-/// watcher's `events` join them when its lines are types.)
+/// The JSON outputs `kubefim schema` describes; each names the type that prints it.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SchemaOutput {
+    /// One line of `kubefim watch --format jsonl` (changes and the watcher's own lines).
+    Events,
     /// The document `verify --format json` (and `run --format json`) prints.
     Verify,
     /// One line of `baseline show --format jsonl`.
@@ -228,6 +229,7 @@ pub enum SchemaOutput {
 /// the types that print it.
 pub fn schema(output: SchemaOutput) -> Result<u8> {
     let schema = match output {
+        SchemaOutput::Events => report::output_schema::<kubefim_watcher::model::Event>(),
         SchemaOutput::Verify => report::output_schema::<VerifyReportView>(),
         SchemaOutput::Record => report::output_schema::<RecordLine>(),
     };

@@ -377,6 +377,8 @@ fn main() -> ExitCode {
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<serde_json::Error>()
+                        .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
             }) =>
         {
             ExitCode::from(exit::ERROR)

@@ -212,6 +212,15 @@ impl Agent {
     fn assert_only_json(&self) {
         let bad: Vec<Value> = self.lines().into_iter().filter(|l| !l.is_object()).collect();
         assert!(bad.is_empty(), "lines that are not JSON objects: {bad:#?}\n{}", self.dump());
+        // And each one what `kubefim schema events` says (the awaiting-signature, install,
+        // rejection, verify and degraded lines included).
+        let broken: Vec<String> = self
+            .raw()
+            .iter()
+            .zip(self.lines())
+            .filter_map(|(line, value)| common::watch::event_line_problem(line, &value))
+            .collect();
+        assert!(broken.is_empty(), "lines that break the events schema: {broken:#?}\n{}", self.dump());
     }
 
     /// Sends SIGTERM and waits for the exit (and the readers to finish).

@@ -459,6 +459,39 @@ fn path_ops_from_another_mount_namespace_by_processes_gone_before_the_watcher_lo
     assert!(w.stop().success());
 }
 
+#[test]
+fn absolute_path_ops_of_host_processes_gone_before_the_watcher_looks_are_exact() {
+    if !root_or_skip() {
+        return;
+    }
+    let _machine = shared();
+    let fx = Fixture::on_disk();
+    fs::write(fx.t("mode.txt"), "alpha\n").unwrap();
+    fs::write(fx.t("gone.txt"), "beta\n").unwrap();
+    let w = Watcher::start(&fx, None);
+    // The actors exit before the watcher looks at their paths; the events name their root
+    // directory and mount namespace, which are the host's: their absolute paths are resolved
+    // as they meant them, exactly.
+    let paused = Paused::new(&fx);
+    let mut chmod = Command::new("chmod");
+    chmod.arg("600").arg(fx.t("mode.txt"));
+    let chmod = run_child(chmod);
+    let mut rm = Command::new("rm");
+    rm.arg(fx.t("gone.txt"));
+    let rm = run_child(rm);
+    paused.resume();
+    for (path, kind, pid, comm, op) in
+        [(fx.t("mode.txt"), "modified", chmod, "chmod", "chmod"), (fx.t("gone.txt"), "removed", rm, "rm", "unlink")]
+    {
+        let line = w.change_for(&path);
+        assert_eq!(line["kind"], kind, "{line:#}");
+        assert_eq!((&line["process"]["pid"], &line["process"]["comm"]), (&pid.into(), &comm.into()), "{line:#}");
+        assert_eq!(names(&line, "ops"), [op], "{line:#}");
+        assert_eq!(line["attribution"], "exact", "{line:#}\n{}", w.dump());
+    }
+    assert!(w.stop().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3-4: relative paths, directory fds, chroot
 // ---------------------------------------------------------------------------------------------

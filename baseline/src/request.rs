@@ -25,7 +25,7 @@ pub const REQUEST_KIND: &str = "KubefimSigningRequest";
 pub const SIGNATURE_KIND: &str = "KubefimSignature";
 
 /// What a node asks an operator to sign.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SigningRequest {
     /// [`REQUEST_KIND`].
     pub kind: String,

@@ -18,6 +18,12 @@ impl HostRoot {
         HostRoot(None)
     }
 
+    /// Whether paths are where they say (no `--host-root`): this process sees the host's
+    /// files in its own mount namespace.
+    pub fn is_identity(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// The host's root mounted at `dir`: an existing directory, given as an absolute path
     /// without `..` (symlinks in it are resolved once, here, so the prefix is stable).
     pub fn new(dir: &Path) -> Result<Self> {

@@ -179,13 +179,19 @@ pub struct EventHeader {
     pub target: InodeKey,
     /// The directory of `target`, with [`EVENT_HAS_PARENT`].
     pub parent: InodeKey,
-    /// For each path of a path event: the inode of the directory a relative path starts
-    /// from (its dirfd, or the cwd), zero when the path is absolute or it is unknown.
+    /// For each path of a path event: the inode of the directory the path is resolved from:
+    /// its dirfd or the cwd for a relative path, the actor's root directory for an absolute
+    /// one; zero when unknown.
     pub start: [InodeKey; 2],
     /// The directory fds of the two paths (`AT_FDCWD` = -100 when none).
     pub dirfd: [i32; 2],
     /// `task->comm`.
     pub comm: [u8; 16],
+    /// The inode number of the actor's mount namespace (`nsproxy->mnt_ns->ns.inum`), for path
+    /// events: with `start` (its root), whether its absolute paths mean what the host's do.
+    pub mnt_ns: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
 
 /// A path event: the header and up to two NUL-terminated user paths, as the syscall
@@ -258,6 +264,14 @@ pub struct Offsets {
     pub dentry_inode: u32,
     /// `fs_struct.pwd` + `path.dentry`.
     pub fs_pwd_dentry: u32,
+    /// `fs_struct.root` + `path.dentry`.
+    pub fs_root_dentry: u32,
+    /// `task_struct.nsproxy`.
+    pub task_nsproxy: u32,
+    /// `nsproxy.mnt_ns`.
+    pub nsproxy_mnt_ns: u32,
+    /// `mnt_namespace.ns` + `ns_common.inum`.
+    pub mnt_ns_inum: u32,
     /// `io_kiocb.file`.
     pub kiocb_file: u32,
     /// `io_kiocb.opcode` (a `u8`).
@@ -299,9 +313,9 @@ pub const fn name_hash(name: &[u8]) -> u64 {
 }
 
 const _: () = assert!(core::mem::size_of::<InodeKey>() == 16);
-const _: () = assert!(core::mem::size_of::<EventHeader>() == 136);
-const _: () = assert!(core::mem::size_of::<PathEvent>() == 136 + 2 * PATH_CAP);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 19 * 4);
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 144);
+const _: () = assert!(core::mem::size_of::<PathEvent>() == 144 + 2 * PATH_CAP);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 23 * 4);
 
 #[cfg(feature = "user")]
 mod user {

@@ -139,6 +139,8 @@ pub fn fill_header(h: &mut EventHeader, cfg: &Config, task: u64, pid_tgid: u64, 
     h.parent = InodeKey::default();
     h.start = [InodeKey::default(); 2];
     h.dirfd = [crate::kernel::AT_FDCWD as i32; 2];
+    h.mnt_ns = 0;
+    h._reserved = 0;
 }
 
 /// Sends a header-only event about an inode.

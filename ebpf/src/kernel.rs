@@ -95,5 +95,25 @@ pub fn start_dir_key(cfg: &Config, task: u64, dirfd: i64) -> Option<InodeKey> {
     }
 }
 
+/// The inode of the task's root directory (`task->fs->root`): what its absolute paths
+/// start from.
+#[inline(always)]
+pub fn root_dir_key(cfg: &Config, task: u64) -> Option<InodeKey> {
+    let o = &cfg.offsets;
+    let fs: u64 = read(task, o.task_fs)?;
+    let dentry: u64 = read(fs, o.fs_root_dentry)?;
+    let inode: u64 = read(dentry, o.dentry_inode)?;
+    inode_key(cfg, inode)
+}
+
+/// The inode number of the task's mount namespace (`task->nsproxy->mnt_ns->ns.inum`), 0 when
+/// it cannot be read (an exiting task has no nsproxy).
+#[inline(always)]
+pub fn mnt_ns(cfg: &Config, task: u64) -> u32 {
+    let o = &cfg.offsets;
+    let ns = read::<u64>(task, o.task_nsproxy).and_then(|nsproxy| read::<u64>(nsproxy, o.nsproxy_mnt_ns));
+    ns.and_then(|ns| read::<u32>(ns, o.mnt_ns_inum)).unwrap_or(0)
+}
+
 /// `AT_FDCWD`, as the syscalls receive it.
 pub const AT_FDCWD: i64 = -100;

@@ -16,7 +16,7 @@ use kubefim_common::{EVENT_EXCHANGE, EVENT_HAS_PATHS, EVENT_PATH_TRUNCATED, Op, 
 use crate::EVENTS;
 use crate::emit::{active, fill_header, lost, path_names_known, watched};
 use crate::fd_ops::arg;
-use crate::kernel::{AT_FDCWD, current_task, start_dir_key};
+use crate::kernel::{AT_FDCWD, current_task, mnt_ns, root_dir_key, start_dir_key};
 
 /// Sends a path event for up to two (dirfd, user path pointer) pairs (a zero pointer is no
 /// path) if the filter keeps it.
@@ -50,13 +50,17 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
                 keep = true;
             }
             ev.header.dirfd[i] = dirfd as i32;
-            if slot[0] != b'/'
-                && let Some(key) = start_dir_key(&cfg, task, dirfd)
-            {
-                ev.header.start[i] = key;
-                if watched(&key) & WATCH_DIR != 0 {
-                    keep = true;
+            if slot[0] != b'/' {
+                if let Some(key) = start_dir_key(&cfg, task, dirfd) {
+                    ev.header.start[i] = key;
+                    if watched(&key) & WATCH_DIR != 0 {
+                        keep = true;
+                    }
                 }
+            } else if let Some(key) = root_dir_key(&cfg, task) {
+                // Where an absolute path starts: with the mount namespace, the watcher can
+                // resolve it as the actor did even after the actor is gone.
+                ev.header.start[i] = key;
             }
             if !keep && path_names_known(slot) {
                 keep = true;
@@ -65,6 +69,7 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
         i += 1;
     }
     if keep {
+        ev.header.mnt_ns = mnt_ns(&cfg, task);
         entry.submit(0);
     } else {
         entry.discard(0);

@@ -1,5 +1,6 @@
 //! Helpers for the watch-mode tests: a running `kubefim watch` over a fixture's tree (with
-//! its stdout parsed line by line as it comes), waits for the report of one path with a
+//! its stdout parsed line by line as it comes, each line checked against `kubefim schema
+//! events` and read back into the watcher's own types), waits for the report of one path with a
 //! deadline, a check that nothing is reported, and child processes whose pid the tests
 //! compare with the report's. The watcher loads the real programs into the real kernel:
 //! these tests need root, as CI has.
@@ -13,7 +14,30 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{BIN, Fixture, Rule};
+use super::{BIN, Fixture, Rule, kubefim};
+
+/// The validator of `kubefim schema events`, made once per test binary.
+fn events_schema() -> &'static jsonschema::Validator {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let run = kubefim(["schema", "events"]);
+        run.expect_code(0);
+        jsonschema::draft202012::new(&run.json()).expect("`kubefim schema events` is a valid JSON Schema")
+    })
+}
+
+/// Why `line` is not what a consumer of the documented schema expects: it must conform to
+/// `kubefim schema events` and read back into the watcher's line type. `None` when it is.
+pub fn event_line_problem(line: &str, value: &Value) -> Option<String> {
+    let errors: Vec<String> =
+        events_schema().iter_errors(value).map(|e| format!("{e} (at {})", e.instance_path())).collect();
+    if !errors.is_empty() {
+        return Some(format!("does not conform to `kubefim schema events`: {errors:?}: {line}"));
+    }
+    serde_json::from_str::<kubefim_watcher::model::Event>(line)
+        .err()
+        .map(|e| format!("does not read back into its type ({e}): {line}"))
+}
 
 /// How long a change may take to be reported (the contract).
 pub const REPORT_WITHIN: Duration = Duration::from_secs(2);
@@ -39,6 +63,8 @@ pub fn watch_cmd(db: &Path, pubkey: &Path, ready: &Path) -> Command {
 pub struct Watcher {
     child: Option<Child>,
     lines: Arc<Mutex<Vec<Value>>>,
+    /// Lines that are not JSON, or not what the events schema says.
+    bad: Arc<Mutex<Vec<String>>>,
     raw: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -73,13 +99,22 @@ impl Watcher {
         let raw = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().expect("piped stdout");
-        let (l, r) = (lines.clone(), raw.clone());
+        let bad = Arc::new(Mutex::new(Vec::new()));
+        let (l, r, b) = (lines.clone(), raw.clone(), bad.clone());
+        // Made before the watcher prints, so a check of its lines never waits on the build of
+        // the validator.
+        events_schema();
         thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 r.lock().unwrap().push(line.clone());
                 match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => l.lock().unwrap().push(v),
-                    Err(e) => panic!("watch printed a line that is not JSON ({e}): {line}"),
+                    Ok(v) => {
+                        if let Some(problem) = event_line_problem(&line, &v) {
+                            b.lock().unwrap().push(problem);
+                        }
+                        l.lock().unwrap().push(v);
+                    }
+                    Err(e) => b.lock().unwrap().push(format!("not JSON ({e}): {line}")),
                 }
             }
         });
@@ -92,7 +127,7 @@ impl Watcher {
                 s.push('\n');
             }
         });
-        let mut w = Watcher { child: Some(child), lines, raw, stderr };
+        let mut w = Watcher { child: Some(child), lines, bad, raw, stderr };
         let deadline = Instant::now() + READY_WITHIN;
         // Both the file and the "ready" line on stderr (read by a thread that may lag).
         while !(ready.exists() && w.stderr.lock().unwrap().contains("ready")) {
@@ -118,9 +153,18 @@ impl Watcher {
         )
     }
 
-    /// All lines printed so far.
+    /// All lines printed so far (each checked against the events schema).
+    #[track_caller]
     pub fn lines(&self) -> Vec<Value> {
+        self.assert_lines_conform();
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Panics if a line printed so far is not what the events schema says.
+    #[track_caller]
+    pub fn assert_lines_conform(&self) {
+        let bad = self.bad.lock().unwrap().clone();
+        assert!(bad.is_empty(), "watch printed lines that break its schema: {bad:#?}\n{}", self.dump());
     }
 
     /// Waits up to `timeout` for a line matching `pred`; panics with the output otherwise.
@@ -128,6 +172,7 @@ impl Watcher {
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
+            self.assert_lines_conform();
             if let Some(line) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
                 return line.clone();
             }
@@ -171,6 +216,10 @@ impl Watcher {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                // The lines printed while stopping are checked too (the reader thread may
+                // still be reading them: give it a moment).
+                thread::sleep(Duration::from_millis(100));
+                self.assert_lines_conform();
                 return status;
             }
             if Instant::now() > deadline {

@@ -8,10 +8,12 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use kubefim_baseline::report::{EscapedField, EscapedPath, FieldKeys, RecordView};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What the kernel saw a process do to a path (`ops` of a change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileOp {
     /// write, pwrite, writev, copy_file_range, sendfile, splice into the file.
@@ -112,7 +114,7 @@ impl fmt::Display for FileOp {
 }
 
 /// Why a rescan ran (`reason` of a `rescan` line, and the metric's label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RescanReason {
     /// Once ready: what changed while the watcher was not running.
@@ -154,7 +156,7 @@ impl RescanReason {
 }
 
 /// How a change was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DetectedBy {
     /// A kernel event on the path and a targeted rehash.
@@ -165,7 +167,7 @@ pub enum DetectedBy {
 }
 
 /// How sure the watcher is of who made a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribution {
     /// Each listed process made a syscall the kernel tied to this path.
@@ -184,7 +186,7 @@ pub fn time_string(t: SystemTime) -> String {
 }
 
 /// A process, as the kernel named it when it acted, and /proc while it lived.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Process {
     /// Process id (the kernel's tgid), in the host's pid namespace.
     pub pid: u32,
@@ -203,7 +205,7 @@ pub struct Process {
 }
 
 /// The container runtime a cgroup path's format belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
     /// containerd (`cri-containerd-<id>.scope`).
@@ -221,7 +223,7 @@ pub enum Runtime {
 }
 
 /// The container a process runs in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Container {
     /// The container id (64 hex digits).
     pub id: String,
@@ -232,7 +234,7 @@ pub struct Container {
 }
 
 /// The pod a container belongs to, as the Kubernetes API says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Pod {
     /// The pod's namespace.
     pub namespace: String,
@@ -248,7 +250,7 @@ pub struct Pod {
 }
 
 /// Where a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// Outside any container.
@@ -260,7 +262,7 @@ pub enum Origin {
 }
 
 /// One process that changed a path, with what it did to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Writer {
     /// The process.
     #[serde(flatten)]
@@ -275,11 +277,18 @@ pub struct Writer {
     pub origin: Origin,
 }
 
-/// A record's attributes as `verify` prints them (kubefim-baseline's shape).
-pub type RecordJson = serde_json::Map<String, serde_json::Value>;
+/// The keys `to` and `to_hex` of a rename's destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToKeys;
+
+impl FieldKeys for ToKeys {
+    const TEXT: &'static str = "to";
+    const HEX: &'static str = "to_hex";
+    const WHAT: &'static str = "Where a renamed path went.";
+}
 
 /// One line of `kubefim watch`: when, and what.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     /// RFC 3339 UTC time with milliseconds: of the latest kernel event for a change, of the
     /// line otherwise.
@@ -290,7 +299,7 @@ pub struct Event {
 }
 
 /// What a line says; `kind` tells which.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Line {
     /// A path not known before exists now.
@@ -320,27 +329,22 @@ pub enum Line {
 }
 
 /// A change to one path.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Change {
-    /// The path (non-UTF-8 bytes escaped as `\xNN`, backslashes doubled).
-    pub path: String,
-    /// The path's bytes in hex, when it is not UTF-8.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_hex: Option<String>,
+    /// The path.
+    #[serde(flatten)]
+    pub path: EscapedPath,
     /// Where a `renamed` path went.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<String>,
-    /// `to`'s bytes in hex, when it is not UTF-8.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_hex: Option<String>,
+    #[serde(flatten)]
+    pub to: Option<EscapedField<ToKeys>>,
     /// The monitored attributes that differ (empty for added and removed).
     pub changed: Vec<kubefim_baseline::policy::Attribute>,
     /// Every op the kernel saw on this path since its last report, in the order first seen.
     pub ops: Vec<FileOp>,
     /// The last known record (null for added).
-    pub old: Option<RecordJson>,
+    pub old: Option<RecordView>,
     /// The record now (null for removed).
-    pub new: Option<RecordJson>,
+    pub new: Option<RecordView>,
     /// A unified diff against the last known content, where the rule keeps content (never
     /// for `secret: true`).
     pub diff: Option<String>,
@@ -367,7 +371,7 @@ pub struct Change {
 }
 
 /// A path a rescan could not check.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Unverified {
     /// The path.
     pub path: String,
@@ -376,7 +380,7 @@ pub struct Unverified {
 }
 
 /// A rescan ended.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Rescan {
     /// Why it ran.
     pub reason: RescanReason,
@@ -393,7 +397,7 @@ pub struct Rescan {
 }
 
 /// Who dropped events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LostBy {
     /// The kernel: its ring buffer was full.
@@ -403,7 +407,7 @@ pub enum LostBy {
 }
 
 /// Events were lost.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Lost {
     /// How many since the last `lost` line.
     pub events: u64,
@@ -416,7 +420,7 @@ pub struct Lost {
 }
 
 /// Why the watcher is degraded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DegradedReason {
     /// Tracepoints this kernel does not have: the rescans cover what they would see.
@@ -428,7 +432,7 @@ pub enum DegradedReason {
 }
 
 /// The watcher sees less than it should.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Degraded {
     /// Why.
     pub reason: DegradedReason,
@@ -446,19 +450,17 @@ pub struct Degraded {
 }
 
 /// A path that could not be rehashed: nothing is concluded about it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct PathError {
     /// The path.
-    pub path: String,
-    /// The path's bytes in hex, when it is not UTF-8.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_hex: Option<String>,
+    #[serde(flatten)]
+    pub path: EscapedPath,
     /// Why.
     pub error: String,
 }
 
 /// Why a verify ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VerifyReason {
     /// Once, at start.
@@ -468,7 +470,7 @@ pub enum VerifyReason {
 }
 
 /// What a verify found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VerifyResult {
     /// Everything equals the signed baseline.
@@ -491,7 +493,7 @@ impl VerifyResult {
 }
 
 /// How a path deviates from the signed baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviationKind {
     /// Not in the baseline.
@@ -503,16 +505,17 @@ pub enum DeviationKind {
 }
 
 /// One path that deviates from the signed baseline.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Deviation {
     /// The path.
-    pub path: String,
+    #[serde(flatten)]
+    pub path: EscapedPath,
     /// How.
     pub kind: DeviationKind,
 }
 
 /// Everything compared with the signed baseline.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Verify {
     /// Why it ran.
     pub reason: VerifyReason,
@@ -537,7 +540,7 @@ pub struct Verify {
 }
 
 /// This node's signing request, waiting for its signature.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct AwaitingSignature {
     /// The node.
     pub node: String,
@@ -550,7 +553,7 @@ pub struct AwaitingSignature {
 }
 
 /// A signature that was not taken.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct SignatureRejected {
     /// The node.
     pub node: String,
@@ -562,7 +565,7 @@ pub struct SignatureRejected {
 }
 
 /// A newly signed baseline was installed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct BaselineInstalled {
     /// The node.
     pub node: String,

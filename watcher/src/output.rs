@@ -80,7 +80,7 @@ impl fmt::Display for Event {
                 }
                 Ok(())
             }
-            Line::Error(e) => write!(f, "{time} error: {}: {}", e.path, e.error),
+            Line::Error(e) => write!(f, "{time} error: {}: {}", e.path.bytes.text, e.error),
             Line::Verify(v) => {
                 write!(
                     f,
@@ -93,7 +93,7 @@ impl fmt::Display for Event {
                     v.errors
                 )?;
                 for d in &v.deviations {
-                    write!(f, "\n  {:?} {}", d.kind, d.path)?;
+                    write!(f, "\n  {:?} {}", d.kind, d.path.bytes.text)?;
                 }
                 Ok(())
             }
@@ -112,9 +112,9 @@ impl fmt::Display for Event {
 }
 
 fn change(f: &mut fmt::Formatter<'_>, time: &str, kind: &str, c: &Change) -> fmt::Result {
-    write!(f, "{time} {kind:<8} {}", c.path)?;
+    write!(f, "{time} {kind:<8} {}", c.path.bytes.text)?;
     if let Some(to) = &c.to {
-        write!(f, " -> {to}")?;
+        write!(f, " -> {}", to.bytes.text)?;
     }
     if !c.changed.is_empty() {
         write!(f, " [{}]", join(&c.changed))?;

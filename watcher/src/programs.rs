@@ -59,6 +59,10 @@ fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         dentry_parent: m("dentry", "d_parent")?,
         dentry_inode: m("dentry", "d_inode")?,
         fs_pwd_dentry: m("fs_struct", "pwd")? + path_dentry,
+        fs_root_dentry: m("fs_struct", "root")? + path_dentry,
+        task_nsproxy: m("task_struct", "nsproxy")?,
+        nsproxy_mnt_ns: m("nsproxy", "mnt_ns")?,
+        mnt_ns_inum: m("mnt_namespace", "ns")? + m("ns_common", "inum")?,
         kiocb_file: m("io_kiocb", "file")?,
         kiocb_opcode: m("io_kiocb", "opcode")?,
     })

@@ -20,7 +20,7 @@ use crate::event::KernelEvent;
 use crate::metrics::Metrics;
 use crate::model::LostBy;
 use crate::programs::EventSource;
-use crate::resolve::{Seen, look};
+use crate::resolve::{HostView, Seen, look};
 
 /// How often the kernel's lost-event counter is read, and how long a poll waits.
 const TICK: Duration = Duration::from_millis(100);
@@ -108,6 +108,7 @@ impl Drop for Reader {
 
 fn run(mut parts: ReaderParts, stop: &AtomicBool) {
     let boot = boot_offset();
+    let host_view = HostView::new(&parts.host);
     let mut kernel_seen = 0u64;
     let mut kernel_lost = 0u64;
     let mut dropped = 0u64;
@@ -131,7 +132,7 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
             };
             let Some(event) = event else { continue };
             parts.metrics.event(event.op.name());
-            let observation = observe(&mut parts, event, boot);
+            let observation = observe(&mut parts, host_view.as_ref(), event, boot);
             let message = Message::Event(Box::new(observation));
             if stopping {
                 if parts.tx.blocking_send(message).is_err() {
@@ -170,14 +171,15 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
 }
 
 /// Decodes what only the moment can tell: the actor, and what its paths name.
-fn observe(parts: &mut ReaderParts, event: KernelEvent, boot: Duration) -> Observation {
-    let actor = parts.attribution.actor(&event);
+fn observe(parts: &mut ReaderParts, host_view: Option<&HostView>, event: KernelEvent, boot: Duration) -> Observation {
+    // The paths first: of all this, their directories are what an exiting actor takes along.
     let mut seen = [None, None];
     for (i, path) in event.paths.iter().enumerate().take(2) {
         if !path.is_empty() {
-            seen[i] = look(&parts.host, event.header.pid, event.header.dirfd[i], path, event.truncated[i]);
+            seen[i] = look(&parts.host, host_view, &event, i);
         }
     }
+    let actor = parts.attribution.actor(&event);
     let time = SystemTime::UNIX_EPOCH + boot + Duration::from_nanos(event.header.time_ns);
     Observation { event, actor, seen, time }
 }

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
-use kubefim_baseline::report::{escape_bytes, record_json};
+use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::rehash;
 use kubefim_baseline::verify::{Change as Difference, ChangeKind, compare_with};
@@ -84,13 +84,6 @@ impl View for Lookup<'_> {
     fn unnamed_dir(&self, key: InodeKey) -> Option<PathBuf> {
         self.queue.unnamed_dir(&key).map(Path::to_owned)
     }
-}
-
-/// A path's bytes for a line: the text, and the hex when it is not UTF-8.
-fn path_text(path: &Path) -> (String, Option<String>) {
-    let bytes = path_bytes(path);
-    let (text, escaped) = escape_bytes(bytes);
-    (text, escaped.then(|| bytes.iter().map(|b| format!("{b:02x}")).collect()))
 }
 
 /// The inode key of a directory entry listed in a directory whose device is `dev`.
@@ -278,8 +271,8 @@ impl Reporter {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(None)),
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(Some(None)),
             Err(e) => {
-                let (path, path_hex) = path_text(path);
-                self.print(Line::Error(PathError { path, path_hex, error: kubefim_baseline::error::chain(&e) }))?;
+                let path = EscapedPath::of_path(path);
+                self.print(Line::Error(PathError { path, error: kubefim_baseline::error::chain(&e) }))?;
                 Ok(None)
             }
         }
@@ -317,24 +310,17 @@ impl Reporter {
     /// The line for a difference found for `pending`.
     fn change_line(&self, difference: &Difference, renamed_to: Option<&Path>, pending: &Pending) -> Result<Line> {
         let policy = self.state.policy();
-        let (path, path_hex) = path_text(&difference.path);
-        let (to, to_hex) = match renamed_to.map(path_text) {
-            Some((t, h)) => (Some(t), h),
-            None => (None, None),
-        };
         let now = if renamed_to.is_some() { None } else { difference.new.as_ref() };
         let writers = pending.writers();
         let latest = pending.latest_writer();
         let last = latest.as_ref().map(|w| &w.actor);
         let change = Change {
-            path,
-            path_hex,
-            to,
-            to_hex,
+            path: EscapedPath::of_path(&difference.path),
+            to: renamed_to.map(EscapedField::of_path),
             changed: difference.changed.clone(),
             ops: pending.ops(),
-            old: difference.old.as_ref().map(|r| record_json(r, policy)),
-            new: difference.new.as_ref().map(|r| record_json(r, policy)),
+            old: difference.old.as_ref().map(|r| RecordView::new(r, policy)),
+            new: difference.new.as_ref().map(|r| RecordView::new(r, policy)),
             diff: difference.diff.clone(),
             changed_ranges: difference.changed_ranges.clone(),
             baseline_match: self.baseline_match(&difference.path, now)?,
@@ -477,7 +463,7 @@ impl Reporter {
             };
             *count += 1;
             if deviations.len() < VERIFY_LISTED {
-                deviations.push(Deviation { path: path_text(&self.state.path(id)).0, kind });
+                deviations.push(Deviation { path: EscapedPath::of_path(&self.state.path(id)), kind });
             }
         }
         let total = added + removed + modified;
@@ -486,7 +472,7 @@ impl Reporter {
             (0, _) => VerifyResult::Changed,
             _ => VerifyResult::Error,
         };
-        deviations.sort_by(|a, b| a.path.cmp(&b.path));
+        deviations.sort_by(|a, b| a.path.bytes.text.cmp(&b.path.bytes.text));
         Verify {
             reason,
             result,

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use kubefim_baseline::root::HostRoot;
 use kubefim_common::InodeKey;
+
+use crate::event::KernelEvent;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 /// `AT_FDCWD` as the kernel records it.
@@ -85,23 +87,51 @@ pub(crate) fn dir_part(path: &[u8], truncated: bool) -> &[u8] {
     }
 }
 
-/// Opens the directory part of `path`, passed by process `pid` relative to `dirfd`, as the
-/// process sees it (its root, its cwd, its fd), and says what it is. `None` when the process
-/// is gone or the directory cannot be opened: the caller then infers.
-pub(crate) fn look(host: &HostRoot, pid: u32, dirfd: i32, path: &[u8], truncated: bool) -> Option<Seen> {
+/// How the watcher's view of the policy's paths resolves an absolute path: from the host's
+/// root directory, in the mount namespace the watcher sees it through (its own; with
+/// `--host-root`, in a pod, the host's, pid 1's, which the host root mount follows).
+#[derive(Debug, Clone)]
+pub(crate) struct HostView {
+    root: InodeKey,
+    mnt_ns: u32,
+}
+
+impl HostView {
+    /// The host's view as this process can see it; `None` when /proc/1 cannot be read.
+    pub fn new(host: &HostRoot) -> Option<HostView> {
+        let root = rustix::fs::stat(host.disk(Path::new("/")).as_ref()).ok()?;
+        let ns = rustix::fs::stat(if host.is_identity() { "/proc/self/ns/mnt" } else { "/proc/1/ns/mnt" }).ok()?;
+        Some(HostView { root: InodeKey::from_stat(root.st_dev, root.st_ino), mnt_ns: u32::try_from(ns.st_ino).ok()? })
+    }
+}
+
+/// Opens the directory part of path `i` of a path event as its actor saw it (its root, its
+/// cwd, its fd), and says what it is. An actor already gone whose absolute paths meant what
+/// the host's do (the event names its root directory and mount namespace) is stood in for by
+/// the host's view. `None` when neither works: the caller then infers.
+pub(crate) fn look(host: &HostRoot, host_view: Option<&HostView>, ev: &KernelEvent, i: usize) -> Option<Seen> {
+    let h = &ev.header;
+    let path = &ev.paths[i];
     let absolute = path.first() == Some(&b'/');
-    let parent = dir_part(path, truncated);
+    let parent = dir_part(path, ev.truncated[i]);
     let parent_rel = Path::new(OsStr::from_bytes(parent.strip_prefix(b"/").unwrap_or(parent)));
+    let pid = h.pid;
     let base = if absolute {
         PathBuf::from(format!("/proc/{pid}/root"))
-    } else if dirfd == AT_FDCWD {
+    } else if h.dirfd[i] == AT_FDCWD {
         PathBuf::from(format!("/proc/{pid}/cwd"))
     } else {
-        PathBuf::from(format!("/proc/{pid}/fd/{dirfd}"))
+        PathBuf::from(format!("/proc/{pid}/fd/{}", h.dirfd[i]))
     };
-    let dir_fd = open_below(&base, parent_rel, absolute)?;
+    let (dir_fd, ours) = match open_below(&base, parent_rel, absolute) {
+        Some(fd) => (fd, same_mount_ns(pid)),
+        None => {
+            host_view.filter(|v| absolute && h.start[i] == v.root && h.mnt_ns == v.mnt_ns)?;
+            (open_below(&host.disk(Path::new("/")), parent_rel, true)?, true)
+        }
+    };
     let key = key_of_fd(&dir_fd)?;
-    let path = if same_mount_ns(pid)
+    let path = if ours
         && let Ok(seen) = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_fd)))
         && seen.is_absolute()
     {

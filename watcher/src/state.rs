@@ -303,7 +303,7 @@ mod tests {
         let mut state = fx.state();
         assert_eq!(deviations(&state), expected);
         assert_eq!(state.get(&a).unwrap().unwrap().content.as_deref(), Some(&b"alpha 2\n"[..]));
-        assert_eq!(state.paths_of_inode(key_of(&state.get(&new).unwrap().unwrap().record)), [new.clone()]);
+        assert_eq!(state.paths_of_inode(key_of(&state.get(&new).unwrap().unwrap().record)), std::slice::from_ref(&new));
         assert_eq!(state.children(&fx.tree()), [a.clone(), new.clone(), fx.path("sub")]);
 
         // Restored, and the new file gone again: nothing deviates, the journal is empty.

@@ -76,6 +76,8 @@ fn header(op: Op, flags: u32) -> EventHeader {
         start: [InodeKey::default(); 2],
         dirfd: [-100; 2],
         comm: [0; 16],
+        mnt_ns: 0,
+        _reserved: 0,
     }
 }
 

@@ -126,6 +126,22 @@ pub struct Expect {
     pub start: [InodeKey; 2],
     pub dirfd: [i32; 2],
     pub paths: Vec<Bytes>,
+    /// The actor's mount namespace, sent with path events only.
+    pub mnt_ns: u32,
+}
+
+/// The key of a path as the kernel side names inodes.
+fn key_of_path(path: &str) -> InodeKey {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}"));
+    InodeKey::from_stat(m.dev(), m.ino())
+}
+
+/// This process's mount namespace, as `nsproxy->mnt_ns->ns.inum`.
+fn own_mnt_ns() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/mnt").expect("stat /proc/self/ns/mnt").ino();
+    u32::try_from(ino).expect("namespace inode numbers fit in 32 bits")
 }
 
 impl Expect {
@@ -140,6 +156,7 @@ impl Expect {
             start: [InodeKey::default(); 2],
             dirfd: [AT_FDCWD; 2],
             paths: Vec::new(),
+            mnt_ns: 0,
         }
     }
 
@@ -149,11 +166,16 @@ impl Expect {
     }
 
     /// A path event with two paths (rename, link).
+    /// An absolute path starts at the actor's root directory, which the event names.
     pub fn paths(op: Op, first: impl AsRef<[u8]>, second: impl AsRef<[u8]>) -> Expect {
+        let paths = [first.as_ref().to_vec(), second.as_ref().to_vec()];
+        let root = |p: &[u8]| if p.first() == Some(&b'/') { key_of_path("/") } else { InodeKey::default() };
         Expect {
             flags: EVENT_HAS_PATHS,
             target: InodeKey::default(),
-            paths: vec![Bytes(first.as_ref().to_vec()), Bytes(second.as_ref().to_vec())],
+            start: [root(&paths[0]), root(&paths[1])],
+            mnt_ns: own_mnt_ns(),
+            paths: paths.into_iter().map(Bytes).collect(),
             ..Expect::inode(op, InodeKey::default())
         }
     }
@@ -210,6 +232,7 @@ impl Expect {
             start: h.start,
             dirfd: h.dirfd,
             paths: ev.paths.iter().map(|p| Bytes(p.clone())).collect(),
+            mnt_ns: h.mnt_ns,
         }
     }
 
