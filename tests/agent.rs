@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::ffi::OsString;
 use std::fs;
@@ -681,7 +681,7 @@ fn interval_verify_reports_a_deviation_and_its_end_in_lines_and_metrics() {
     assert!(sample(&m, "kubefim_verify_runs_total{result=\"changed\"}", &text) >= 1.0, "{text}");
     assert!(sample(&m, "kubefim_verify_runs_total{result=\"clean\"}", &text) >= 1.0, "{text}");
     assert!(sample(&m, "kubefim_rehash_duration_seconds_count", &text) >= 1.0, "{text}");
-    assert_eq!(sample(&m, "kubefim_lost_events_total", &text), 0.0);
+    assert_eq!(sample(&m, "kubefim_lost_events_total{dropped_by=\"kernel\"}", &text), 0.0);
     assert_eq!(sample(&m, "kubefim_baseline_trusted", &text), 1.0);
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
     let last = sample(&m, "kubefim_last_verify_timestamp_seconds", &text);
@@ -705,6 +705,135 @@ fn interval_verify_reports_a_deviation_and_its_end_in_lines_and_metrics() {
     let m = samples(&text);
     assert_eq!(sample(&m, "kubefim_last_verify_changes{kind=\"modified\"}", &text), 0.0);
     assert!(sample(&m, "kubefim_rescans_total{reason=\"verify\"}", &text) >= 2.0, "{text}");
+    assert!(agent.stop().success(), "{}", agent.dump());
+    agent.assert_only_json();
+}
+
+/// The metric names a `/metrics` exposition declares (`# TYPE` lines), as their samples are
+/// named: counters with `_total`, the info with `_info`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| match kind {
+            "counter" => format!("{name}_total"),
+            "info" => format!("{name}_info"),
+            _ => name.to_owned(),
+        })
+        .collect()
+}
+
+/// The metric names the README's metrics table lists.
+fn readme_metric_names() -> BTreeSet<String> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let table = readme.split("<!-- metrics -->").nth(1).expect("the README marks its metrics table");
+    table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `kubefim_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|rest| format!("kubefim_{}", rest.split('{').next().unwrap_or(rest)))
+        .collect()
+}
+
+#[test]
+fn every_metric_follows_what_it_describes_with_labels_from_fixed_sets() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let files: Vec<PathBuf> = (0..40).map(|i| fx.t(format!("m{i:02}.txt"))).collect();
+    for f in &files {
+        fs::write(f, "a\n").unwrap();
+    }
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree()).diff()]));
+    let ready = fx.path("ready");
+    let mut cmd = watch_cmd(&fx.db(), &fx.pubkey(), &ready);
+    // One page of ring buffer: a burst overflows it.
+    cmd.args(["--listen", "127.0.0.1:0", "--ring-buffer-kib", "4"]);
+    let mut agent = Agent::spawn(cmd);
+    let addr = agent.endpoint();
+    agent.wait_ready(&ready);
+    agent.wait_kind("verify", REPORT_WITHIN, 0);
+    let text = agent.wait_http(addr, "/metrics", 200, "kubefim_last_verify_success 1");
+    let m = samples(&text);
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert_eq!(sample(&m, "kubefim_baseline_entries", &text), 41.0, "40 files and the tree");
+    assert_eq!(sample(&m, "kubefim_baseline_trusted", &text), 1.0);
+    let created = sample(&m, "kubefim_baseline_created_timestamp_seconds", &text);
+    assert!(now - created < 600.0 && created <= now, "baseline created at {created}, now {now}");
+    assert!(sample(&m, "kubefim_programs_attached", &text) >= 50.0, "{text}");
+    assert_eq!(sample(&m, "kubefim_programs_degraded", &text), 0.0);
+    assert_eq!(sample(&m, "kubefim_watched_inodes", &text), 41.0, "one inode a file, and the tree's");
+    assert_eq!(sample(&m, "kubefim_rescans_total{reason=\"startup\"}", &text), 1.0);
+    assert_eq!(sample(&m, "kubefim_verify_runs_total{result=\"clean\"}", &text), 1.0);
+    assert_eq!(sample(&m, "kubefim_last_verify_errors", &text), 0.0);
+    assert!(sample(&m, "kubefim_last_verify_duration_seconds", &text) > 0.0);
+    assert!((now - sample(&m, "kubefim_last_verify_timestamp_seconds", &text)).abs() < 60.0);
+    assert_eq!(sample(&m, "kubefim_pod_cache_entries", &text), 0.0, "no --kubernetes");
+    assert_eq!(sample(&m, "kubefim_pod_cache_events_total", &text), 0.0);
+    let version = format!("kubefim_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(sample(&m, &version, &text), 1.0);
+
+    // A write, a new file, a removal and a rename, each reported; the counters and the
+    // filter's inode count follow.
+    let mark = agent.mark();
+    append(&files[0], "b\n");
+    agent.change_from(&s(&files[0]), REPORT_WITHIN, mark);
+    let new = fx.t("new.txt");
+    python(&format!("f = open({:?}, 'w'); f.write('n\\n'); f.close()", s(&new)));
+    agent.change_from(&s(&new), REPORT_WITHIN, mark);
+    fs::remove_file(&files[2]).unwrap();
+    agent.change_from(&s(&files[2]), REPORT_WITHIN, mark);
+    python(&format!("import os; os.rename({:?}, {:?})", s(&files[3]), s(&fx.t("m03.moved"))));
+    agent.change_from(&s(&files[3]), REPORT_WITHIN, mark);
+    let text = agent.wait_http(addr, "/metrics", 200, "kubefim_changes_total{kind=\"renamed\"} 1");
+    let m = samples(&text);
+    // The tree's own mtime changes are modifications too.
+    assert!(sample(&m, "kubefim_changes_total{kind=\"modified\"}", &text) >= 1.0, "{text}");
+    assert_eq!(sample(&m, "kubefim_changes_total{kind=\"added\"}", &text), 1.0);
+    assert_eq!(sample(&m, "kubefim_changes_total{kind=\"removed\"}", &text), 1.0);
+    for op in ["write", "close", "create", "unlink", "rename"] {
+        assert!(sample(&m, &format!("kubefim_events_total{{op=\"{op}\"}}"), &text) >= 1.0, "{op}: {text}");
+    }
+    assert!(sample(&m, "kubefim_rehash_duration_seconds_count", &text) >= 4.0, "{text}");
+    assert_eq!(sample(&m, "kubefim_watched_inodes", &text), 41.0, "one file added, one removed");
+
+    // A burst the ring buffer cannot hold: what the kernel drops is counted as the lines say.
+    let mark = agent.mark();
+    let list: Vec<String> = files[4..].iter().map(|f| s(f)).collect();
+    python(&format!(
+        "import os\nfor r in range(20):\n    for f in {list:?}:\n        fd = os.open(f, os.O_WRONLY | os.O_APPEND)\n        os.write(fd, b'x')\n        os.close(fd)\n"
+    ));
+    agent.wait_from("the rescan after lost events", Duration::from_secs(30), mark, |l| {
+        l["kind"] == "rescan" && l["reason"] == "lost_events"
+    });
+    let lost: f64 = agent.of_kind("lost").iter().filter_map(|l| l["events"].as_f64()).sum();
+    assert!(lost > 0.0, "{}", agent.dump());
+    let text = agent.wait_http(addr, "/metrics", 200, "kubefim_lost_events_total");
+    let m = samples(&text);
+    let counted = sample(&m, "kubefim_lost_events_total{dropped_by=\"kernel\"}", &text)
+        + sample(&m, "kubefim_lost_events_total{dropped_by=\"watcher\"}", &text);
+    assert_eq!(counted, lost, "the metric counts what the lost lines say");
+    assert!(sample(&m, "kubefim_rescans_total{reason=\"lost_events\"}", &text) >= 1.0, "{text}");
+
+    // Label values come from fixed snake_case sets (never a path or a pid).
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((_, labels)) = line.split_once('{') else { continue };
+        let labels = labels.split('}').next().unwrap_or("");
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').expect("name=value");
+            if matches!(name, "version" | "le") {
+                continue;
+            }
+            let value = value.trim_matches('"');
+            assert!(
+                !value.is_empty() && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "label {name}={value:?} is not snake_case: {line}"
+            );
+        }
+    }
+    // The README lists exactly the metrics there are.
+    assert_eq!(readme_metric_names(), metric_names(&text), "the README's metrics table and /metrics");
     assert!(agent.stop().success(), "{}", agent.dump());
     agent.assert_only_json();
 }

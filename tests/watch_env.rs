@@ -1070,3 +1070,40 @@ fn unprivileged_watch_exits_2_naming_what_is_missing() {
     let run = run_with_timeout(cmd, Duration::from_secs(30));
     assert_refused(&fx, &run, 2, &["root", "CAP_BPF", "BPF"]);
 }
+
+#[test]
+fn changes_are_reported_while_a_rescan_of_a_large_tree_runs() {
+    if !root_or_skip() {
+        return;
+    }
+    let _machine = shared();
+    let fx = Fixture::on_disk();
+    // Enough entries that the startup rescan is still running when the change is made.
+    for d in 0..40 {
+        let dir = fx.t(format!("d{d:02}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..1000 {
+            fs::write(dir.join(format!("f{f:03}")), "x\n").unwrap();
+        }
+    }
+    fs::write(fx.t("conf.txt"), "alpha\n").unwrap();
+    let w = Watcher::start(&fx, None);
+    let pid = python(&format!("f = open({:?}, 'a'); f.write('beta\\n'); f.close()", s(&fx.t("conf.txt"))));
+    let line = w.change_for(&fx.t("conf.txt"));
+    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    assert_eq!(line["detected_by"], "event", "{line:#}");
+    // The change was reported before the rescan that was running when it was made ended:
+    // the rescan runs off the loop, and the reader drains all along.
+    let rescan = w.wait_for("the startup rescan", Duration::from_secs(120), |l| {
+        l["kind"] == "rescan" && l["reason"] == "startup"
+    });
+    let lines = w.lines();
+    let at = |pred: &dyn Fn(&Value) -> bool| lines.iter().position(pred).expect("seen");
+    let change_at = at(&|l| is_change(l) && l["path"] == s(&fx.t("conf.txt")).as_str());
+    let rescan_at = at(&|l| l["kind"] == "rescan");
+    assert!(change_at < rescan_at, "the change waited for the rescan: {rescan:#}\n{}", w.dump());
+    assert_eq!(rescan["scanned"], 40 * 1000 + 40 + 2, "{rescan:#}");
+    assert_eq!(rescan["changes"], 0, "the rescan leaves the change to its event: {rescan:#}");
+    assert!(w.lines().iter().all(|l| l["kind"] != "lost"), "{}", w.dump());
+    assert!(w.stop().success());
+}

@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::model::{RescanReason, VerifyResult};
+use crate::model::{LostBy, RescanReason, VerifyResult};
 
 /// The media type of [`Metrics::encode`]'s output: `prometheus_client::encoding::text` writes
 /// OpenMetrics 1.0 text (counters with `_total`, `# UNIT` lines, a closing `# EOF`), which
@@ -60,6 +60,12 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// `dropped_by="..."`: kernel or watcher.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabel {
+    dropped_by: &'static str,
+}
+
 /// `result="..."`: clean, changed or error.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -84,7 +90,7 @@ pub struct Metrics {
     registry: Registry,
     events: Family<OpLabel, Counter>,
     changes: Family<KindLabel, Counter>,
-    lost: Counter,
+    lost: Family<LostLabel, Counter>,
     rescans: Family<ReasonLabel, Counter>,
     rehash: Histogram,
     baseline_entries: CountGauge,
@@ -125,7 +131,7 @@ impl Metrics {
             registry: Registry::default(),
             events: Family::default(),
             changes: Family::default(),
-            lost: Counter::default(),
+            lost: Family::default(),
             rescans: Family::default(),
             rehash: Histogram::new(REHASH_BUCKETS),
             baseline_entries: Gauge::default(),
@@ -152,6 +158,9 @@ impl Metrics {
         for result in VERIFY_RESULTS {
             drop(metrics.verify_runs.get_or_create(&ResultLabel { result: result.as_str() }));
         }
+        for by in [LostBy::Kernel, LostBy::Watcher] {
+            drop(metrics.lost.get_or_create(&LostLabel { dropped_by: by.as_str() }));
+        }
         for reason in RescanReason::ALL {
             drop(metrics.rescans.get_or_create(&ReasonLabel { reason: reason.as_str() }));
         }
@@ -173,10 +182,11 @@ impl Metrics {
         r.register("kubefim_events", "Kernel events received, by operation", self.events.clone());
         // kubefim_changes_total{kind}
         r.register("kubefim_changes", "Changes reported, by kind", self.changes.clone());
-        // kubefim_lost_events_total
+        // kubefim_lost_events_total{dropped_by}
         r.register(
             "kubefim_lost_events",
-            "Kernel events dropped before the agent read them (each loss triggers a rescan)",
+            "Kernel events dropped before the agent processed them, by the kernel (ring buffer full) or the \
+             watcher (its queue full); each loss triggers a rescan",
             self.lost.clone(),
         );
         // kubefim_rescans_total{reason}
@@ -268,9 +278,9 @@ impl Metrics {
         self.changes.get_or_create(&KindLabel { kind }).inc();
     }
 
-    /// `n` kernel events were lost (the ring buffer was full).
-    pub fn lost(&self, n: u64) {
-        self.lost.inc_by(n);
+    /// `n` kernel events were lost, dropped `by` the kernel or the watcher.
+    pub fn lost(&self, n: u64, by: LostBy) {
+        self.lost.get_or_create(&LostLabel { dropped_by: by.as_str() }).inc_by(n);
     }
 
     /// One rescan started, `reason` saying why.
@@ -349,7 +359,7 @@ mod tests {
         let m = Metrics::new();
         m.event("write");
         m.event("write");
-        m.lost(3);
+        m.lost(3, LostBy::Kernel);
         m.set_baseline(42, 1_700_000_000.5, true);
         m.verified(1_700_000_100.0, 0, 1, 2, 0, Duration::from_millis(1500));
         m.rehash_seconds(Duration::from_micros(20));
@@ -359,7 +369,8 @@ mod tests {
             build.as_str(),
             "kubefim_events_total{op=\"write\"} 2",
             "kubefim_changes_total{kind=\"renamed\"} 0",
-            "kubefim_lost_events_total 3",
+            "kubefim_lost_events_total{dropped_by=\"kernel\"} 3",
+            "kubefim_lost_events_total{dropped_by=\"watcher\"} 0",
             "# UNIT kubefim_rehash_duration_seconds seconds",
             "kubefim_rehash_duration_seconds_bucket{le=\"0.000025\"} 1",
             "kubefim_rehash_duration_seconds_count 1",

@@ -406,6 +406,16 @@ pub enum LostBy {
     Watcher,
 }
 
+impl LostBy {
+    /// The name in lines and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostBy::Kernel => "kernel",
+            LostBy::Watcher => "watcher",
+        }
+    }
+}
+
 /// Events were lost.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Lost {

@@ -183,3 +183,67 @@ fn observe(parts: &mut ReaderParts, host_view: Option<&HostView>, event: KernelE
     let time = SystemTime::UNIX_EPOCH + boot + Duration::from_nanos(event.header.time_ns);
     Observation { event, actor, seen, time }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    use kubefim_common::{InodeKey, Op};
+
+    use super::*;
+    use crate::programs::Programs;
+
+    #[test]
+    fn the_reader_keeps_draining_when_nobody_takes_what_it_read_and_counts_what_it_drops() {
+        if !rustix::process::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "the reader test loads eBPF programs: CI runs as root");
+            eprintln!("skipped: needs root");
+            return;
+        }
+        // Watched by a watcher of another pid, so this test's own writes are events.
+        let programs = Programs::load(0, 1 << 10, 1 << 10, None).expect("load the programs");
+        let (_attached, mut filter, source) = programs.into_parts();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("drained.txt");
+        let mut file = std::fs::File::create(&path).expect("create");
+        let meta = file.metadata().expect("stat");
+        assert!(filter.watch(InodeKey::from_stat(meta.dev(), meta.ino()), false, b"drained.txt"));
+        // A queue of 8 that nobody reads until the end: the loop stuck on a slow disk.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let metrics = Arc::new(Metrics::new());
+        let parts = ReaderParts {
+            source,
+            attribution: Attribution::default(),
+            host: HostRoot::identity(),
+            metrics: metrics.clone(),
+            tx,
+        };
+        let reader = Reader::start(parts).expect("start the reader");
+        const WRITES: u64 = 5000;
+        for _ in 0..WRITES {
+            file.write_all(b"x").expect("write");
+        }
+        // Everything the kernel sent left its ring buffer (none lost there), though only 8
+        // could be queued: the rest is dropped by the watcher and said so.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut events = 0u64;
+        let (mut dropped, mut kernel) = (0u64, 0u64);
+        while events + dropped < WRITES {
+            assert!(Instant::now() < deadline, "{events} events and {dropped} dropped of {WRITES} writes");
+            match rx.try_recv() {
+                Ok(Message::Event(o)) if o.event.op == Op::Write => events += 1,
+                Ok(Message::Event(_)) => {}
+                Ok(Message::Lost { events: n, by: LostBy::Watcher, .. }) => dropped += n,
+                Ok(Message::Lost { events: n, by: LostBy::Kernel, .. }) => kernel += n,
+                Err(_) => {
+                    // Let the queue fill up before taking from it again, as a stuck loop would.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        assert_eq!(kernel, 0, "the kernel's ring buffer overflowed: the reader stopped draining");
+        assert!(dropped > 0, "the queue of 8 never overflowed");
+        reader.stop();
+    }
+}

@@ -213,13 +213,14 @@ impl Reporter {
                 && !done.contains(&from)
                 && self.report_rename(&from, &path, &pending)?
             {
-                rescans.processed(&from, true);
-                rescans.processed(&path, true);
+                // A rescan's finding counts as its change only when no event explained it.
+                rescans.processed(&from, !pending.by_event);
+                rescans.processed(&path, !pending.by_event);
                 done.push(from);
                 continue;
             }
             let reported = self.rehash_and_report(&path, &pending)?;
-            rescans.processed(&path, reported);
+            rescans.processed(&path, reported && !pending.by_event);
         }
         Ok(())
     }

@@ -351,7 +351,7 @@ impl<'a> Session<'a> {
                 }
             },
             Message::Lost { events, by, kernel_total } => {
-                self.metrics.lost(events);
+                self.metrics.lost(events, by);
                 self.reporter.print(Line::Lost(Lost {
                     events,
                     dropped_by: by,

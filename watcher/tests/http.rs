@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kubefim_watcher::http::{self, Health};
 use kubefim_watcher::metrics::{CONTENT_TYPE, Metrics};
-use kubefim_watcher::model::RescanReason;
+use kubefim_watcher::model::{LostBy, RescanReason};
 use prometheus_parse::{LineInfo, Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -149,8 +149,8 @@ async fn metrics_reflect_the_calls_made() {
     metrics.change("added");
     metrics.change("modified");
     metrics.change("modified");
-    metrics.lost(5);
-    metrics.lost(2);
+    metrics.lost(5, LostBy::Kernel);
+    metrics.lost(2, LostBy::Kernel);
     metrics.rescan(RescanReason::Startup);
     metrics.rescan(RescanReason::LostEvents);
     metrics.rescan(RescanReason::LostEvents);
@@ -177,7 +177,8 @@ async fn metrics_reflect_the_calls_made() {
     assert_eq!(value(&s, "kubefim_changes_total", &[("kind", "added")]), 1.0);
     assert_eq!(value(&s, "kubefim_changes_total", &[("kind", "modified")]), 2.0);
     assert_eq!(value(&s, "kubefim_changes_total", &[("kind", "removed")]), 0.0);
-    assert_eq!(value(&s, "kubefim_lost_events_total", &[]), 7.0);
+    assert_eq!(value(&s, "kubefim_lost_events_total", &[("dropped_by", "kernel")]), 7.0);
+    assert_eq!(value(&s, "kubefim_lost_events_total", &[("dropped_by", "watcher")]), 0.0);
     assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "startup")]), 1.0);
     assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "lost_events")]), 2.0);
     assert_eq!(value(&s, "kubefim_rescans_total", &[("reason", "truncated_path")]), 0.0, "every reason exists at 0");
