@@ -20,13 +20,20 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, PerCpuArray, RingBuf};
 use kubefim_common::{Config, InodeKey};
 
-/// Watched inodes (`WATCH_*` bits); sized by the watcher at load time.
+/// Watched inodes (`WATCH_*` bits); sized by the watcher at load time. Not preallocated: a
+/// preallocated map costs its capacity (twice the baseline) in kernel memory from the start,
+/// charged to the agent's memory cgroup (170 MB for a million entries); this one costs what
+/// it holds.
 #[map(name = "WATCHED")]
-static WATCHED: HashMap<InodeKey, u32> = HashMap::with_max_entries(1 << 16, 0);
+static WATCHED: HashMap<InodeKey, u32> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
-/// Name hashes of every monitored entry; sized by the watcher at load time.
+/// Name hashes of every monitored entry; sized by the watcher at load time, not preallocated
+/// (a tree of a million files often has a few thousand distinct names).
 #[map(name = "NAMES")]
-static NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1 << 16, 0);
+static NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h).
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Events for the watcher.
 #[map(name = "EVENTS")]

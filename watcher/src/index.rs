@@ -71,6 +71,10 @@ pub(crate) struct Index {
     sorted_len: u32,
     /// Ids `< sorted_len`, by (parent, name).
     by_child: Vec<Id>,
+    /// Where each sorted entry's children start in `by_child` (one more than there are
+    /// sorted entries): the children of `p` are `by_child[child_at[p]..child_at[p + 1]]`, so
+    /// a lookup searches one directory, not the whole tree.
+    child_at: Vec<u32>,
     /// Ids `< sorted_len`, by the inode they had when the index was built.
     by_inode: Vec<Id>,
     /// Ids `< sorted_len`, by name.
@@ -107,6 +111,7 @@ impl Index {
             names: Vec::new(),
             sorted_len: 0,
             by_child: Vec::new(),
+            child_at: Vec::new(),
             by_inode: Vec::new(),
             by_name: Vec::new(),
             added_child: HashMap::new(),
@@ -152,17 +157,22 @@ impl Index {
         PathBuf::from(OsStr::from_bytes(&out))
     }
 
+    /// The sorted children of `parent`.
+    fn sorted_children(&self, parent: Id) -> &[Id] {
+        match (self.child_at.get(parent as usize), self.child_at.get(parent as usize + 1)) {
+            (Some(&start), Some(&end)) => &self.by_child[start as usize..end as usize],
+            _ => &[],
+        }
+    }
+
     /// The child of `parent` named `name`.
     pub fn child(&self, parent: Id, name: &[u8]) -> Option<Id> {
-        let sorted = self
-            .by_child
-            .binary_search_by(|&id| {
-                let e = &self.entries[id as usize];
-                e.parent.cmp(&parent).then_with(|| self.name(id).cmp(name))
-            })
-            .ok()
-            .map(|at| self.by_child[at]);
-        sorted.or_else(|| self.added_child.get(&(parent, Box::from(name))).copied())
+        let sorted = self.sorted_children(parent);
+        match sorted.binary_search_by(|&id| self.name(id).cmp(name)) {
+            Ok(at) => Some(sorted[at]),
+            Err(_) if self.added_child.is_empty() => None,
+            Err(_) => self.added_child.get(&(parent, Box::from(name))).copied(),
+        }
     }
 
     /// The entry of an absolute path, if the index has one.
@@ -335,10 +345,8 @@ impl Index {
 
     /// The entries directly inside `id` (existing or not).
     pub fn children(&self, id: Id) -> impl Iterator<Item = Id> + '_ {
-        let start = self.by_child.partition_point(|&c| self.entries[c as usize].parent < id);
-        let len = self.by_child[start..].partition_point(|&c| self.entries[c as usize].parent == id);
         let added = self.added_children.get(&id).map(Vec::as_slice).unwrap_or_default();
-        self.by_child[start..start + len].iter().chain(added).copied()
+        self.sorted_children(id).iter().chain(added).copied()
     }
 
     /// Every entry with all of `flags`, with its id.
@@ -398,7 +406,19 @@ impl Index {
         by_inode.par_sort_unstable_by_key(|&id| entries[id as usize].key);
         let mut by_name: Vec<Id> = all.into_iter().filter(|&id| id != ROOT).collect();
         by_name.par_sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+        // Sorted by parent, `/` (whose parent is NONE) last: count each parent's children.
+        let mut child_at = vec![0u32; n as usize + 1];
+        for &id in &by_child {
+            let parent = entries[id as usize].parent;
+            if parent != NONE {
+                child_at[parent as usize + 1] += 1;
+            }
+        }
+        for i in 1..child_at.len() {
+            child_at[i] += child_at[i - 1];
+        }
         self.by_child = by_child;
+        self.child_at = child_at;
         self.by_inode = by_inode;
         self.by_name = by_name;
         self.sorted_len = n;
@@ -408,6 +428,21 @@ impl Index {
         self.added_name = HashMap::new();
         self.entries.shrink_to_fit();
         self.names.shrink_to_fit();
+    }
+
+    /// The entry of an absolute path, with a one-directory memory for callers that look up
+    /// many entries of the same directory in a row (a rescan's batches come in walk order).
+    pub fn lookup_near(&self, path: &Path, last_dir: &mut Option<(PathBuf, Option<Id>)>) -> Option<Id> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return self.lookup(path) };
+        let dir = match last_dir {
+            Some((p, id)) if p == parent => *id,
+            _ => {
+                let id = self.lookup(parent);
+                *last_dir = Some((parent.to_owned(), id));
+                id
+            }
+        };
+        self.child(dir?, name.as_bytes())
     }
 }
 

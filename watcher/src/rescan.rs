@@ -235,8 +235,9 @@ impl Rescans {
         let Some(running) = &mut self.running else { return };
         let index = state.index();
         let now = SystemTime::now();
+        let mut last_dir = None;
         for (path, fingerprint) in entries {
-            if let Some(id) = index.lookup(&path) {
+            if let Some(id) = index.lookup_near(&path, &mut last_dir) {
                 set_bit(&mut running.seen, id);
                 let e = index.entry(id);
                 if e.has(EXISTS) && e.fingerprint == fingerprint {
