@@ -286,8 +286,8 @@ impl Drop for Paused {
 
 /// Asserts the reports of a monitored directory whose entries were removed or renamed: the
 /// latest names its current mtime (no change of it went unreported), and together they name
-/// the operations that changed it. (Ops of its entries that do not change a directory, such
-/// as a chmod, also show up in its reports today: not an environment matter, not checked here.)
+/// the operations that changed it (its own: ops of its entries that do not change a
+/// directory, such as a chmod, are its entries').
 #[track_caller]
 fn assert_dir_report(w: &Watcher, dir: &Path, ops: &[&str]) {
     use std::os::unix::fs::MetadataExt;

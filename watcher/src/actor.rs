@@ -18,23 +18,11 @@ use crate::pods::{PodIndex, pod_uid_from_cgroup};
 /// How long a process's /proc details are reused.
 const CACHE_FOR: Duration = Duration::from_secs(2);
 
-/// The actor of a change.
+/// The actor of a change: the process, and where it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Actor {
-    /// Process id.
-    pub pid: u32,
-    /// Parent process id.
-    pub ppid: u32,
-    /// Real uid.
-    pub uid: u32,
-    /// Real gid.
-    pub gid: u32,
-    /// Command name.
-    pub comm: String,
-    /// Executable, when /proc still had it.
-    pub exe: Option<String>,
-    /// Command line, when /proc still had it.
-    pub cmdline: Option<String>,
+    /// The process.
+    pub process: Process,
     /// The container, when the cgroup path names one.
     pub container: Option<Container>,
     /// The pod the container belongs to, when the Kubernetes API has told.
@@ -42,17 +30,9 @@ pub(crate) struct Actor {
 }
 
 impl Actor {
-    /// The process part of a report.
-    pub fn process(&self) -> Process {
-        Process {
-            pid: self.pid,
-            ppid: self.ppid,
-            uid: self.uid,
-            gid: self.gid,
-            comm: self.comm.clone(),
-            exe: self.exe.clone(),
-            cmdline: self.cmdline.clone(),
-        }
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid
     }
 
     /// `host` for a process outside any container, `pod` for a container whose pod is
@@ -68,7 +48,7 @@ impl Actor {
     /// This actor as one of a change's writers, with its ops.
     pub fn writer(&self, ops: Vec<FileOp>) -> Writer {
         Writer {
-            process: self.process(),
+            process: self.process.clone(),
             ops,
             container: self.container.clone(),
             pod: self.pod.clone(),
@@ -79,17 +59,8 @@ impl Actor {
     /// A host process with only a pid and a name, for tests of what consumes actors.
     #[cfg(test)]
     pub fn for_tests(pid: u32, comm: &str) -> Actor {
-        Actor {
-            pid,
-            ppid: 1,
-            uid: 0,
-            gid: 0,
-            comm: comm.to_owned(),
-            exe: None,
-            cmdline: None,
-            container: None,
-            pod: None,
-        }
+        let process = Process { pid, ppid: 1, uid: 0, gid: 0, comm: comm.to_owned(), exe: None, cmdline: None };
+        Actor { process, container: None, pod: None }
     }
 }
 
@@ -182,7 +153,8 @@ impl Attribution {
         }
         let comm = event.comm();
         if let Some(last) = &self.processes[&h.pid].last
-            && (last.ppid, last.uid, last.gid, last.comm.as_str()) == (h.ppid, h.uid, h.gid, comm.as_str())
+            && (last.process.ppid, last.process.uid, last.process.gid, last.process.comm.as_str())
+                == (h.ppid, h.uid, h.gid, comm.as_str())
             // A pod found late (the API listed the container since) is worth a new actor.
             && (last.container.is_none() || last.pod.is_some())
         {
@@ -200,8 +172,8 @@ impl Attribution {
             cgroup: cgroup.clone(),
         });
         let pod = container.as_ref().and_then(|c| self.pod_of(&c.id, cgroup.as_deref()));
-        let actor =
-            Arc::new(Actor { pid: h.pid, ppid: h.ppid, uid: h.uid, gid: h.gid, comm, exe, cmdline, container, pod });
+        let process = Process { pid: h.pid, ppid: h.ppid, uid: h.uid, gid: h.gid, comm, exe, cmdline };
+        let actor = Arc::new(Actor { process, container, pod });
         if let Some(d) = self.processes.get_mut(&h.pid) {
             d.last = Some(actor.clone());
         }

@@ -192,10 +192,11 @@ impl Index {
         at
     }
 
-    fn insert_child(&mut self, parent: Id, name: &[u8]) -> Id {
+    /// A new entry named `name` in `parent`, with its name stored (not yet in any index).
+    fn new_entry(&mut self, parent: Id, name: &[u8]) -> Entry {
         let name_at = u32::try_from(self.names.len()).expect("names under 4 GiB");
         self.names.extend_from_slice(name);
-        let entry = Entry {
+        Entry {
             key: InodeKey::default(),
             fingerprint: 0,
             parent,
@@ -205,7 +206,11 @@ impl Index {
             name_len: u16::try_from(name.len()).unwrap_or(u16::MAX),
             is_dir: false,
             flags: 0,
-        };
+        }
+    }
+
+    fn insert_child(&mut self, parent: Id, name: &[u8]) -> Id {
+        let entry = self.new_entry(parent, name);
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = entry;
@@ -372,18 +377,8 @@ impl Index {
 
     /// Appends an entry without indexing it (the builder's; [`Index::seal`] indexes).
     fn push(&mut self, parent: Id, name: &[u8]) -> Id {
-        let name_at = u32::try_from(self.names.len()).expect("names under 4 GiB");
-        self.names.extend_from_slice(name);
-        self.entries.push(Entry {
-            key: InodeKey::default(),
-            fingerprint: 0,
-            parent,
-            name_at,
-            loc: NONE,
-            name_len: u16::try_from(name.len()).unwrap_or(u16::MAX),
-            is_dir: false,
-            flags: 0,
-        });
+        let entry = self.new_entry(parent, name);
+        self.entries.push(entry);
         Id::try_from(self.entries.len() - 1).expect("fewer than 2^32 entries")
     }
 

@@ -91,7 +91,7 @@ impl Pending {
     fn note(&mut self, actor: &Arc<Actor>, note: Note, time: SystemTime) {
         let now = Instant::now();
         self.by_event = true;
-        let w = match self.writers.iter_mut().position(|w| w.actor.pid == actor.pid) {
+        let w = match self.writers.iter_mut().position(|w| w.actor.pid() == actor.pid()) {
             Some(i) => &mut self.writers[i],
             None => {
                 self.writers.push(Writer {
@@ -105,7 +105,7 @@ impl Pending {
             }
         };
         if let Some(op) = note.op {
-            self.latest = Some(actor.pid);
+            self.latest = Some(actor.pid());
             if !w.ops.contains(&op) {
                 w.ops.push(op);
                 // The details of the process as of its latest op (its exe may have changed).
@@ -122,20 +122,25 @@ impl Pending {
     /// Notes that `actor` dirtied the inode. A process that made a syscall on the path was
     /// that syscall's writeback; otherwise a store through a mapping (or io_uring's worker).
     fn dirty(&mut self, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
-        let had_syscall = self.writers.iter().any(|w| w.actor.pid == actor.pid && w.syscall);
+        let had_syscall = self.writers.iter().any(|w| w.actor.pid() == actor.pid() && w.syscall);
         let op = (!had_syscall).then_some(if io_worker { FileOp::IoUring } else { FileOp::Mmap });
         self.note(actor, Note { op, close: false, syscall: false, inferred: false }, time);
         if op == Some(FileOp::Mmap)
-            && let Some(w) = self.writers.iter_mut().find(|w| w.actor.pid == actor.pid)
+            && let Some(w) = self.writers.iter_mut().find(|w| w.actor.pid() == actor.pid())
         {
             w.dirtied = true;
         }
     }
 
+    /// Nothing noted yet: a path about to be rehashed with another's, or found by listing.
+    pub fn unseen(time: SystemTime) -> Pending {
+        Pending::new(time, Duration::ZERO)
+    }
+
     /// Takes in what another pending (an inode's, before its name was found) gathered.
-    fn absorb(&mut self, other: Pending) {
+    pub fn absorb(&mut self, other: Pending) {
         for w in other.writers {
-            match self.writers.iter_mut().find(|m| m.actor.pid == w.actor.pid) {
+            match self.writers.iter_mut().find(|m| m.actor.pid() == w.actor.pid()) {
                 Some(m) => {
                     for op in w.ops {
                         if !m.ops.contains(&op) {
@@ -178,7 +183,7 @@ impl Pending {
     /// The writer whose op was seen last (the one that made the state reported).
     pub fn latest_writer(&self) -> Option<Writer> {
         let writers = self.writers();
-        let latest = self.latest.and_then(|pid| writers.iter().position(|w| w.actor.pid == pid));
+        let latest = self.latest.and_then(|pid| writers.iter().position(|w| w.actor.pid() == pid));
         match latest {
             Some(i) => writers.into_iter().nth(i),
             None => writers.into_iter().last(),
@@ -294,16 +299,6 @@ impl Queue {
         self.paths.remove(path)
     }
 
-    /// Adds what an unnamed inode gathered to `path` (its name, now found), which is due.
-    pub fn merge_into(target: &mut Pending, other: Pending) {
-        target.absorb(other);
-    }
-
-    /// A pending with nothing noted yet, for a path about to be rehashed with another's.
-    pub fn empty(time: SystemTime) -> Pending {
-        Pending::new(time, Duration::ZERO)
-    }
-
     /// When the next path or inode is due.
     pub fn next_due(&self) -> Option<Instant> {
         self.paths.values().chain(self.unnamed.values().map(|(_, p)| p)).map(|p| p.due).min()
@@ -336,13 +331,13 @@ mod tests {
         let writers = p.writers();
         assert_eq!(writers.len(), 2);
         assert_eq!(
-            (writers[0].actor.comm.as_str(), writers[0].ops.clone()),
+            (writers[0].actor.process.comm.as_str(), writers[0].ops.clone()),
             ("sh", vec![FileOp::Truncate, FileOp::Write])
         );
-        assert_eq!((writers[1].actor.comm.as_str(), writers[1].ops.clone()), ("rm", vec![FileOp::Unlink]));
+        assert_eq!((writers[1].actor.process.comm.as_str(), writers[1].ops.clone()), ("rm", vec![FileOp::Unlink]));
         assert_eq!(p.ops(), [FileOp::Truncate, FileOp::Write, FileOp::Unlink]);
         assert_eq!(p.attribution(), Attribution::Exact);
-        assert_eq!(p.latest_writer().unwrap().actor.comm, "sh", "sh wrote last");
+        assert_eq!(p.latest_writer().unwrap().actor.process.comm, "sh", "sh wrote last");
     }
 
     #[test]
@@ -389,8 +384,8 @@ mod tests {
         assert_eq!(q.unnamed_dir(&key), Some(dir));
         let (k, d, unnamed) = q.take_due_unnamed(true).pop().unwrap();
         assert_eq!((k, d.as_path()), (key, dir));
-        let mut found = Queue::empty(t);
-        Queue::merge_into(&mut found, unnamed);
+        let mut found = Pending::unseen(t);
+        found.absorb(unnamed);
         assert_eq!(found.ops(), [FileOp::Create, FileOp::Write]);
         assert_eq!(found.writers().len(), 1);
         let (_, dir_pending) = q.take_due(true).pop().unwrap();

@@ -86,9 +86,20 @@ impl View for Lookup<'_> {
     }
 }
 
-/// The inode key of a directory entry listed in a directory whose device is `dev`.
-fn entry_key(dev: u64, entry: &std::fs::DirEntry) -> InodeKey {
-    InodeKey { dev, ino: entry.ino() }
+/// A directory's entries with the kernel key of each (`d_ino` and the directory's device:
+/// no stat per entry; an entry that is a mount point has another device, which costs a
+/// mismatch, never a wrong match).
+fn listed(dir: &Path) -> Vec<(std::fs::DirEntry, InodeKey)> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Vec::new() };
+    let dev = InodeKey::from_stat(meta.dev(), 0).dev;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let key = InodeKey { dev, ino: e.ino() };
+            (e, key)
+        })
+        .collect()
 }
 
 impl Reporter {
@@ -183,12 +194,11 @@ impl Reporter {
         // New inodes: their changes go to the name they have now.
         for (key, dir, gathered) in self.queue.take_due_unnamed(all) {
             let Some(path) = self.name_of(&dir, key) else { continue };
-            let target = match batch.remove(&path) {
+            let mut target = match batch.remove(&path) {
                 Some(p) => p,
-                None => self.queue.take(&path).unwrap_or_else(|| Queue::empty(now)),
+                None => self.queue.take(&path).unwrap_or_else(|| Pending::unseen(now)),
             };
-            let mut target = target;
-            Queue::merge_into(&mut target, gathered);
+            target.absorb(gathered);
             batch.insert(path, target);
         }
         // Directories whose entries changed: entries with no event of their own are found
@@ -197,26 +207,27 @@ impl Reporter {
         for dir in listed {
             for entry in self.dir_changes(&dir) {
                 if !batch.contains_key(&entry) && !self.queue.contains(&entry) {
-                    batch.insert(entry, Queue::empty(now));
+                    batch.insert(entry, Pending::unseen(now));
                 }
             }
         }
         let mut work: Vec<(PathBuf, Pending)> = batch.into_iter().collect();
         // Destinations of renames first: they may account for their source.
         work.sort_by(|(a, p), (b, q)| (p.renamed_from.is_none(), a).cmp(&(q.renamed_from.is_none(), b)));
-        let mut done: Vec<PathBuf> = Vec::new();
+        // Sources of renames reported with their destination (few: a rename is two paths).
+        let mut moved: Vec<PathBuf> = Vec::new();
         for (path, pending) in work {
-            if done.contains(&path) {
+            if moved.contains(&path) {
                 continue;
             }
             if let Some(from) = pending.renamed_from.clone()
-                && !done.contains(&from)
+                && !moved.contains(&from)
                 && self.report_rename(&from, &path, &pending)?
             {
                 // A rescan's finding counts as its change only when no event explained it.
                 rescans.processed(&from, !pending.by_event);
                 rescans.processed(&path, !pending.by_event);
-                done.push(from);
+                moved.push(from);
                 continue;
             }
             let reported = self.rehash_and_report(&path, &pending)?;
@@ -227,12 +238,7 @@ impl Reporter {
 
     /// The name an inode has in `dir` now (listing it: `d_ino` needs no stat per entry).
     fn name_of(&self, dir: &Path, key: InodeKey) -> Option<PathBuf> {
-        let disk = self.host.disk(dir);
-        let dev = std::fs::symlink_metadata(&disk).ok()?.dev();
-        let found = std::fs::read_dir(&disk)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .find(|e| entry_key(InodeKey::from_stat(dev, 0).dev, e) == key)?;
+        let (found, _) = listed(&self.host.disk(dir)).into_iter().find(|(_, k)| *k == key)?;
         Some(dir.join(found.file_name()))
     }
 
@@ -240,24 +246,19 @@ impl Reporter {
     /// New ones that are a pending new inode are left to it (it knows who made them).
     fn dir_changes(&self, dir: &Path) -> Vec<PathBuf> {
         let policy = self.state.policy();
+        // Sorted, searched by halves: a directory may hold a hundred thousand entries.
         let known = self.state.children(dir);
-        let disk = self.host.disk(dir);
-        let dev = std::fs::symlink_metadata(&disk).map(|m| InodeKey::from_stat(m.dev(), 0).dev).unwrap_or(0);
         let mut on_disk = Vec::new();
         let mut out = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(&disk) {
-            for e in entries.filter_map(|e| e.ok()) {
-                let path = dir.join(e.file_name());
-                if !known.contains(&path)
-                    && self.queue.unnamed_dir(&entry_key(dev, &e)).is_none()
-                    && covered(policy, &path)
-                {
-                    out.push(path.clone());
-                }
-                on_disk.push(path);
+        for (e, key) in listed(&self.host.disk(dir)) {
+            let path = dir.join(e.file_name());
+            if known.binary_search(&path).is_err() && self.queue.unnamed_dir(&key).is_none() && covered(policy, &path) {
+                out.push(path.clone());
             }
+            on_disk.push(path);
         }
-        out.extend(known.into_iter().filter(|p| !on_disk.contains(p) && covered(policy, p)));
+        on_disk.sort_unstable();
+        out.extend(known.into_iter().filter(|p| on_disk.binary_search(p).is_err() && covered(policy, p)));
         out
     }
 
@@ -325,7 +326,7 @@ impl Reporter {
             diff: difference.diff.clone(),
             changed_ranges: difference.changed_ranges.clone(),
             baseline_match: self.baseline_match(&difference.path, now)?,
-            process: last.map(|a| a.process()),
+            process: last.map(|a| a.process.clone()),
             container: last.and_then(|a| a.container.clone()),
             pod: last.and_then(|a| a.pod.clone()),
             origin: last.map(|a| a.origin()),
@@ -384,7 +385,7 @@ impl Reporter {
         }
         let mut pending = pending.clone();
         if let Some(p) = self.queue.take(from) {
-            Queue::merge_into(&mut pending, p);
+            pending.absorb(p);
         }
         let rule = usize::try_from(now.record.rule).ok().and_then(|i| self.state.policy().rules.get(i));
         let attributes = rule.map_or_else(AttributeSet::all, |r| r.attributes);
@@ -439,17 +440,22 @@ impl Reporter {
             self.filter.unwatch(old);
         }
         self.metrics.set_watched_inodes(self.filter.inodes());
-        if self.filter.newly_full() {
-            let capacity = self.filter.capacity();
-            self.print(Line::Degraded(Degraded {
-                reason: DegradedReason::FilterFull,
-                message: "the in-kernel filter is full; changes to paths beyond it are found by rescans only".into(),
-                missing: Vec::new(),
-                capacity: Some(capacity),
-                error: None,
-            }))?;
+        self.say_if_filter_full()
+    }
+
+    /// The `degraded` line, once, when the kernel filter refused an entry.
+    pub fn say_if_filter_full(&mut self) -> Result<()> {
+        if !self.filter.newly_full() {
+            return Ok(());
         }
-        Ok(())
+        let capacity = self.filter.capacity();
+        self.print(Line::Degraded(Degraded {
+            reason: DegradedReason::FilterFull,
+            message: "the in-kernel filter is full; changes to paths beyond it are found by rescans only".into(),
+            missing: Vec::new(),
+            capacity: Some(capacity),
+            error: None,
+        }))
     }
 
     /// Everything compared with the signed baseline, as the `verify` line says it.

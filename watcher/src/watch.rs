@@ -244,16 +244,7 @@ impl<'a> Session<'a> {
                 error: None,
             }))?;
         }
-        if filter_full(&mut reporter) {
-            let capacity = reporter.filter.capacity();
-            reporter.print(Line::Degraded(Degraded {
-                reason: DegradedReason::FilterFull,
-                message: "the in-kernel filter is full; changes to paths beyond it are found by rescans only".into(),
-                missing: Vec::new(),
-                capacity: Some(capacity),
-                error: None,
-            }))?;
-        }
+        reporter.say_if_filter_full()?;
         Ok(Session {
             opts,
             key: services.key,
@@ -426,9 +417,4 @@ impl<'a> Session<'a> {
         self.reporter.state.flush_journal()?;
         self.reporter.flush()
     }
-}
-
-/// Whether the filter fill found a map full.
-fn filter_full(reporter: &mut Reporter) -> bool {
-    reporter.filter.newly_full()
 }
