@@ -23,24 +23,52 @@ pub(crate) struct KernelFilter {
 
 /// Entries per `BPF_MAP_UPDATE_BATCH` of the fill.
 const FILL_BATCH: usize = 4096;
+/// Tries of a batch that found the kernel short of memory for new elements.
+const FILL_ATTEMPTS: u64 = 5;
 
 /// Puts `keys[i] -> values[i]` in `map`; how many went in. `BPF_MAP_UPDATE_BATCH` (kernel
 /// 5.6) by hand, because aya 0.14 has no batch operations and one syscall an entry made the
 /// fill of a million-entry filter take 2.5 s; an entry at a time where batches are refused.
 fn fill_batch<K: aya::Pod, V: aya::Pod>(map: &mut BpfHashMap<MapData, K, V>, keys: &[K], values: &[V]) -> usize {
     debug_assert_eq!(keys.len(), values.len());
-    match update_batch(map.map().fd().as_fd(), keys, values) {
-        Ok(n) => n,
-        // Full (E2BIG/ENOSPC after `n`), or no batch support: the rest one at a time says
-        // which fit.
-        Err(done) => {
-            done + keys[done..].iter().zip(&values[done..]).filter(|(k, v)| map.insert(*k, *v, 0).is_ok()).count()
+    let mut done = 0;
+    for attempt in 1..=FILL_ATTEMPTS {
+        match update_batch(map.map().fd().as_fd(), &keys[done..], &values[done..]) {
+            Ok(n) => return done + n,
+            Err((n, e)) => {
+                done += n;
+                tracing::debug!(done, of = keys.len(), attempt, "batch update of the kernel filter: {e}");
+                // A map that is not preallocated takes its elements from per-CPU caches the
+                // kernel refills in the background: a fast fill can drain them (ENOMEM). A
+                // moment lets them refill; anything else will not get better.
+                if e.raw_os_error() != Some(libc::ENOMEM) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(attempt * 10));
+            }
         }
     }
+    // Full, or no batch support: one at a time says which fit.
+    let mut failed = None;
+    let rest = keys[done..]
+        .iter()
+        .zip(&values[done..])
+        .filter(|(k, v)| match map.insert(*k, *v, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                failed.get_or_insert(e);
+                false
+            }
+        })
+        .count();
+    if let Some(e) = failed {
+        tracing::warn!("the kernel filter refused entries: {e}");
+    }
+    done + rest
 }
 
-/// `bpf(BPF_MAP_UPDATE_BATCH)`: `Ok(n)` when all `n` went in, `Err(done)` with how many did.
-fn update_batch<K, V>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<usize, usize> {
+/// `bpf(BPF_MAP_UPDATE_BATCH)`: `Ok(n)` when all `n` went in, else how many did and why not.
+fn update_batch<K, V>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<usize, (usize, std::io::Error)> {
     /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h, 6.18).
     #[repr(C)]
     struct BatchAttr {
@@ -54,7 +82,7 @@ fn update_batch<K, V>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<us
         flags: u64,
     }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let Ok(count) = u32::try_from(keys.len()) else { return Err(0) };
+    let Ok(count) = u32::try_from(keys.len()) else { return Err((0, std::io::ErrorKind::InvalidInput.into())) };
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
@@ -71,12 +99,13 @@ fn update_batch<K, V>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<us
     let rc = unsafe {
         libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw mut attr, size_of::<BatchAttr>() as libc::c_long)
     };
+    let error = std::io::Error::last_os_error();
     match (rc, attr.count) {
         (0, n) => Ok(n as usize),
         // An error found before any entry leaves the count as given: nothing is known to be
         // in (inserting an entry again is harmless).
-        (_, n) if n == count => Err(0),
-        (_, n) => Err((n as usize).min(keys.len())),
+        (_, n) if n == count => Err((0, error)),
+        (_, n) => Err(((n as usize).min(keys.len()), error)),
     }
 }
 

@@ -369,6 +369,25 @@ impl Index {
         &self.by_inode
     }
 
+    /// How many existing entries and distinct names of existing entries there are: what the
+    /// kernel filter needs room for.
+    pub fn filter_sizes(&self) -> (usize, usize) {
+        let (mut entries, mut names) = (0, 0);
+        let mut last: Option<&[u8]> = None;
+        for &id in &self.by_name {
+            if !self.entries[id as usize].has(EXISTS) {
+                continue;
+            }
+            entries += 1;
+            let name = self.name(id);
+            if last != Some(name) {
+                names += 1;
+                last = Some(name);
+            }
+        }
+        (entries, names)
+    }
+
     /// Ids, for the kernel filter fill, of existing entries in name order: equal names are
     /// adjacent, so each name is sent to the kernel once.
     pub fn sorted_by_name(&self) -> &[Id] {

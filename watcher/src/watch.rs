@@ -198,12 +198,18 @@ impl<'a> Session<'a> {
         let journal = Journal::open(journal_path, &id)?;
         let created = Duration::from_nanos(u64::try_from(baseline.manifest.created_unix_ns).unwrap_or(0));
         metrics.set_baseline(baseline.len(), created.as_secs_f64(), true);
-        // Room for the baseline, what gets created while watching, and renames' new inodes.
-        let entries = u32::try_from(baseline.len()).unwrap_or(u32::MAX);
-        let capacity = entries.saturating_mul(2).max(1 << 16);
+        health.set_not_ready("starting: indexing the baseline");
+        let started = Instant::now();
+        let policy = baseline.policy.clone();
+        let state = State::load(baseline, journal)?;
+        tracing::debug!(ms = started.elapsed().as_millis(), entries = state.index().len(), "indexed");
+        // Room for what exists, what gets created while watching and renames' new inodes; the
+        // maps are not preallocated, but their bucket arrays are as long as their capacity.
+        let (inodes, names) = state.index().filter_sizes();
+        let room = |n: usize| u32::try_from(n + n / 2).unwrap_or(u32::MAX).max(1 << 16);
         health.set_not_ready("starting: loading the eBPF programs");
         let started = Instant::now();
-        let programs = Programs::load(std::process::id(), capacity, capacity, opts.ring_buffer_bytes)?;
+        let programs = Programs::load(std::process::id(), room(inodes), room(names), opts.ring_buffer_bytes)?;
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded and attached");
         let (attached, mut filter, source) = programs.into_parts();
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -215,11 +221,6 @@ impl<'a> Session<'a> {
             tx,
         })
         .map_err(|e| Error::io("starting the reader thread", e))?;
-        health.set_not_ready("starting: indexing the baseline");
-        let started = Instant::now();
-        let policy = baseline.policy.clone();
-        let state = State::load(baseline, journal)?;
-        tracing::debug!(ms = started.elapsed().as_millis(), entries = state.index().len(), "indexed");
         let started = Instant::now();
         let roots: Vec<Vec<u8>> = policy
             .rules
