@@ -1107,3 +1107,34 @@ fn changes_are_reported_while_a_rescan_of_a_large_tree_runs() {
     assert!(w.lines().iter().all(|l| l["kind"] != "lost"), "{}", w.dump());
     assert!(w.stop().success());
 }
+
+#[test]
+fn a_storm_on_one_file_does_not_hold_back_the_report_of_another() {
+    if !root_or_skip() {
+        return;
+    }
+    let _machine = shared();
+    let fx = Fixture::on_disk();
+    fs::write(fx.t("storm.txt"), "").unwrap();
+    fs::write(fx.t("quiet.txt"), "alpha\n").unwrap();
+    let w = Watcher::start(&fx, None);
+    // Writes without pause for 6 s, through one descriptor (no close: nothing makes the
+    // storm's own path due but the 500 ms bound).
+    let storm = fx.t("storm.txt");
+    let mut writer = Command::new("python3");
+    writer.arg("-c").arg(format!(
+        "import os, time\nfd = os.open({:?}, os.O_WRONLY | os.O_APPEND)\nend = time.time() + 6\n\
+         while time.time() < end:\n    os.write(fd, b'x')\n",
+        s(&storm)
+    ));
+    let mut writer = KillOnDrop(writer.spawn().expect("spawn the storm"));
+    thread::sleep(Duration::from_secs(1));
+    let pid = python(&format!("f = open({:?}, 'a'); f.write('beta\\n'); f.close()", s(&fx.t("quiet.txt"))));
+    let line = w.change_for(&fx.t("quiet.txt"));
+    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    assert!(writer.0.try_wait().unwrap().is_none(), "the storm was over before the report: no proof\n{}", w.dump());
+    // The storm's file is reported while it goes on, too (at the latest every 500 ms).
+    assert!(!w.changes_for(&storm).is_empty(), "{}", w.dump());
+    assert!(writer.0.wait().unwrap().success());
+    assert!(w.stop().success());
+}

@@ -78,6 +78,8 @@ const URING_RESCAN_DELAY: Duration = Duration::from_millis(300);
 const JOURNAL_FLUSH: Duration = Duration::from_secs(1);
 /// Observations the reader may be ahead of the loop; beyond, it drops and counts them.
 const QUEUE: usize = 16 * 1024;
+/// Observations taken from the queue in one turn of the loop, after the one that woke it.
+const MESSAGES_PER_TURN: usize = 1024;
 /// How long the loop may go without a heartbeat before /healthz fails. Rescans run on their
 /// own thread, so only a loop that is truly stuck goes this long.
 const HEALTH_STALE_AFTER: Duration = Duration::from_secs(120);
@@ -292,12 +294,20 @@ impl<'a> Session<'a> {
             let sleep = tokio::time::sleep_until(
                 next_due.map_or_else(|| tokio::time::Instant::now() + JOURNAL_FLUSH, tokio::time::Instant::from_std),
             );
+            // Unbiased: a storm of events must not starve the rehashes that are due, nor the
+            // rescan's findings (each branch is taken in a random order when several are ready).
             tokio::select! {
-                biased;
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 message = self.rx.recv() => match message {
-                    Some(message) => self.message(message)?,
+                    Some(message) => {
+                        self.message(message)?;
+                        // What else is queued, up to a bound, in this turn.
+                        for _ in 0..MESSAGES_PER_TURN {
+                            let Ok(message) = self.rx.try_recv() else { break };
+                            self.message(message)?;
+                        }
+                    }
                     None => return Err(Error::io("reading kernel events", std::io::Error::other("the reader thread ended"))),
                 },
                 found = self.rescans.recv() => if let Some(found) = found {
@@ -324,6 +334,9 @@ impl<'a> Session<'a> {
                         break;
                     }
                 }
+            }
+            if self.reporter.queue.next_due().is_some_and(|due| due <= Instant::now()) {
+                self.reporter.process_due(false, &mut self.rescans)?;
             }
             self.finish_rescans()?;
             self.reporter.flush()?;
