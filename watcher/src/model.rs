@@ -174,7 +174,8 @@ pub enum Attribution {
     Exact,
     /// A listed process's path could not be resolved as it saw it (it had exited, or the
     /// path was too long to be sent whole): the path was inferred from names or from a
-    /// rescan of what the path could name.
+    /// rescan of what the path could name. Or no op on the path was seen (the events were
+    /// lost) and the processes listed are those that had it open for writing.
     Inferred,
     /// No process is known to have made the change (found by a rescan or a listing).
     None,

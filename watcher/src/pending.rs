@@ -69,6 +69,9 @@ pub(crate) struct Pending {
     pub list_entries: bool,
     /// An event was seen on it (not only a rescan or a listing).
     pub by_event: bool,
+    /// Its inode, as confirmed on disk for an inode event in this window (see
+    /// [`Queue::inode_confirmed`]).
+    inode: Option<InodeKey>,
     first: Instant,
     due: Instant,
 }
@@ -83,6 +86,7 @@ impl Pending {
             renamed_from: None,
             list_entries: false,
             by_event: false,
+            inode: None,
             first: now,
             due: now + wait,
         }
@@ -104,6 +108,10 @@ impl Pending {
                 self.writers.last_mut().expect("just pushed")
             }
         };
+        if matches!(note.op, Some(FileOp::Unlink | FileOp::Rename | FileOp::Rmdir)) {
+            // The inode may be gone, and its number given to another file.
+            self.inode = None;
+        }
         if let Some(op) = note.op {
             self.latest = Some(actor.pid());
             if !w.ops.contains(&op) {
@@ -166,8 +174,13 @@ impl Pending {
     /// The processes that made an op on it, in order, each with its ops. Dirtying seen
     /// before the same process's syscall event (its write, truncate...) was that syscall,
     /// not a store through a mapping.
+    ///
+    /// When no process made an op the kernel reported (their events were lost), the
+    /// processes that had it open for writing stand in, marked inferred: the opens and closes
+    /// of writers are all that is left of who it was.
     pub fn writers(&self) -> Vec<Writer> {
-        self.writers
+        let writers: Vec<Writer> = self
+            .writers
             .iter()
             .cloned()
             .map(|mut w| {
@@ -176,8 +189,11 @@ impl Pending {
                 }
                 w
             })
-            .filter(|w| !w.ops.is_empty())
-            .collect()
+            .collect();
+        if writers.iter().any(|w| !w.ops.is_empty()) {
+            return writers.into_iter().filter(|w| !w.ops.is_empty()).collect();
+        }
+        writers.into_iter().map(|w| Writer { inferred: true, ..w }).collect()
     }
 
     /// The writer whose op was seen last (the one that made the state reported).
@@ -222,29 +238,47 @@ pub(crate) struct Queue {
     paths: HashMap<PathBuf, Pending>,
     /// New inodes, with the directory they were created in.
     unnamed: HashMap<InodeKey, (PathBuf, Pending)>,
+    /// No due time is earlier than this (it may be earlier than the earliest: a note can put
+    /// a due time later); recomputed when what is due is taken. Saves a walk over every
+    /// pending path at each turn of the loop in a storm.
+    earliest: Option<Instant>,
 }
 
 impl Queue {
+    fn due_at(&mut self, due: Instant) {
+        self.earliest = Some(self.earliest.map_or(due, |e| e.min(due)));
+    }
+
     /// Notes an event of `actor` on `path`.
     pub fn note(&mut self, path: &Path, actor: &Arc<Actor>, note: Note, time: SystemTime) {
-        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).note(actor, note, time);
+        let p = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
+        p.note(actor, note, time);
+        let due = p.due;
+        self.due_at(due);
     }
 
     /// Notes that `actor` dirtied the inode of `path`.
     pub fn dirty(&mut self, path: &Path, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
-        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).dirty(actor, io_worker, time);
+        let p = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
+        p.dirty(actor, io_worker, time);
+        let due = p.due;
+        self.due_at(due);
     }
 
     /// Notes an event of `actor` on a new inode created in `dir` whose name is not known yet.
     pub fn note_unnamed(&mut self, key: InodeKey, dir: &Path, actor: &Arc<Actor>, note: Note, time: SystemTime) {
         let (_, p) = self.unnamed.entry(key).or_insert_with(|| (dir.to_owned(), Pending::new(time, QUIET)));
         p.note(actor, note, time);
+        let due = p.due;
+        self.due_at(due);
     }
 
     /// Notes that `actor` dirtied a new inode whose name is not known yet.
     pub fn dirty_unnamed(&mut self, key: InodeKey, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
         if let Some((_, p)) = self.unnamed.get_mut(&key) {
             p.dirty(actor, io_worker, time);
+            let due = p.due;
+            self.due_at(due);
         }
     }
 
@@ -256,7 +290,8 @@ impl Queue {
     /// Notes a path found different by a rescan or a listing (no process known). Nothing
     /// changes for a path already pending.
     pub fn found(&mut self, path: &Path, time: SystemTime) {
-        self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
+        let due = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).due;
+        self.due_at(due);
     }
 
     /// Records that `to` was renamed from `from`.
@@ -283,7 +318,9 @@ impl Queue {
         let now = Instant::now();
         let due: Vec<PathBuf> =
             self.paths.iter().filter(|(_, p)| all || p.due <= now).map(|(k, _)| k.clone()).collect();
-        due.into_iter().filter_map(|k| self.paths.remove(&k).map(|p| (k, p))).collect()
+        let taken = due.into_iter().filter_map(|k| self.paths.remove(&k).map(|p| (k, p))).collect();
+        self.recompute_earliest();
+        taken
     }
 
     /// The unnamed inodes due now (or all), with their directory.
@@ -291,7 +328,9 @@ impl Queue {
         let now = Instant::now();
         let due: Vec<InodeKey> =
             self.unnamed.iter().filter(|(_, (_, p))| all || p.due <= now).map(|(k, _)| *k).collect();
-        due.into_iter().filter_map(|k| self.unnamed.remove(&k).map(|(dir, p)| (k, dir, p))).collect()
+        let taken = due.into_iter().filter_map(|k| self.unnamed.remove(&k).map(|(dir, p)| (k, dir, p))).collect();
+        self.recompute_earliest();
+        taken
     }
 
     /// Removes a path's pending events (handled with another path's report).
@@ -301,7 +340,24 @@ impl Queue {
 
     /// When the next path or inode is due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.paths.values().chain(self.unnamed.values().map(|(_, p)| p)).map(|p| p.due).min()
+        self.earliest
+    }
+
+    fn recompute_earliest(&mut self) {
+        self.earliest = self.paths.values().chain(self.unnamed.values().map(|(_, p)| p)).map(|p| p.due).min();
+    }
+
+    /// Whether `key` was confirmed (on disk) to be `path`'s inode in this window, with no
+    /// event since that could have taken it away (an unlink, a rename, an rmdir).
+    pub fn inode_confirmed(&self, path: &Path, key: InodeKey) -> bool {
+        self.paths.get(path).is_some_and(|p| p.inode == Some(key))
+    }
+
+    /// Records that `key` is `path`'s inode (a stat said so), for the rest of its window.
+    pub fn confirm_inode(&mut self, path: &Path, key: InodeKey) {
+        if let Some(p) = self.paths.get_mut(path) {
+            p.inode = Some(key);
+        }
     }
 }
 
@@ -341,17 +397,27 @@ mod tests {
     }
 
     #[test]
-    fn an_open_alone_names_no_writer_and_a_rescan_finding_names_none() {
+    fn a_writer_whose_ops_were_lost_is_inferred_from_its_close_and_an_idle_opener_is_not_named() {
         let mut q = Queue::default();
-        let reader = actor(12, "cat");
+        let (closer, opener, writer) = (actor(12, "closer"), actor(13, "opener"), actor(14, "writer"));
         let t = SystemTime::now();
-        q.note(Path::new("/a"), &reader, Note { op: None, close: true, syscall: true, inferred: false }, t);
+        let close = Note { op: None, close: true, syscall: true, inferred: false };
+        // Only the close of a writer is left (its writes were lost): it stands in, inferred.
+        q.note(Path::new("/a"), &closer, close, t);
+        // An opener that wrote nothing beside a writer whose write was seen: not named.
+        q.note(Path::new("/c"), &opener, close, t);
+        q.note(Path::new("/c"), &writer, op(FileOp::Write), t);
         q.found(Path::new("/b"), t);
         let mut due = q.take_due(true);
         due.sort_by(|a, b| a.0.cmp(&b.0));
-        assert!(due[0].1.writers().is_empty() && due[0].1.by_event);
+        let inferred = due[0].1.writers();
+        assert_eq!((inferred.len(), inferred[0].actor.pid(), inferred[0].ops.len()), (1, 12, 0));
+        assert_eq!(due[0].1.attribution(), Attribution::Inferred);
         assert_eq!(due[1].1.attribution(), Attribution::None);
         assert!(!due[1].1.by_event);
+        let named: Vec<u32> = due[2].1.writers().iter().map(|w| w.actor.pid()).collect();
+        assert_eq!(named, [14]);
+        assert_eq!(due[2].1.attribution(), Attribution::Exact);
     }
 
     #[test]

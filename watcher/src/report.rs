@@ -140,18 +140,28 @@ impl Reporter {
         let io_worker = ev.header.flags & EVENT_IO_WORKER != 0;
         let (actor, time) = (&obs.actor, obs.time);
         for path in &t.paths {
-            if let Some(key) = t.inode {
-                // The inode must still be the path's: its number may have been reused.
-                let is_it = std::fs::symlink_metadata(self.host.disk(path))
-                    .is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key);
-                if !is_it {
-                    continue;
+            // The inode must still be the path's: once it is unlinked, its number may be
+            // reused at once by a file anywhere on the file system. A stat says so once a
+            // window; after that only an unlink or a rename of the path (an event on it) can
+            // change it, so a storm of writes costs one stat, not one an event.
+            let confirm = match t.inode {
+                Some(key) if !self.queue.inode_confirmed(path, key) => {
+                    let is_it = std::fs::symlink_metadata(self.host.disk(path))
+                        .is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key);
+                    if !is_it {
+                        continue;
+                    }
+                    Some(key)
                 }
-            }
+                _ => None,
+            };
             if ev.op == Op::Dirty {
                 self.queue.dirty(path, actor, io_worker, time);
             } else {
                 self.queue.note(path, actor, note, time);
+            }
+            if let Some(key) = confirm {
+                self.queue.confirm_inode(path, key);
             }
         }
         for dir in &t.dirs {

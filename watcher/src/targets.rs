@@ -122,7 +122,8 @@ pub(crate) fn targets(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn Vie
         }
         _ if ev.paths.is_empty() => {
             if let Some(key) = ev.target() {
-                t.paths.extend(view.paths_of_inode(key).into_iter().filter(|p| covered(policy, p)));
+                // What the index knows exists is covered: it was recorded under the policy.
+                t.paths.extend(view.paths_of_inode(key));
                 if !t.paths.is_empty() {
                     t.inode = Some(key);
                 } else if let Some(dir) = view.unnamed_dir(key) {
