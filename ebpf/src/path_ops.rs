@@ -50,17 +50,13 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
                 keep = true;
             }
             ev.header.dirfd[i] = dirfd as i32;
-            if slot[0] != b'/' {
-                if let Some(key) = start_dir_key(&cfg, task, dirfd) {
-                    ev.header.start[i] = key;
-                    if watched(&key) & WATCH_DIR != 0 {
-                        keep = true;
-                    }
-                }
-            } else if let Some(key) = root_dir_key(&cfg, task) {
-                // Where an absolute path starts: with the mount namespace, the watcher can
-                // resolve it as the actor did even after the actor is gone.
+            if slot[0] != b'/'
+                && let Some(key) = start_dir_key(&cfg, task, dirfd)
+            {
                 ev.header.start[i] = key;
+                if watched(&key) & WATCH_DIR != 0 {
+                    keep = true;
+                }
             }
             if !keep && path_names_known(slot) {
                 keep = true;
@@ -68,12 +64,25 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
         }
         i += 1;
     }
-    if keep {
-        ev.header.mnt_ns = mnt_ns(&cfg, task);
-        entry.submit(0);
-    } else {
+    if !keep {
         entry.discard(0);
+        return;
     }
+    // Where absolute paths start, and the mount namespace: with them the watcher can resolve
+    // an absolute path as the actor did even after the actor is gone. Read only for an event
+    // that is sent: every hooked path syscall on the node pays for what comes before.
+    if ev.paths[0][0] == b'/' || ev.paths[1][0] == b'/' {
+        let root = root_dir_key(&cfg, task).unwrap_or_default();
+        let mut i = 0;
+        while i < 2 {
+            if ev.paths[i][0] == b'/' {
+                ev.header.start[i] = root;
+            }
+            i += 1;
+        }
+    }
+    ev.header.mnt_ns = mnt_ns(&cfg, task);
+    entry.submit(0);
 }
 
 macro_rules! path_hook {

@@ -424,7 +424,7 @@ pub struct Lost {
     pub events: u64,
     /// Where.
     pub dropped_by: LostBy,
-    /// How many the kernel has dropped since the programs were loaded.
+    /// How many were lost at this place (`dropped_by`) since the programs were loaded.
     pub total: u64,
     /// What follows.
     pub action: String,

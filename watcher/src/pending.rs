@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use kubefim_baseline::policy::{path_bytes, path_from_bytes};
 use kubefim_common::InodeKey;
 
 use crate::actor::Actor;
@@ -235,7 +236,9 @@ impl Pending {
 /// Pending paths and unnamed inodes.
 #[derive(Default)]
 pub(crate) struct Queue {
-    paths: HashMap<PathBuf, Pending>,
+    /// By the path's bytes: `Path`'s own hash walks its components, which a storm of events
+    /// pays for several times an event.
+    paths: HashMap<Box<[u8]>, Pending>,
     /// New inodes, with the directory they were created in.
     unnamed: HashMap<InodeKey, (PathBuf, Pending)>,
     /// No due time is earlier than this (it may be earlier than the earliest: a note can put
@@ -249,9 +252,18 @@ impl Queue {
         self.earliest = Some(self.earliest.map_or(due, |e| e.min(due)));
     }
 
+    /// The pending entry of `path`, made (due after the quiet time) if there is none.
+    fn entry(&mut self, path: &Path, time: SystemTime) -> &mut Pending {
+        let key = path_bytes(path);
+        if !self.paths.contains_key(key) {
+            self.paths.insert(key.into(), Pending::new(time, QUIET));
+        }
+        self.paths.get_mut(key).expect("just made")
+    }
+
     /// Notes an event of `actor` on `path`.
     pub fn note(&mut self, path: &Path, actor: &Arc<Actor>, note: Note, time: SystemTime) {
-        let p = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
+        let p = self.entry(path, time);
         p.note(actor, note, time);
         let due = p.due;
         self.due_at(due);
@@ -259,7 +271,7 @@ impl Queue {
 
     /// Notes that `actor` dirtied the inode of `path`.
     pub fn dirty(&mut self, path: &Path, actor: &Arc<Actor>, io_worker: bool, time: SystemTime) {
-        let p = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET));
+        let p = self.entry(path, time);
         p.dirty(actor, io_worker, time);
         let due = p.due;
         self.due_at(due);
@@ -290,35 +302,38 @@ impl Queue {
     /// Notes a path found different by a rescan or a listing (no process known). Nothing
     /// changes for a path already pending.
     pub fn found(&mut self, path: &Path, time: SystemTime) {
-        let due = self.paths.entry(path.to_owned()).or_insert_with(|| Pending::new(time, QUIET)).due;
+        let due = self.entry(path, time).due;
         self.due_at(due);
     }
 
     /// Records that `to` was renamed from `from`.
     pub fn renamed(&mut self, to: &Path, from: &Path) {
-        if let Some(p) = self.paths.get_mut(to) {
+        if let Some(p) = self.paths.get_mut(path_bytes(to)) {
             p.renamed_from = Some(from.to_owned());
         }
     }
 
     /// Marks a pending directory for an entry comparison.
     pub fn list_entries(&mut self, dir: &Path) {
-        if let Some(p) = self.paths.get_mut(dir) {
+        if let Some(p) = self.paths.get_mut(path_bytes(dir)) {
             p.list_entries = true;
         }
     }
 
     /// Whether `path` has pending events.
     pub fn contains(&self, path: &Path) -> bool {
-        self.paths.contains_key(path)
+        self.paths.contains_key(path_bytes(path))
     }
 
     /// The paths due now; with `all`, every path whatever its due time (at shutdown).
     pub fn take_due(&mut self, all: bool) -> Vec<(PathBuf, Pending)> {
         let now = Instant::now();
-        let due: Vec<PathBuf> =
+        let due: Vec<Box<[u8]>> =
             self.paths.iter().filter(|(_, p)| all || p.due <= now).map(|(k, _)| k.clone()).collect();
-        let taken = due.into_iter().filter_map(|k| self.paths.remove(&k).map(|p| (k, p))).collect();
+        let taken = due
+            .into_iter()
+            .filter_map(|k| self.paths.remove(&k).map(|p| (path_from_bytes(&k).to_owned(), p)))
+            .collect();
         self.recompute_earliest();
         taken
     }
@@ -335,7 +350,7 @@ impl Queue {
 
     /// Removes a path's pending events (handled with another path's report).
     pub fn take(&mut self, path: &Path) -> Option<Pending> {
-        self.paths.remove(path)
+        self.paths.remove(path_bytes(path))
     }
 
     /// When the next path or inode is due.
@@ -350,12 +365,12 @@ impl Queue {
     /// Whether `key` was confirmed (on disk) to be `path`'s inode in this window, with no
     /// event since that could have taken it away (an unlink, a rename, an rmdir).
     pub fn inode_confirmed(&self, path: &Path, key: InodeKey) -> bool {
-        self.paths.get(path).is_some_and(|p| p.inode == Some(key))
+        self.paths.get(path_bytes(path)).is_some_and(|p| p.inode == Some(key))
     }
 
     /// Records that `key` is `path`'s inode (a stat said so), for the rest of its window.
     pub fn confirm_inode(&mut self, path: &Path, key: InodeKey) {
-        if let Some(p) = self.paths.get_mut(path) {
+        if let Some(p) = self.paths.get_mut(path_bytes(path)) {
             p.inode = Some(key);
         }
     }

@@ -25,6 +25,13 @@ use crate::resolve::{HostView, Seen, look};
 /// How often the kernel's lost-event counter is read, and how long a poll waits.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How long the reader lets records gather after a drain that found some. The kernel wakes
+/// the reader for a record only when the buffer was empty (`bpf_ringbuf_commit`), and each
+/// wake-up costs the writing process an irq_work and a context switch: draining the moment
+/// each record lands would make a storm of writes pay one per write. A record in a quiet
+/// moment is still read at once (the poll wakes for it).
+const GATHER: Duration = Duration::from_millis(1);
+
 /// One kernel event with what could only be learnt at once.
 #[derive(Debug)]
 pub(crate) struct Observation {
@@ -50,8 +57,8 @@ pub(crate) enum Message {
         events: u64,
         /// Where.
         by: LostBy,
-        /// The kernel's count since load.
-        kernel_total: u64,
+        /// How many were lost at this place since the programs were loaded.
+        total: u64,
     },
 }
 
@@ -112,6 +119,7 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
     let mut kernel_seen = 0u64;
     let mut kernel_lost = 0u64;
     let mut dropped = 0u64;
+    let mut dropped_total = 0u64;
     let mut checked = Instant::now();
     let Ok(ring) = parts.source.events.as_fd().try_clone_to_owned() else {
         tracing::error!("cannot poll the ring buffer: no descriptor left");
@@ -125,11 +133,13 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
             // An interrupted poll is just an early wake-up.
             let _ = rustix::event::poll(&mut fds, Some(&timeout));
         }
+        let mut drained = 0usize;
         loop {
             let event = {
                 let Some(item) = parts.source.events.next() else { break };
                 KernelEvent::decode(&item)
             };
+            drained += 1;
             let Some(event) = event else { continue };
             parts.metrics.event(event.op.name());
             let observation = observe(&mut parts, host_view.as_ref(), event, boot);
@@ -156,16 +166,26 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
             if *count == 0 {
                 continue;
             }
-            let message = Message::Lost { events: *count, by, kernel_total: kernel_seen };
+            let total = match by {
+                LostBy::Kernel => kernel_seen,
+                LostBy::Watcher => dropped_total + *count,
+            };
+            let message = Message::Lost { events: *count, by, total };
             let sent =
                 if stopping { parts.tx.blocking_send(message).is_ok() } else { parts.tx.try_send(message).is_ok() };
             // Not sent (the queue is still full): counted again in the next message.
             if sent {
+                if by == LostBy::Watcher {
+                    dropped_total = total;
+                }
                 *count = 0;
             }
         }
         if stopping {
             return;
+        }
+        if drained > 0 {
+            std::thread::sleep(GATHER);
         }
     }
 }

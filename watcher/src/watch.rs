@@ -355,12 +355,12 @@ impl<'a> Session<'a> {
                     self.uring_rescan_at.get_or_insert_with(|| Instant::now() + URING_RESCAN_DELAY);
                 }
             },
-            Message::Lost { events, by, kernel_total } => {
+            Message::Lost { events, by, total } => {
                 self.metrics.lost(events, by);
                 self.reporter.print(Line::Lost(Lost {
                     events,
                     dropped_by: by,
-                    total: kernel_total,
+                    total,
                     action: "rescan of every monitored path".into(),
                 }))?;
                 self.rescans.request(Request::all(RescanReason::LostEvents, None));
