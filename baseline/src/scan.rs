@@ -408,6 +408,7 @@ fn nanos(secs: impl Into<i64>, nsec: impl TryInto<i64>) -> i64 {
     secs.into().saturating_mul(1_000_000_000).saturating_add(nsec.try_into().unwrap_or(0))
 }
 
+#[allow(clippy::useless_conversion, reason = "st_nlink is u64 on x86_64, u32 on other architectures")]
 fn base_record(meta: &Stat, rule_index: usize) -> FileRecord {
     FileRecord {
         kind: FileKind::from_mode(meta.st_mode),
