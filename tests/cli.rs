@@ -726,6 +726,172 @@ fn deep_tree_of_depth_300() {
     assert_eq!(change_for(&report, &leaf)["kind"], "modified", "{report:#}");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Symlinks in the middle of a path, and paths longer than PATH_MAX
+// ---------------------------------------------------------------------------------------------
+
+/// A marker line that must never be read: it lives outside every monitored tree.
+const OUTSIDE_MARKER: &str = "OUTSIDE-MARKER-must-never-be-read";
+
+/// Asserts that nothing `runs` printed, and nothing stored under `db`, holds [`OUTSIDE_MARKER`].
+#[track_caller]
+fn assert_outside_never_read(runs: &[&Run], db: &Path) {
+    for r in runs {
+        assert!(
+            !r.stdout.contains(OUTSIDE_MARKER) && !r.stderr.contains(OUTSIDE_MARKER),
+            "content from outside the monitored tree leaked through {}\n{}",
+            r.cmdline,
+            r.dump()
+        );
+    }
+    for_each_file(db, &mut |path| {
+        let bytes = fs::read(path).expect("read db file");
+        assert!(
+            find_bytes(&bytes, OUTSIDE_MARKER.as_bytes()).is_none(),
+            "content from outside the monitored tree stored in {}",
+            path.display()
+        );
+    });
+}
+
+#[test]
+fn host_root_resolves_symlinks_inside_the_host_root_never_outside_it() {
+    let fx = Fixture::new();
+    let host = fx.path("hostroot");
+    // The host's /srv is an absolute symlink to a directory that exists outside the host
+    // root (on the agent's side): it must be read as the host would, inside the host root,
+    // where there is nothing.
+    let outside = fx.path("outside");
+    mkdir(&outside.join("app"));
+    write(&outside.join("app/shadow"), format!("root:{OUTSIDE_MARKER}\n"));
+    mkdir(&host);
+    symlink(&outside, host.join("srv")).expect("symlink");
+    // The host's /opt is an absolute symlink to /hostopt: inside the host root, it is there.
+    mkdir(&host.join("hostopt/conf"));
+    write(&host.join("hostopt/conf/a.txt"), "inside the host\n");
+    symlink("/hostopt", host.join("opt")).expect("symlink");
+    let policy = fx.write_policy(&[Rule::new("/srv/app").diff(), Rule::new("/opt/conf").diff()]);
+    let with_host = |mut argv: Vec<OsString>| {
+        argv.extend(["--host-root".into(), host.as_os_str().to_owned()]);
+        argv
+    };
+    let create = kubefim(with_host(args(&[
+        "baseline".as_ref(),
+        "create".as_ref(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--key".as_ref(),
+        fx.key().as_os_str(),
+    ])));
+    create.expect_code(0);
+    let records = fx.show();
+    let paths = recorded_paths(&records);
+    assert!(!paths.iter().any(|p| p.starts_with("/srv/app/")), "/srv/app was read outside the host root: {paths:?}");
+    let conf = record_for(&records, Path::new("/opt/conf/a.txt"));
+    assert_eq!(conf["type"], "file", "{conf:#}");
+    assert!(conf["hash"].is_string(), "{conf:#}");
+
+    // A later verify resolves the same way: clean.
+    let verify = kubefim(with_host(args(&[
+        "verify".as_ref(),
+        "--db".as_ref(),
+        fx.db().as_os_str(),
+        "--pubkey".as_ref(),
+        fx.pubkey().as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ])));
+    verify.expect_code(0);
+    let show = fx.show_with(&fx.db(), &fx.pubkey());
+    assert_outside_never_read(&[&create, &verify, &show], &fx.db());
+}
+
+#[test]
+fn a_nested_rule_root_whose_parent_became_a_symlink_is_not_read_through_it() {
+    // The inner rule's root is walked on its own when it is another file system than the
+    // outer rule's: here, because its parent `d` was replaced by a symlink to a tmpfs. Its
+    // path must be resolved inside the outer rule's root, where `d` is a symlink.
+    let fx = Fixture::new();
+    let elsewhere = tempfile::Builder::new()
+        .prefix("kubefim-outside-")
+        .tempdir_in("/dev/shm")
+        .expect("a temp dir on /dev/shm (tmpfs)");
+    mkdir(&elsewhere.path().join("inner"));
+    write(&elsewhere.path().join("inner/shadow"), format!("root:{OUTSIDE_MARKER}\n"));
+    mkdir(&fx.t("d/inner"));
+    write(&fx.t("d/inner/shadow"), "root:x:monitored\n");
+    let policy = fx.write_policy(&[Rule::new(fx.tree()), Rule::new(fx.t("d/inner")).diff()]);
+    fx.create(&policy);
+
+    fs::rename(fx.t("d"), fx.path("d.old")).expect("move d away");
+    symlink(elsewhere.path(), fx.t("d")).expect("symlink");
+    let run = fx.verify_run();
+    run.expect_code(1);
+    let report = run.json();
+    let d = change_for(&report, &fx.t("d"));
+    assert_eq!(d["kind"], "modified", "{d:#}");
+    assert!(changed_attrs(d).contains(&"type"), "{d:#}");
+    assert_eq!(d["new"]["type"], "symlink", "{d:#}");
+    let shadow = change_for(&report, &fx.t("d/inner/shadow"));
+    assert_eq!(shadow["kind"], "removed", "a path under a symlink is not in the tree: {shadow:#}");
+    assert!(shadow["new"].is_null() && shadow.get("diff").is_none_or(Value::is_null), "{shadow:#}");
+    assert_outside_never_read(&[&run], &fx.db());
+}
+
+/// Writes `content` to `leaf.txt` at the bottom of `levels` nested directories named `name`
+/// under `base` (made as needed), through directory descriptors: the whole path is longer
+/// than PATH_MAX, which path-based calls refuse. Returns the leaf's path.
+#[track_caller]
+fn write_deep(base: &Path, name: &str, levels: usize, content: &str) -> std::path::PathBuf {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Write;
+    let mut dir = rustix::fs::open(base, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).expect("open base");
+    let mut path = base.to_owned();
+    for _ in 0..levels {
+        match rustix::fs::mkdirat(&dir, name, Mode::from(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("mkdir {}/{name}: {e}", path.display()),
+        }
+        dir = rustix::fs::openat(&dir, name, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .unwrap_or_else(|e| panic!("open {}/{name}: {e}", path.display()));
+        path.push(name);
+    }
+    let leaf = rustix::fs::openat(
+        &dir,
+        "leaf.txt",
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+        Mode::from(0o644),
+    )
+    .expect("create the deep leaf");
+    File::from(leaf).write_all(content.as_bytes()).expect("write the deep leaf");
+    path.join("leaf.txt")
+}
+
+#[test]
+fn a_tree_deeper_than_path_max_is_recorded_and_verified() {
+    let fx = Fixture::new();
+    let name = "d".repeat(200);
+    let leaf = write_deep(&fx.tree(), &name, 25, "deep\n");
+    assert!(leaf.as_os_str().len() > 4096, "the test needs a path longer than PATH_MAX");
+    fx.create_default();
+    let records = fx.show();
+    let record = record_for(&records, &leaf);
+    assert!(record["error"].is_null(), "{record:#}");
+    // BLAKE3 of "deep\n" (b3sum cannot open the path to check it).
+    assert_eq!(record["hash"], "53ee0df288d4f5a6e3ffca5d41ecb6eaf0d3d50cf6441c362a7d0f3bf37728a0", "{record:#}");
+    let report = fx.verify(0);
+    assert_summary(&report, 0, 0, 0, 0);
+
+    write_deep(&fx.tree(), &name, 25, "deeper\n");
+    let report = fx.verify(1);
+    assert_summary(&report, 0, 0, 1, 0);
+    let change = change_for(&report, &leaf);
+    assert_eq!(change["kind"], "modified", "{change:#}");
+    assert!(changed_attrs(change).contains(&"content"), "{change:#}");
+}
+
 #[test]
 fn unreadable_file_and_dir_are_warnings_not_fatal() {
     if !is_root() {

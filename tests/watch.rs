@@ -12,7 +12,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s};
+use common::watch::{REPORT_WITHIN, Watcher, is_change, names, python, run_child, s, sh};
 use common::{Fixture, Rule, is_root};
 use serde_json::{Value, json};
 
@@ -520,6 +520,68 @@ fn new_file_in_a_monitored_dir_reports_added_with_create() {
     assert_eq!(line["new"]["size"], 6, "{line:#}");
     assert_eq!(line["baseline_match"], false, "{line:#}");
     assert!(w.stop().success());
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_is_a_link_change_and_never_read_through() {
+    if !root_or_skip() {
+        return;
+    }
+    // Outside the tree, a file named like the probe, whose content must never be read.
+    const MARKER: &str = "OUTSIDE-MARKER-watch-must-never-be-read";
+    let fx = Fixture::on_disk();
+    let dir = fx.t("swapdir");
+    fs::create_dir(&dir).unwrap();
+    put(&dir.join("shadow"), "root:x:monitored\n");
+    let outside = fx.path("outside");
+    fs::create_dir(&outside).unwrap();
+    put(&outside.join("shadow"), &format!("root:{MARKER}:19000:0:99999:7:::\n"));
+    let w = Watcher::start(&fx, None);
+    let pid = python(&format!(
+        "import os; os.rename({dir}, {old}); os.symlink({outside}, {dir})",
+        dir = lit(&dir),
+        old = lit(&fx.path("swapdir.old")),
+        outside = lit(&outside)
+    ));
+    let want = s(&dir);
+    let line = w.wait_for("swapdir as a symlink", REPORT_WITHIN, |l| {
+        is_change(l) && l["path"] == want.as_str() && l["new"]["type"] == "symlink"
+    });
+    assert_eq!(line["kind"], "modified", "{line:#}");
+    assert!(names(&line, "changed").iter().any(|c| c == "type"), "{line:#}");
+    assert_eq!(line["new"]["link_target"], s(&outside).as_str(), "{line:#}");
+    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    // Short-lived processes (gone before the watcher can look at their cwd) make failing
+    // by-path calls through the symlink (rmdir of a file) by a path relative to the tree:
+    // the kernel's start directory and the monitored name `shadow` name the probe.
+    let probe = dir.join("shadow");
+    for _ in 0..5 {
+        sh(&format!(
+            "cd {} && for i in 1 2 3 4 5 6 7 8 9 10; do rmdir swapdir/shadow 2>/dev/null; done; true",
+            lit(&fx.tree())
+        ));
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Time for every rehash and for sled to write the journal out.
+    thread::sleep(Duration::from_secs(1));
+    for line in w.changes_for(&probe) {
+        assert!(line["new"].is_null(), "the probe was read through the symlink: {line:#}\n{}", w.dump());
+    }
+    let printed = w.dump();
+    assert!(w.stop().success());
+    assert!(!printed.contains(MARKER), "content from outside the tree was printed:\n{printed}");
+    let journal = fx.path("db.journal");
+    assert!(journal.exists(), "no journal beside the database");
+    for entry in fs::read_dir(&journal).unwrap().map(Result::unwrap) {
+        if entry.file_type().unwrap().is_file() {
+            let bytes = fs::read(entry.path()).unwrap();
+            assert!(
+                !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+                "content from outside the tree is in the journal ({})",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 /// A fixture with `name` in the tree and, in the unmonitored sibling `outside/`, a file of

@@ -4,6 +4,7 @@
 //! no eBPF: the watcher builds on these pieces.
 
 pub mod baseline;
+pub mod beneath;
 pub mod error;
 pub mod hash;
 pub mod journal;
@@ -18,5 +19,6 @@ pub mod seal;
 pub mod sign;
 pub mod store;
 pub mod verify;
+mod walk;
 
 pub use error::{Error, Result};

@@ -1,27 +1,31 @@
-//! The scan: walks the roots a policy names (walkdir, never following symlinks, not crossing
-//! file systems) and turns every entry into a [`FileRecord`] on all cores (rayon), handing
-//! each to a [`ScanSink`] as soon as it is ready so the caller can store or compare while
-//! the walk goes on. Regular files are opened once (`O_NOFOLLOW | O_NONBLOCK | O_NOATIME`),
-//! `fstat`ed, hashed and `fstat`ed again; FIFOs, sockets and devices are never opened.
-//! Problems with one entry (unreadable, vanished, changed while read) are warnings, never
-//! fatal.
+//! The scan: walks the roots a policy names (`walk`: through directory descriptors, never
+//! following a symlink, not crossing file systems) and turns every entry into a
+//! [`FileRecord`] on all cores (rayon), handing each to a [`ScanSink`] as soon as it is ready
+//! so the caller can store or compare while the walk goes on. Every entry is read by name
+//! from its directory's descriptor ([`crate::beneath`]): regular files are opened once
+//! (`O_NOFOLLOW | O_NONBLOCK | O_NOATIME`), `fstat`ed, hashed and `fstat`ed again; FIFOs,
+//! sockets and devices are never opened. Problems with one entry (unreadable, vanished,
+//! changed while read) are warnings, never fatal.
 
 use std::cell::RefCell;
-use std::fs::{File, Metadata, OpenOptions};
+use std::ffi::CStr;
+use std::fs::File;
 use std::io::{self, Seek};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
-use walkdir::WalkDir;
+use rustix::fs::Stat;
 
+use crate::beneath;
 use crate::hash;
 use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
 use crate::record::{FileKind, FileRecord};
 use crate::root::HostRoot;
+use crate::walk::{self, Walked};
 
 /// How many times a file that changes while it is read is read again before it is recorded
 /// as unstable.
@@ -34,8 +38,8 @@ const READ_BUFFER: usize = 1 << 20;
 /// smaller ones are cheaper to read.
 const MAP_THRESHOLD: u64 = 64 << 10;
 
-/// Listed entries waiting to be recorded.
-const WALK_QUEUE: usize = 8192;
+/// Batches of listed entries waiting to be recorded (each holds its directory open).
+const WALK_QUEUE: usize = 64;
 
 /// One scanned entry.
 #[derive(Debug)]
@@ -154,7 +158,7 @@ impl<'a> Scan<'a> {
             if self.is_covered_by_other_root(i) {
                 continue;
             }
-            self.walk(&self.host.disk(root), sink, progress, &warn);
+            self.walk(root, sink, progress, &warn);
         }
         let mut warnings = warnings.into_inner().expect("no panics while holding");
         warnings.sort_by(|a, b| a.path.cmp(&b.path));
@@ -169,14 +173,19 @@ impl<'a> Scan<'a> {
     fn is_covered_by_other_root(&self, i: usize) -> bool {
         let root = &self.roots[i];
         self.roots.iter().enumerate().any(|(j, other)| {
-            j != i
-                && root.starts_with(other)
-                && (root != other || j < i)
-                && same_device(&self.host.disk(root), &self.host.disk(other))
+            j != i && root.starts_with(other) && (root != other || j < i) && self.same_device(root, other)
         })
     }
 
-    /// Walks `root`, an on-disk path.
+    fn same_device(&self, a: &Path, b: &Path) -> bool {
+        let dev = |p: &Path| beneath::lstat(self.policy, &self.host, p).map(|st| st.st_dev);
+        match (dev(a), dev(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => true,
+        }
+    }
+
+    /// Walks `root`, a policy path.
     fn walk(
         &self,
         root: &Path,
@@ -185,51 +194,46 @@ impl<'a> Scan<'a> {
         warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
     ) {
         let policy = self.policy;
-        let skipped = |p: &Path| self.skip.iter().any(|s| p.starts_with(s));
-        let excluded = |disk: &Path| match self.host.logical(disk) {
-            Some(p) => policy.rule_index_for(&p).is_none_or(|i| policy.rules[i].excludes(&p)),
-            None => true,
+        // The paths to skip are on disk; the walk's are policy paths.
+        let skip: Vec<PathBuf> =
+            self.skip.iter().filter_map(|s| self.host.logical(s).map(|p| p.into_owned())).collect();
+        let keep = |p: &Path| {
+            policy.rule_index_for(p).is_some_and(|i| !policy.rules[i].excludes(p))
+                && !skip.iter().any(|s| p.starts_with(s))
+        };
+        if !keep(root) {
+            return;
+        }
+        let at = match beneath::locate(policy, &self.host, root) {
+            Ok(at) => at,
+            // A root that does not exist is simply absent (verify reports it if it appears).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => return warn(root, WarningKind::Unreadable, format!("cannot list directory: {e}")),
         };
         // The walk runs on its own thread and only lists; hashing runs on rayon's threads.
         // (Pulling the walker straight through `par_bridge` would make every worker wait on
         // the walker's lock while it is in getdents.)
         let (tx, rx) = std::sync::mpsc::sync_channel(WALK_QUEUE);
         std::thread::scope(|s| {
-            s.spawn(move || {
-                let walker = WalkDir::new(root)
-                    .follow_links(false)
-                    .follow_root_links(false)
-                    .same_file_system(true)
-                    .into_iter()
-                    .filter_entry(|e| !excluded(e.path()) && !skipped(e.path()));
-                for item in walker {
-                    if tx.send(item).is_err() {
-                        break;
-                    }
-                }
-            });
-            self.record_all(rx, root, sink, progress, warn);
+            s.spawn(move || walk::walk(at, root, &keep, &tx));
+            self.record_all(rx, sink, progress, warn);
         });
     }
 
     fn record_all(
         &self,
-        rx: std::sync::mpsc::Receiver<walkdir::Result<walkdir::DirEntry>>,
-        root: &Path,
+        rx: std::sync::mpsc::Receiver<Walked>,
         sink: &dyn ScanSink,
         progress: &ScanProgress,
         warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
     ) {
         let policy = self.policy;
-        // Warnings and entries name policy paths; the file system is read at on-disk ones.
-        let logical = |disk: &Path| self.host.logical(disk).map_or_else(|| disk.to_owned(), |p| p.into_owned());
-        rx.into_iter().par_bridge().for_each(|item| match item {
-            Ok(entry) => {
-                let disk = entry.path();
-                let path = logical(disk);
+        rx.into_iter().par_bridge().for_each(|walked| match walked {
+            Walked::Batch(batch) => batch.entries.into_par_iter().for_each(|entry| {
+                let path = entry.path;
                 let Some(rule_index) = policy.rule_index_for(&path) else { return };
                 let rule = &policy.rules[rule_index];
-                match record_entry(disk, entry.file_type().is_file(), rule, rule_index) {
+                match record_entry(batch.dir.as_fd(), &entry.name, entry.is_file, rule, rule_index, true) {
                     Ok(Recorded { record, content, warning }) => {
                         if let Some((kind, message)) = warning {
                             warn(&path, kind, message);
@@ -243,31 +247,9 @@ impl<'a> Scan<'a> {
                     }
                     Err(e) => warn(&path, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
                 }
-            }
-            Err(e) => {
-                let disk = e.path().map(Path::to_owned).unwrap_or_else(|| root.to_owned());
-                let path = logical(&disk);
-                match e.io_error().map(io::Error::kind) {
-                    // A root that does not exist is simply absent (verify reports it if it appears).
-                    Some(io::ErrorKind::NotFound) if disk == root => {}
-                    Some(io::ErrorKind::NotFound) => {
-                        warn(&path, WarningKind::Vanished, "vanished during the scan".into())
-                    }
-                    _ => warn(&path, WarningKind::Unreadable, format!("cannot list directory: {}", io_message(&e))),
-                }
-            }
+            }),
+            Walked::Problem { path, kind, message } => warn(&path, kind, message),
         });
-    }
-}
-
-fn io_message(e: &walkdir::Error) -> String {
-    e.io_error().map_or_else(|| e.to_string(), ToString::to_string)
-}
-
-fn same_device(a: &Path, b: &Path) -> bool {
-    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev(),
-        _ => true,
     }
 }
 
@@ -286,30 +268,27 @@ thread_local! {
     static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_BUFFER));
 }
 
-/// Records one entry under `rule`. `looks_like_file` comes from the directory listing; it is
-/// checked again on the opened descriptor, so a file swapped for a FIFO is never read.
-pub fn record_entry(path: &Path, looks_like_file: bool, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
-    record_entry_with(path, looks_like_file, rule, rule_index, true)
-}
-
-/// [`record_entry`]; `may_map` lets large files be hashed through a mapping (the scan) or
-/// not (the watcher, whose files are the ones being changed: a truncation under a mapping
-/// is a SIGBUS, a read is just a short read).
-fn record_entry_with(
-    path: &Path,
+/// Records the entry `name` in the directory `dir` under `rule`. `looks_like_file` comes from
+/// the directory listing; it is checked again on the opened descriptor, so a file swapped
+/// for a FIFO is never read. `may_map` lets large files be hashed through a mapping (the
+/// scan) or not (the watcher, whose files are the ones being changed: a truncation under a
+/// mapping is a SIGBUS, a read is just a short read).
+fn record_entry(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
     looks_like_file: bool,
     rule: &Rule,
     rule_index: usize,
     may_map: bool,
 ) -> io::Result<Recorded> {
     let r = if looks_like_file && rule.attributes.contains(Attribute::Content) {
-        match open_for_hash(path) {
+        match beneath::open_file_at(dir, name) {
             Ok(file) => record_open_file(&file, rule, rule_index, may_map)?,
             // Became a symlink since the listing: record what it is now.
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => record_by_path(path, rule, rule_index)?,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => record_by_name(dir, name, rule, rule_index)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
             Err(e) => {
-                let mut r = record_by_path(path, rule, rule_index)?;
+                let mut r = record_by_name(dir, name, rule, rule_index)?;
                 let message = format!("cannot read content: {e}");
                 r.record.error = Some(message.clone());
                 r.warning = Some((WarningKind::Unreadable, message));
@@ -317,46 +296,43 @@ fn record_entry_with(
             }
         }
     } else {
-        record_by_path(path, rule, rule_index)?
+        record_by_name(dir, name, rule, rule_index)?
     };
     Ok(r)
 }
 
-fn open_for_hash(path: &Path) -> io::Result<File> {
-    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
-    match OpenOptions::new().read(true).custom_flags(flags | libc::O_NOATIME).open(path) {
-        // O_NOATIME needs ownership or CAP_FOWNER; without it, open normally.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => OpenOptions::new().read(true).custom_flags(flags).open(path),
-        other => other,
-    }
-}
-
-fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
-    let meta = std::fs::symlink_metadata(path)?;
+/// Records what is not read for content (directories, symlinks, special files, files whose
+/// content is not monitored) from its directory, never following it.
+fn record_by_name(dir: BorrowedFd<'_>, name: &CStr, rule: &Rule, rule_index: usize) -> io::Result<Recorded> {
+    let meta = beneath::lstat_at(dir, name)?;
     let mut record = base_record(&meta, rule_index);
     if record.kind == FileKind::Symlink && rule.attributes.contains(Attribute::LinkTarget) {
-        record.link_target =
-            Some(std::os::unix::ffi::OsStrExt::as_bytes(std::fs::read_link(path)?.as_os_str()).to_vec());
+        record.link_target = Some(beneath::read_link_at(dir, name)?);
     }
-    if rule.attributes.contains(Attribute::Xattrs) {
-        record.xattrs = read_xattrs(xattr::list(path), |name| xattr::get(path, name));
-    }
+    let xattrs = rule.attributes.contains(Attribute::Xattrs);
     if record.kind == FileKind::Dir {
         // The walk reports a directory it cannot list as a warning of its own; the record
         // says it too, so a baseline never looks complete where it is not.
-        let listable = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path);
-        if let Err(e) = listable {
-            record.error = Some(format!("cannot list directory: {e}"));
+        match beneath::open_dir_at(dir, name) {
+            Ok(fd) if xattrs => {
+                use xattr::FileExt;
+                let d = File::from(fd);
+                record.xattrs = read_xattrs(d.list_xattr(), |n| d.get_xattr(n));
+            }
+            Ok(_) => {}
+            Err(e) => record.error = Some(format!("cannot list directory: {e}")),
         }
+    } else if xattrs {
+        // Never opened (a symlink, a device, a FIFO...): read by a path that reaches the
+        // directory through its descriptor and does not follow the entry.
+        let path = beneath::path_at(dir, name);
+        record.xattrs = read_xattrs(xattr::list(&path), |n| xattr::get(&path, n));
     }
     Ok(Recorded { record, content: None, warning: None })
 }
 
 fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) -> io::Result<Recorded> {
-    let mut meta = file.metadata()?;
+    let mut meta = rustix::fs::fstat(file)?;
     let mut record = base_record(&meta, rule_index);
     if rule.attributes.contains(Attribute::Xattrs) {
         use xattr::FileExt;
@@ -367,9 +343,9 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
         return Ok(Recorded { record, content: None, warning: None });
     }
     for attempt in 1..=READ_ATTEMPTS {
-        let keep = rule.keeps_content(meta.size()).then_some(MAX_DIFF_CONTENT);
-        let mapped = if may_map && keep.is_none() && meta.size() >= MAP_THRESHOLD {
-            mapped::digest_mapped(file, meta.size())
+        let keep = rule.keeps_content(size(&meta)).then_some(MAX_DIFF_CONTENT);
+        let mapped = if may_map && keep.is_none() && size(&meta) >= MAP_THRESHOLD {
+            mapped::digest_mapped(file, size(&meta))
         } else {
             Mapped::Unavailable
         };
@@ -388,10 +364,10 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
                 }
             },
         };
-        let after = file.metadata()?;
+        let after = rustix::fs::fstat(file)?;
         if let Some(read) = read
             && stable(&meta, &after)
-            && read.len == after.size()
+            && read.len == size(&after)
         {
             let content = read.content.filter(|c| is_text(c));
             record.content_stored = content.is_some();
@@ -409,12 +385,16 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
     Ok(Recorded { record, content: None, warning: Some((WarningKind::Unstable, message)) })
 }
 
-fn stable(before: &Metadata, after: &Metadata) -> bool {
-    before.size() == after.size()
-        && before.mtime() == after.mtime()
-        && before.mtime_nsec() == after.mtime_nsec()
-        && before.ctime() == after.ctime()
-        && before.ctime_nsec() == after.ctime_nsec()
+fn stable(before: &Stat, after: &Stat) -> bool {
+    before.st_size == after.st_size
+        && before.st_mtime == after.st_mtime
+        && before.st_mtime_nsec == after.st_mtime_nsec
+        && before.st_ctime == after.st_ctime
+        && before.st_ctime_nsec == after.st_ctime_nsec
+}
+
+fn size(meta: &Stat) -> u64 {
+    u64::try_from(meta.st_size).unwrap_or(0)
 }
 
 /// Text worth diffing: UTF-8 without NUL bytes.
@@ -422,22 +402,25 @@ pub fn is_text(content: &[u8]) -> bool {
     !content.contains(&0) && std::str::from_utf8(content).is_ok()
 }
 
-fn nanos(secs: i64, nsec: i64) -> i64 {
-    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+/// Nanoseconds since the epoch from `stat`'s seconds and nanoseconds (whose integer types
+/// differ between architectures).
+fn nanos(secs: impl Into<i64>, nsec: impl TryInto<i64>) -> i64 {
+    secs.into().saturating_mul(1_000_000_000).saturating_add(nsec.try_into().unwrap_or(0))
 }
 
-fn base_record(meta: &Metadata, rule_index: usize) -> FileRecord {
+#[allow(clippy::useless_conversion, reason = "st_nlink is u64 on x86_64, u32 on other architectures")]
+fn base_record(meta: &Stat, rule_index: usize) -> FileRecord {
     FileRecord {
-        kind: FileKind::from_mode(meta.mode()),
-        size: meta.size(),
-        mode: meta.mode() & 0o7777,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
-        dev: meta.dev(),
-        inode: meta.ino(),
-        nlink: meta.nlink(),
+        kind: FileKind::from_mode(meta.st_mode),
+        size: size(meta),
+        mode: meta.st_mode & 0o7777,
+        uid: meta.st_uid,
+        gid: meta.st_gid,
+        mtime_ns: nanos(meta.st_mtime, meta.st_mtime_nsec),
+        ctime_ns: nanos(meta.st_ctime, meta.st_ctime_nsec),
+        dev: meta.st_dev,
+        inode: meta.st_ino,
+        nlink: u64::from(meta.st_nlink),
         link_target: None,
         xattrs: Vec::new(),
         digest: None,
@@ -466,21 +449,28 @@ fn read_xattrs(
 }
 
 /// Records one path as it is now under the policy's rule for it (the watcher's targeted
-/// rehash): content is read from one descriptor, never mapped. `None` when no rule covers
-/// it or its rule excludes it.
+/// rehash): reached beneath its rule root without following any symlink (a path below a
+/// symlink is `NotFound`), content read from one descriptor, never mapped. `None` when no
+/// rule covers it or its rule excludes it.
 pub fn rehash(path: &Path, policy: &Policy, host: &HostRoot) -> Option<io::Result<Recorded>> {
     let rule_index = policy.rule_index_for(path)?;
     let rule = &policy.rules[rule_index];
     if rule.excludes(path) {
         return None;
     }
-    let disk = host.disk(path);
-    let looks_like_file = std::fs::symlink_metadata(&disk).map(|m| m.is_file()).unwrap_or(false);
-    Some(record_entry_with(&disk, looks_like_file, rule, rule_index, false))
+    let record = || {
+        let at = beneath::locate(policy, host, path)?;
+        let looks_like_file = at.lstat().is_ok_and(|st| FileKind::from_mode(st.st_mode) == FileKind::File);
+        record_entry(at.parent(), at.name(), looks_like_file, rule, rule_index, false)
+    };
+    Some(record())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
 
     fn rule_over(path: &Path) -> Policy {
@@ -491,13 +481,20 @@ mod tests {
         Policy::from_yaml(&yaml, "test").unwrap()
     }
 
+    /// Records `path` as the scan does, from its directory's descriptor.
+    fn record_path(path: &Path, looks_like_file: bool, rule: &Rule) -> io::Result<Recorded> {
+        let dir = File::open(path.parent().unwrap()).unwrap();
+        let name = CString::new(path.file_name().unwrap().as_bytes()).unwrap();
+        record_entry(dir.as_fd(), &name, looks_like_file, rule, 0, true)
+    }
+
     #[test]
     fn a_file_whose_size_never_matches_what_is_read_is_unstable_not_hashed() {
         // procfs reports size 0 for files that read as text: to the scanner that is a file
         // that changed while it was read, every time.
         let path = Path::new("/proc/self/status");
         let policy = rule_over(Path::new("/proc"));
-        let r = record_entry(path, true, &policy.rules[0], 0).unwrap();
+        let r = record_path(path, true, &policy.rules[0]).unwrap();
         assert!(r.record.digest.is_none(), "an unstable read must not be recorded as a hash");
         assert_eq!(r.warning.as_ref().map(|w| w.0), Some(WarningKind::Unstable), "{:?}", r.warning);
         assert!(r.record.error.as_deref().unwrap().contains("changed while being read"));
@@ -509,7 +506,7 @@ mod tests {
         let policy = rule_over(dir.path());
         let gone = dir.path().join("gone");
         for looks_like_file in [true, false] {
-            let err = record_entry(&gone, looks_like_file, &policy.rules[0], 0).unwrap_err();
+            let err = record_path(&gone, looks_like_file, &policy.rules[0]).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::NotFound);
         }
     }
@@ -522,8 +519,47 @@ mod tests {
             .unwrap();
         let policy = rule_over(dir.path());
         // As if the listing had said "regular file" and it was swapped for a FIFO since.
-        let r = record_entry(&fifo, true, &policy.rules[0], 0).unwrap();
+        let r = record_path(&fifo, true, &policy.rules[0]).unwrap();
         assert_eq!(r.record.kind, FileKind::Fifo);
         assert!(r.record.digest.is_none());
+    }
+
+    #[test]
+    fn a_rehash_below_a_symlinked_directory_is_absent_and_reads_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, outside) = (dir.path().join("tree"), dir.path().join("outside"));
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("shadow"), "secret\n").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("d")).unwrap();
+        let policy = rule_over(&tree);
+        let host = HostRoot::identity();
+        let e = rehash(&tree.join("d/shadow"), &policy, &host).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let d = rehash(&tree.join("d"), &policy, &host).unwrap().unwrap();
+        assert_eq!(d.record.kind, FileKind::Symlink);
+        assert_eq!(d.record.link_target.as_deref(), Some(outside.as_os_str().as_bytes()));
+    }
+
+    #[test]
+    fn a_file_deeper_than_path_max_is_rehashed() {
+        use rustix::fs::{Mode, OFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let name = "n".repeat(250);
+        let mut fd = rustix::fs::open(dir.path(), OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let mut path = dir.path().to_owned();
+        for _ in 0..20 {
+            rustix::fs::mkdirat(&fd, name.as_str(), Mode::from(0o755)).unwrap();
+            fd = rustix::fs::openat(&fd, name.as_str(), OFlags::DIRECTORY, Mode::empty()).unwrap();
+            path.push(&name);
+        }
+        let leaf = rustix::fs::openat(&fd, "leaf", OFlags::WRONLY | OFlags::CREATE, Mode::from(0o644)).unwrap();
+        rustix::io::write(&leaf, b"deep\n").unwrap();
+        let path = path.join("leaf");
+        assert!(path.as_os_str().len() > 4096);
+        let policy = rule_over(dir.path());
+        let r = rehash(&path, &policy, &HostRoot::identity()).unwrap().unwrap();
+        assert!(r.record.error.is_none(), "{:?}", r.record.error);
+        assert_eq!(r.record.digest.map(|d| d.hex()), Some(blake3::hash(b"deep\n").to_hex().to_string()));
     }
 }

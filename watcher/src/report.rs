@@ -4,11 +4,13 @@
 //! path; the state, the journal and the kernel filter are then kept in step.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use kubefim_baseline::beneath;
 use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
 use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView};
@@ -86,19 +88,16 @@ impl View for Lookup<'_> {
     }
 }
 
-/// A directory's entries with the kernel key of each (`d_ino` and the directory's device:
-/// no stat per entry; an entry that is a mount point has another device, which costs a
-/// mismatch, never a wrong match).
-fn listed(dir: &Path) -> Vec<(std::fs::DirEntry, InodeKey)> {
-    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Vec::new() };
-    let dev = InodeKey::from_stat(meta.dev(), 0).dev;
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+/// A directory's entries (their paths) with the kernel key of each (`d_ino` and the
+/// directory's device: no stat per entry; an entry that is a mount point has another device,
+/// which costs a mismatch, never a wrong match). The directory is opened beneath its rule
+/// root: one that is now a symlink lists nothing (its own record says what it is).
+fn listed(policy: &Policy, host: &HostRoot, dir: &Path) -> Vec<(PathBuf, InodeKey)> {
+    let Ok((stat, entries)) = beneath::list(policy, host, dir) else { return Vec::new() };
+    let dev = InodeKey::from_stat(stat.st_dev, 0).dev;
     entries
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let key = InodeKey { dev, ino: e.ino() };
-            (e, key)
-        })
+        .into_iter()
+        .map(|e| (dir.join(OsStr::from_bytes(e.name.to_bytes())), InodeKey { dev, ino: e.ino }))
         .collect()
 }
 
@@ -146,8 +145,8 @@ impl Reporter {
             // change it, so a storm of writes costs one stat, not one an event.
             let confirm = match t.inode {
                 Some(key) if !self.queue.inode_confirmed(path, key) => {
-                    let is_it = std::fs::symlink_metadata(self.host.disk(path))
-                        .is_ok_and(|m| InodeKey::from_stat(m.dev(), m.ino()) == key);
+                    let is_it = beneath::lstat(self.state.policy(), &self.host, path)
+                        .is_ok_and(|m| InodeKey::from_stat(m.st_dev, m.st_ino) == key);
                     if !is_it {
                         continue;
                     }
@@ -248,8 +247,8 @@ impl Reporter {
 
     /// The name an inode has in `dir` now (listing it: `d_ino` needs no stat per entry).
     fn name_of(&self, dir: &Path, key: InodeKey) -> Option<PathBuf> {
-        let (found, _) = listed(&self.host.disk(dir)).into_iter().find(|(_, k)| *k == key)?;
-        Some(dir.join(found.file_name()))
+        let (found, _) = listed(self.state.policy(), &self.host, dir).into_iter().find(|(_, k)| *k == key)?;
+        Some(found)
     }
 
     /// The entries of `dir` that differ from the state's: new on disk, or known and gone.
@@ -260,8 +259,7 @@ impl Reporter {
         let known = self.state.children(dir);
         let mut on_disk = Vec::new();
         let mut out = Vec::new();
-        for (e, key) in listed(&self.host.disk(dir)) {
-            let path = dir.join(e.file_name());
+        for (path, key) in listed(policy, &self.host, dir) {
             if known.binary_search(&path).is_err() && self.queue.unnamed_dir(&key).is_none() && covered(policy, &path) {
                 out.push(path.clone());
             }
@@ -370,9 +368,7 @@ impl Reporter {
             // A new directory may have been filled before the kernel's filter knew it (tar -x,
             // mkdir -p): its entries are compared with the state in a moment.
             let policy = self.state.policy();
-            let entries: Vec<PathBuf> = std::fs::read_dir(self.host.disk(path))
-                .map(|it| it.filter_map(|e| e.ok()).map(|e| path.join(e.file_name())).collect())
-                .unwrap_or_default();
+            let entries: Vec<PathBuf> = listed(policy, &self.host, path).into_iter().map(|(p, _)| p).collect();
             let time = SystemTime::now();
             for entry in entries.into_iter().filter(|e| covered(policy, e) && !self.state.exists(e)) {
                 self.queue.found(&entry, time);
@@ -386,7 +382,7 @@ impl Reporter {
     /// on its own).
     fn report_rename(&mut self, from: &Path, to: &Path, pending: &Pending) -> Result<bool> {
         let Some(source) = self.state.get(from)?.map(|k| k.record) else { return Ok(false) };
-        if self.state.exists(to) || std::fs::symlink_metadata(self.host.disk(from)).is_ok() {
+        if self.state.exists(to) || beneath::lstat(self.state.policy(), &self.host, from).is_ok() {
             return Ok(false);
         }
         let Some(Some(now)) = self.rehash_now(to)? else { return Ok(false) };

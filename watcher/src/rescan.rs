@@ -268,7 +268,8 @@ impl Rescans {
         }
         for path in gone {
             let under_incomplete = incomplete.iter().any(|(p, _)| path.starts_with(p));
-            let on_disk = std::fs::symlink_metadata(self.setup.host.disk(&path)).is_ok();
+            // Beneath its rule root: a path below what is now a symlink is not on disk.
+            let on_disk = kubefim_baseline::beneath::lstat(&self.policy, &self.setup.host, &path).is_ok();
             if !under_incomplete && !on_disk {
                 found(&mut running, queue, &path, now);
             }
