@@ -301,6 +301,7 @@ impl Reporter {
                 new: None,
                 diff: None,
                 changed_ranges: None,
+                mount: None,
             }),
             (o, Some(n)) => {
                 let old_content = |hash: &kubefim_baseline::hash::Hash| match o {
@@ -347,7 +348,9 @@ impl Reporter {
         Ok(match (renamed_to, difference.kind) {
             (Some(_), _) => Line::Renamed(change),
             (None, ChangeKind::Added) => Line::Added(change),
-            (None, ChangeKind::Removed) => Line::Removed(change),
+            // `hidden` is verify's word (it reads the mount table); the watcher's comparison
+            // of one path never makes it, and a hidden path is gone from where it was.
+            (None, ChangeKind::Removed | ChangeKind::Hidden) => Line::Removed(change),
             (None, ChangeKind::Modified) => Line::Modified(change),
         })
     }
@@ -407,6 +410,7 @@ impl Reporter {
             new: Some(now.record.clone()),
             diff: None,
             changed_ranges: None,
+            mount: None,
         };
         let line = self.change_line(&difference, Some(to), &pending)?;
         self.print_event(&Event { time: time_string(pending.time), line })?;
