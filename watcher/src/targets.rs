@@ -158,7 +158,8 @@ fn path_event(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn View, t: &m
         let mut slot = Targets::default();
         // A mount's second path is its source: mounting a monitored file elsewhere changes
         // nothing of it.
-        if !path.is_empty() && !(ev.op.is_mount() && i == 1) {
+        let source = ev.op.is_mount() && i == 1;
+        if !path.is_empty() && !source {
             let start = ev.header.start[i];
             if ev.truncated[i] {
                 cut_path(view, start, path, seen[i].as_ref(), &mut slot);
@@ -211,11 +212,11 @@ fn moved(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn View, t: &mut Ta
     }
     let policy = view.policy();
     let slots = if mount { 1 } else { 2 };
-    for i in 0..slots.min(ev.paths.len()) {
+    for (i, seen) in seen.iter().enumerate().take(slots.min(ev.paths.len())) {
         if ev.truncated[i] {
             continue;
         }
-        let Some(path) = placed(view, ev, seen[i].as_ref(), i) else { continue };
+        let Some(path) = placed(view, ev, seen.as_ref(), i) else { continue };
         let scope = affected(policy, &path, mount && covered(policy, &path));
         if scope.is_empty() {
             continue;
