@@ -100,9 +100,14 @@ pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
             ChangeKind::Added => (ADDED, "added   "),
             ChangeKind::Removed => (REMOVED, "removed "),
             ChangeKind::Modified => (MODIFIED, "modified"),
+            ChangeKind::Hidden => (REMOVED, "hidden  "),
         };
         let attrs: Vec<_> = c.changed.iter().map(|a| a.name()).collect();
         writeln!(out, "{style}{mark}{style:#} {} {DIM}{}{DIM:#}", display_path(&c.path), attrs.join(", "))?;
+        if let Some(m) = &c.mount {
+            let how = if c.kind == ChangeKind::Hidden { "hidden by a mount" } else { "mounted over" };
+            writeln!(out, "         {how}: {} ({}, source {})", m.target, m.fs_type, m.source)?;
+        }
         if let Some(ranges) = &c.changed_ranges {
             let shown: Vec<String> = ranges.iter().take(8).map(|[a, b]| format!("{a}..{b}")).collect();
             writeln!(out, "         bytes changed: {}{}", shown.join(" "), if ranges.len() > 8 { " ..." } else { "" })?;
@@ -122,10 +127,11 @@ pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
         writeln!(out, "{WARN}unverified{WARN:#} {}: {}", display_path(&e.path), e.message)?;
     }
     let summary = format!(
-        "{} added, {} removed, {} modified, {} unverified ({} entries scanned)",
+        "{} added, {} removed, {} modified, {} hidden by mounts, {} unverified ({} entries scanned)",
         report.count(ChangeKind::Added),
         report.count(ChangeKind::Removed),
         report.count(ChangeKind::Modified),
+        report.count(ChangeKind::Hidden),
         report.errors.len(),
         report.scanned
     );

@@ -763,7 +763,13 @@ fn every_metric_follows_what_it_describes_with_labels_from_fixed_sets() {
     assert!(now - created < 600.0 && created <= now, "baseline created at {created}, now {now}");
     assert!(sample(&m, "kubefim_programs_attached", &text) >= 50.0, "{text}");
     assert_eq!(sample(&m, "kubefim_programs_degraded", &text), 0.0);
-    assert_eq!(sample(&m, "kubefim_watched_inodes", &text), 41.0, "one inode a file, and the tree's");
+    // The rule root's ancestors (all but `/`) are in the map too: a swap of one must be seen.
+    let ancestors = fx.tree().ancestors().skip(1).filter(|d| d.parent().is_some()).count() as f64;
+    assert_eq!(
+        sample(&m, "kubefim_watched_inodes", &text),
+        41.0 + ancestors,
+        "one inode a file, the tree's, and its {ancestors} ancestors'"
+    );
     assert_eq!(sample(&m, "kubefim_rescans_total{reason=\"startup\"}", &text), 1.0);
     assert_eq!(sample(&m, "kubefim_verify_runs_total{result=\"clean\"}", &text), 1.0);
     assert_eq!(sample(&m, "kubefim_last_verify_errors", &text), 0.0);
@@ -796,7 +802,7 @@ fn every_metric_follows_what_it_describes_with_labels_from_fixed_sets() {
         assert!(sample(&m, &format!("kubefim_events_total{{op=\"{op}\"}}"), &text) >= 1.0, "{op}: {text}");
     }
     assert!(sample(&m, "kubefim_rehash_duration_seconds_count", &text) >= 4.0, "{text}");
-    assert_eq!(sample(&m, "kubefim_watched_inodes", &text), 41.0, "one file added, one removed");
+    assert_eq!(sample(&m, "kubefim_watched_inodes", &text), 41.0 + ancestors, "one file added, one removed");
 
     // A burst the ring buffer cannot hold: what the kernel drops is counted as the lines say.
     let mark = agent.mark();

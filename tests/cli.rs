@@ -1639,3 +1639,68 @@ fn files_vanishing_and_changing_during_the_scan_are_not_fatal() {
     // The tree kept changing after the last create: differences, never an error or "untrusted".
     assert!(matches!(verify.code(), 0 | 1), "verify during churn must compare, got\n{}", verify.dump());
 }
+
+#[test]
+fn verify_says_entries_under_a_new_mount_are_hidden_not_removed() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "mount tests need root and CI runs as root");
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    write(&fx.t("kubelet.conf"), "server: https://real\n");
+    mkdir(&fx.t("manifests"));
+    write(&fx.t("manifests/etcd.yaml"), "image: etcd\n");
+    write(&fx.t("gone.txt"), "gone\n");
+    write(&fx.path("evil.conf"), "server: https://evil\n");
+    fx.create_default();
+    fs::remove_file(fx.t("gone.txt")).unwrap();
+    // In a private mount namespace: the mounts exist only for this verify.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && mount -t tmpfs kubefim-test "$3" && exec "$4" verify --db "$5" --pubkey "$6" --format json"#)
+        .arg("sh")
+        .arg(fx.path("evil.conf"))
+        .arg(fx.t("kubelet.conf"))
+        .arg(fx.t("manifests"))
+        .arg(BIN)
+        .arg(fx.db())
+        .arg(fx.pubkey());
+    let run = run_with_timeout(cmd, TIMEOUT);
+    run.expect_code(1);
+    let report = run.json();
+    check_report_shape(&report, &run);
+    let hidden = change_for(&report, &fx.t("manifests/etcd.yaml"));
+    assert_eq!(hidden["kind"], "hidden", "{hidden:#}\n{}", run.dump());
+    assert_eq!(hidden["mount"]["target"], fx.t("manifests").to_str().unwrap(), "{hidden:#}");
+    assert_eq!(hidden["mount"]["fs_type"], "tmpfs", "{hidden:#}");
+    assert_eq!(hidden["mount"]["source"], "kubefim-test", "{hidden:#}");
+    let conf = change_for(&report, &fx.t("kubelet.conf"));
+    assert_eq!(conf["kind"], "modified", "{conf:#}");
+    assert!(changed_attrs(conf).contains(&"content"), "{conf:#}");
+    assert_eq!(conf["mount"]["target"], fx.t("kubelet.conf").to_str().unwrap(), "{conf:#}");
+    let gone = change_for(&report, &fx.t("gone.txt"));
+    assert_eq!(gone["kind"], "removed", "a file really gone is removed: {gone:#}");
+    assert!(gone.get("mount").is_none(), "{gone:#}");
+    assert_eq!(report["summary"]["hidden"], 1, "{report:#}");
+    assert_eq!(report["summary"]["removed"], 1, "{report:#}");
+    // The same for people.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs kubefim-test "$1" && exec "$2" verify --db "$3" --pubkey "$4" --format human"#)
+        .arg("sh")
+        .arg(fx.t("manifests"))
+        .arg(BIN)
+        .arg(fx.db())
+        .arg(fx.pubkey());
+    let run = run_with_timeout(cmd, TIMEOUT);
+    run.expect_code(1);
+    let etcd = fx.t("manifests/etcd.yaml");
+    assert!(
+        run.stdout.lines().any(|l| l.starts_with("hidden") && l.contains(etcd.to_str().unwrap())),
+        "no hidden line for {}\n{}",
+        etcd.display(),
+        run.dump()
+    );
+    assert!(run.stdout.contains("hidden by a mount"), "{}", run.dump());
+}

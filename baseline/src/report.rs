@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 pub use self::escaped::{EscapedBytes, EscapedField, EscapedPath, FieldKeys, PathKeys, display_path, escape_bytes};
 use crate::policy::{Attribute, Policy};
 use crate::record::{FileKind, FileRecord};
-use crate::verify::{Change, ChangeKind, VerifyError, VerifyReport};
+use crate::verify::{Change, ChangeKind, MountedAt, VerifyError, VerifyReport};
 
 /// The attributes of one recorded entry, as `baseline show` prints them after the path and
 /// as `old` and `new` of a change.
@@ -114,9 +114,9 @@ pub struct ChangeView {
     /// The path.
     #[serde(flatten)]
     pub path: EscapedPath,
-    /// Added, removed or modified.
+    /// Added, removed, modified, or hidden (in the baseline, covered now by a mount made since: see `mount`).
     pub kind: ChangeKind,
-    /// The attributes that differ, only those the entry's rule monitors, in this order: type, content, size, mode, uid, gid, mtime, ctime, inode, nlink, link_target, xattrs; empty for added and removed entries.
+    /// The attributes that differ, only those the entry's rule monitors, in this order: type, content, size, mode, uid, gid, mtime, ctime, inode, nlink, link_target, xattrs; empty for added, removed and hidden entries.
     pub changed: Vec<Attribute>,
     /// The baseline's record; null for an added entry.
     pub old: Option<RecordView>,
@@ -128,6 +128,9 @@ pub struct ChangeView {
     /// The byte ranges `[start, end)` whose content differs, at 64 KiB granularity; present only when the content changed and was read on both sides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_ranges: Option<Vec<[u64; 2]>>,
+    /// For a `hidden` entry, the mount made since the baseline that covers it; for a modified entry, the mount whose target it now is (a bind mount over a file). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<MountedAt>,
 }
 
 impl ChangeView {
@@ -141,6 +144,7 @@ impl ChangeView {
             new: change.new.as_ref().map(|r| RecordView::new(r, policy)),
             diff: change.diff.clone(),
             changed_ranges: change.changed_ranges.clone(),
+            mount: change.mount.clone(),
         }
     }
 }
@@ -167,6 +171,8 @@ pub struct VerifySummary {
     pub removed: u64,
     /// How many entries differ in a monitored attribute.
     pub modified: u64,
+    /// How many entries of the baseline are covered by a mount made since (not counted as removed).
+    pub hidden: u64,
     /// How many entries could not be verified (listed in `errors`; they keep the report from being clean).
     pub unverified: u64,
     /// How many entries were scanned now.
@@ -202,6 +208,7 @@ impl VerifyReportView {
                 added: count(ChangeKind::Added),
                 removed: count(ChangeKind::Removed),
                 modified: count(ChangeKind::Modified),
+                hidden: count(ChangeKind::Hidden),
                 unverified: report.errors.len() as u64,
                 scanned: report.scanned,
                 clean: report.is_clean(),

@@ -1,9 +1,10 @@
 //! Verify: rescan what a trusted baseline's policy names and compare each entry with its
 //! record, attribute by attribute, producing [`Change`]s with content diffs (where the rule
-//! keeps content) and changed byte ranges. Anything that could not be checked is an error
-//! entry that keeps the report from being clean.
+//! keeps content) and changed byte ranges. An entry a mount made since covers is `hidden`,
+//! not `removed` (`mounts`). Anything that could not be checked is an error entry that keeps
+//! the report from being clean.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,8 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::baseline::TrustedBaseline;
 use crate::error::Result;
 use crate::hash::changed_ranges;
+use crate::mounts::{Mount, MountTable, hiding};
 use crate::policy::{Attribute, Policy, path_bytes, path_from_bytes};
 use crate::record::FileRecord;
+use crate::report::{display_path, escape_bytes};
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
 use crate::seal::Seal;
@@ -31,6 +34,9 @@ pub enum ChangeKind {
     Removed,
     /// Present in both, some monitored attribute differs.
     Modified,
+    /// In the baseline, not visible now because a mount made since covers it (`mount` says
+    /// which): the entry may still be there underneath, unchanged or not.
+    Hidden,
 }
 
 impl ChangeKind {
@@ -40,6 +46,7 @@ impl ChangeKind {
             ChangeKind::Added => "added",
             ChangeKind::Removed => "removed",
             ChangeKind::Modified => "modified",
+            ChangeKind::Hidden => "hidden",
         }
     }
 }
@@ -61,6 +68,22 @@ pub struct Change {
     pub diff: Option<String>,
     /// Changed byte ranges, when the content changed.
     pub changed_ranges: Option<Vec<[u64; 2]>>,
+    /// The mount that hides a [`ChangeKind::Hidden`] entry, or that a modified entry is now
+    /// the target of (a bind mount over a file).
+    pub mount: Option<MountedAt>,
+}
+
+/// A mount, as a change names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct MountedAt {
+    /// Where it is mounted (as the policy names paths; escaped like every path).
+    pub target: String,
+    /// Its file system type (`tmpfs`, `ext4`, ...).
+    pub fs_type: String,
+    /// Its source as the kernel recorded it: a device, the bind mount's file system's device,
+    /// or any word for a virtual file system.
+    pub source: String,
 }
 
 /// A path that could not be checked.
@@ -135,6 +158,7 @@ pub fn compare_with(
             new: Some(new),
             diff: None,
             changed_ranges: None,
+            mount: None,
         }));
     };
     let rule = &policy.rules[usize::try_from(new.rule).expect("rule index fits")];
@@ -150,6 +174,7 @@ pub fn compare_with(
         new: None,
         diff: None,
         changed_ranges: None,
+        mount: None,
     };
     if change.changed.contains(&Attribute::Content) {
         if let (Some(a), Some(b)) = (&old.digest, &new.digest) {
@@ -186,7 +211,7 @@ fn rescan(policy: &Policy, host: &HostRoot, db: &Path, progress: &ScanProgress) 
 /// Rescans everything a trusted baseline's policy names and reports every difference.
 pub fn verify(baseline: &TrustedBaseline, host: &HostRoot, progress: &ScanProgress) -> Result<VerifyReport> {
     let (entries, summary) = rescan(&baseline.policy, host, baseline.path(), progress);
-    report(baseline, entries, &summary)
+    report(baseline, host, entries, &summary)
 }
 
 /// Opens the baseline at `db` and verifies the machine against it. The rescan starts as
@@ -208,13 +233,18 @@ pub fn verify_db(
         (loader.join().expect("loading the baseline does not panic"), scanned)
     });
     let baseline = baseline?;
-    let report = report(&baseline, entries, &summary)?;
+    let report = report(&baseline, host, entries, &summary)?;
     Ok((baseline, report))
 }
 
 /// Compares scanned entries with the baseline: modified and added from the entries, removed
 /// from the records no entry matched.
-fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &ScanSummary) -> Result<VerifyReport> {
+fn report(
+    baseline: &TrustedBaseline,
+    host: &HostRoot,
+    entries: Vec<ScannedEntry>,
+    summary: &ScanSummary,
+) -> Result<VerifyReport> {
     let records = baseline.record_map()?;
     let seen: HashSet<&[u8]> = entries.iter().map(|e| path_bytes(&e.path)).collect();
     let mut changes: Vec<Change> = records
@@ -228,6 +258,7 @@ fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &Scan
             new: None,
             diff: None,
             changed_ranges: None,
+            mount: None,
         })
         .collect();
     drop(seen);
@@ -240,7 +271,43 @@ fn report(baseline: &TrustedBaseline, entries: Vec<ScannedEntry>, summary: &Scan
         .collect::<Result<_>>()?;
     changes.extend(compared.into_iter().flatten());
     changes.sort_by(|a, b| a.path.cmp(&b.path));
+    mark_mounts(&mut changes, &records, host);
     let errors =
         summary.incomplete().map(|w| VerifyError { path: w.path.clone(), message: w.message.clone() }).collect();
     Ok(VerifyReport { changes, errors, scanned: summary.entries })
+}
+
+/// Says which removed entries a mount made since the baseline hides (then `hidden`, not
+/// `removed`: a tmpfs over a directory is not the directory's files deleted) and which
+/// modified entries are a mount's target now (a bind mount over a file). Without a readable
+/// mount table, nothing is said.
+fn mark_mounts(changes: &mut [Change], records: &BTreeMap<Vec<u8>, FileRecord>, host: &HostRoot) {
+    if !changes.iter().any(|c| matches!(c.kind, ChangeKind::Removed | ChangeKind::Modified)) {
+        return;
+    }
+    let Ok(table) = MountTable::read() else { return };
+    let named = |m: &Mount| MountedAt {
+        target: host.logical(&m.target).map_or_else(|| display_path(&m.target), |p| display_path(&p)),
+        fs_type: escape_bytes(m.fs_type.as_bytes()).0,
+        source: escape_bytes(m.source.as_bytes()).0,
+    };
+    for c in changes.iter_mut() {
+        let disk = host.disk(&c.path);
+        match (c.kind, &c.old, &c.new) {
+            (ChangeKind::Removed, Some(old), _) => {
+                let recorded_dir = |target: &Path| {
+                    let logical = host.logical(target)?;
+                    records.get(path_bytes(&logical)).map(|r| (r.dev, r.inode))
+                };
+                if let Some(m) = hiding(&table, &disk, old.dev, recorded_dir) {
+                    c.kind = ChangeKind::Hidden;
+                    c.mount = Some(named(m));
+                }
+            }
+            (ChangeKind::Modified, Some(old), Some(new)) if (old.dev, old.inode) != (new.dev, new.inode) => {
+                c.mount = table.at(&disk).map(named);
+            }
+            _ => {}
+        }
+    }
 }

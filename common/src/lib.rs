@@ -24,6 +24,18 @@ pub struct InodeKey {
 pub const WATCH_FILE: u32 = 1;
 /// The inode is a monitored directory: entries created, removed or renamed in it matter.
 pub const WATCH_DIR: u32 = 2;
+/// The inode is an unmonitored ancestor of a rule root: only a mount made through a
+/// descriptor of it (`move_mount`, `mount_setattr` with an empty path) matters; its renames
+/// and removals pass the name filter ([`NAME_ANCESTOR`]).
+pub const WATCH_ANCESTOR: u32 = 4;
+
+/// Value bits of the `NAMES` map. The name of a monitored entry: a path event whose last or
+/// next-to-last component it is may touch a monitored path.
+pub const NAME_ENTRY: u8 = 1;
+/// The name of an ancestor of a rule root: a rename, unlink, rmdir or mount whose *last*
+/// component it is may swap or cover a whole rule root (an op on an entry *in* an ancestor
+/// directory cannot, so the next-to-last component does not count for it).
+pub const NAME_ANCESTOR: u8 = 2;
 
 /// What the kernel saw. `#[repr(u32)]`; a number, once given, is never reused.
 #[repr(u32)]
@@ -73,6 +85,23 @@ pub enum Op {
     /// The inode was dirtied (`writeback/writeback_mark_inode_dirty`) with no syscall of
     /// ours in sight: a store through a shared mapping, or io_uring's worker threads.
     Dirty = 21,
+    // 22..=31 are left to ops added alongside (io_submit, io_uring fixed files, ioctl): the
+    // mount family starts at 32 so the two sets merge without renumbering.
+    /// mount(2) (`sys_enter_mount`): the target path, and the source.
+    Mount = 32,
+    /// move_mount(2): attaches a mount made by fsmount(2) or open_tree(2), or moves one.
+    MoveMount = 33,
+    /// mount_setattr(2): changes a mount's flags (read-only, id mapping, propagation).
+    MountSetattr = 34,
+    /// umount2(2) (`sys_enter_umount`).
+    Umount = 35,
+}
+
+impl Op {
+    /// Whether the op changes what is mounted where.
+    pub const fn is_mount(self) -> bool {
+        matches!(self, Op::Mount | Op::MoveMount | Op::MountSetattr | Op::Umount)
+    }
 }
 
 impl Op {
@@ -101,6 +130,10 @@ impl Op {
             19 => Mkdir,
             20 => Mknod,
             21 => Dirty,
+            32 => Mount,
+            33 => MoveMount,
+            34 => MountSetattr,
+            35 => Umount,
             _ => return None,
         })
     }
@@ -129,6 +162,10 @@ impl Op {
             Op::Mkdir => "mkdir",
             Op::Mknod => "mknod",
             Op::Dirty => "dirty",
+            Op::Mount => "mount",
+            Op::MoveMount => "move_mount",
+            Op::MountSetattr => "mount_setattr",
+            Op::Umount => "umount",
         }
     }
 }
@@ -282,7 +319,8 @@ pub struct Offsets {
 pub mod maps {
     /// `HashMap<InodeKey, u32>`: watched inodes, `WATCH_*` bits.
     pub const WATCHED: &str = "WATCHED";
-    /// `HashMap<u64, u8>`: [`super::name_hash`] of every monitored entry's file name.
+    /// `HashMap<u64, u8>`: [`super::name_hash`] of every monitored entry's file name
+    /// ([`super::NAME_ENTRY`]) and of every rule root's ancestors ([`super::NAME_ANCESTOR`]).
     pub const NAMES: &str = "NAMES";
     /// `RingBuf` of [`super::EventHeader`] / [`super::PathEvent`].
     pub const EVENTS: &str = "EVENTS";

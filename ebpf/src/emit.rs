@@ -4,7 +4,9 @@
 
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_loop};
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
-use kubefim_common::{Config, EventHeader, InodeKey, NAME_HASH_SEED, PATH_CAP, name_hash_step};
+use kubefim_common::{
+    Config, EventHeader, InodeKey, NAME_ANCESTOR, NAME_ENTRY, NAME_HASH_SEED, PATH_CAP, name_hash_step,
+};
 
 use crate::kernel::{PF_IO_WORKER, read};
 use crate::{EVENTS, LOST, NAMES, WATCHED, config};
@@ -38,10 +40,11 @@ pub fn watch(key: &InodeKey, bits: u32) {
     let _ = WATCHED.insert(key, bits, 0);
 }
 
+/// The `NAME_*` bits of a name hash, 0 when unknown.
 #[inline(always)]
-fn name_known(hash: u64) -> bool {
+fn name_bits(hash: u64) -> u8 {
     // SAFETY: as in `watched`.
-    unsafe { NAMES.get(hash).is_some() }
+    unsafe { NAMES.get(hash).copied().unwrap_or(0) }
 }
 
 /// The state of [`path_names_known`]'s walk over a path, one byte per `bpf_loop` step.
@@ -82,10 +85,12 @@ extern "C" fn name_walk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// Whether the last or next-to-last component of a NUL-terminated path is a monitored name.
-/// An empty component hashes to the seed (a non-empty name never does in practice).
+/// Whether the last or next-to-last component of a NUL-terminated path is a monitored name;
+/// with `ancestors`, also whether the last one is the name of a rule root's ancestor (a
+/// rename, removal or mount of it can swap or cover the root). An empty component hashes to
+/// the seed (a non-empty name never does in practice).
 #[inline(always)]
-pub fn path_names_known(path: &[u8; PATH_CAP]) -> bool {
+pub fn path_names_known(path: &[u8; PATH_CAP], ancestors: bool) -> bool {
     let mut walk = NameWalk { path: path.as_ptr(), cur: NAME_HASH_SEED, last: 0, parent: 0 };
     // SAFETY: the callback and its context follow bpf_loop's contract.
     unsafe {
@@ -100,7 +105,9 @@ pub fn path_names_known(path: &[u8; PATH_CAP]) -> bool {
         walk.parent = walk.last;
         walk.last = walk.cur;
     }
-    (walk.last != 0 && name_known(walk.last)) || (walk.parent != 0 && name_known(walk.parent))
+    let last = if walk.last != 0 { name_bits(walk.last) } else { 0 };
+    let last_wanted = if ancestors { NAME_ENTRY | NAME_ANCESTOR } else { NAME_ENTRY };
+    (last & last_wanted != 0) || (walk.parent != 0 && name_bits(walk.parent) & NAME_ENTRY != 0)
 }
 
 /// Counts an event the ring buffer had no room for.

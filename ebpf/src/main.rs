@@ -3,9 +3,10 @@
 //! can change, keep only what touches a watched inode or a monitored name, and hand it to the
 //! watcher through one ring buffer. Hooks are grouped by what they watch: `fd_ops` (changes
 //! through a file descriptor), `path_ops` (changes by path), `open` (opens for writing and
-//! creates), `dirty` (what no syscall shows: shared mappings and io_uring). `kernel` reads
-//! kernel structs at offsets the watcher found in the running kernel's BTF; `emit` fills and
-//! sends events. No panics: every fallible step returns early.
+//! creates), `dirty` (what no syscall shows: shared mappings and io_uring), `mounts` (mounts
+//! at, above or below monitored paths). `kernel` reads kernel structs at offsets the watcher
+//! found in the running kernel's BTF; `emit` fills and sends events. No panics: every
+//! fallible step returns early.
 #![no_std]
 #![no_main]
 
@@ -13,6 +14,7 @@ mod dirty;
 mod emit;
 mod fd_ops;
 mod kernel;
+mod mounts;
 mod open;
 mod path_ops;
 

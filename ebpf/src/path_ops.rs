@@ -11,7 +11,10 @@
 use aya_ebpf::helpers::bpf_probe_read_user_str_bytes;
 use aya_ebpf::macros::tracepoint;
 use aya_ebpf::programs::TracePointContext;
-use kubefim_common::{EVENT_EXCHANGE, EVENT_HAS_PATHS, EVENT_PATH_TRUNCATED, Op, PATH_CAP, PathEvent, WATCH_DIR};
+use kubefim_common::{
+    EVENT_EXCHANGE, EVENT_HAS_PATHS, EVENT_PATH_TRUNCATED, Op, PATH_CAP, PathEvent, WATCH_ANCESTOR, WATCH_DIR,
+    WATCH_FILE,
+};
 
 use crate::EVENTS;
 use crate::emit::{active, fill_header, lost, path_names_known, watched};
@@ -32,6 +35,13 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
     // path slot is NUL-terminated before it is read.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     fill_header(&mut ev.header, &cfg, task, pid_tgid, op as u32, flags | EVENT_HAS_PATHS, 0);
+    // A rename, removal or mount of a rule root's ancestor can swap or cover the whole root:
+    // those ops also pass on an ancestor's name, and a mount also on a target given as a
+    // descriptor of anything watched (move_mount and mount_setattr with an empty path). A
+    // mount's second path is its source: carried, never a reason to send.
+    let mount = op.is_mount();
+    let ancestors = mount || matches!(op, Op::Rename | Op::Unlink | Op::Rmdir);
+    let start_bits = if mount { WATCH_FILE | WATCH_DIR | WATCH_ANCESTOR } else { WATCH_DIR };
     let mut keep = false;
     let mut i = 0;
     while i < 2 {
@@ -45,20 +55,21 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
                 Ok(s) => s.len(),
                 Err(_) => 0,
             };
+            let decides = !mount || i == 0;
             if len >= PATH_CAP - 1 {
                 ev.header.flags |= EVENT_PATH_TRUNCATED;
-                keep = true;
+                keep |= decides;
             }
             ev.header.dirfd[i] = dirfd as i32;
             if slot[0] != b'/'
                 && let Some(key) = start_dir_key(&cfg, task, dirfd)
             {
                 ev.header.start[i] = key;
-                if watched(&key) & WATCH_DIR != 0 {
+                if decides && watched(&key) & start_bits != 0 {
                     keep = true;
                 }
             }
-            if !keep && path_names_known(slot) {
+            if !keep && decides && path_names_known(slot, ancestors) {
                 keep = true;
             }
         }

@@ -1,13 +1,16 @@
 //! The in-kernel filter as user space keeps it: which inodes the programs watch (`WATCHED`,
-//! with a directory's entries watched too) and which file names a path event must carry to
-//! be sent (`NAMES`). Filled once from the state at start, then kept in step with every
+//! with a directory's entries watched too, and the rule roots' ancestors for mounts) and which
+//! file names a path event must carry to be sent (`NAMES`: monitored entries' names, and the
+//! ancestors' names for renames, removals and mounts of them). Filled once from the state at start, then kept in step with every
 //! rehash; it counts what it holds, so `kubefim_watched_inodes` is what the map holds, and
 //! says once when a map is full (changes beyond it are then found by rescans only).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData};
-use kubefim_common::{InodeKey, WATCH_DIR, WATCH_FILE, name_hash};
+use kubefim_common::{InodeKey, NAME_ANCESTOR, NAME_ENTRY, WATCH_ANCESTOR, WATCH_DIR, WATCH_FILE, name_hash};
+
+use crate::ancestors::Ancestors;
 
 use crate::index::{EXISTS, Index};
 
@@ -122,10 +125,10 @@ impl KernelFilter {
         KernelFilter { watched, names, capacity, inodes: 0, full: false, full_reported: false }
     }
 
-    /// Puts every existing entry of `index` in the maps, and the names of `roots` (rule roots
-    /// that may not exist yet: their creation by path must pass the name filter). Each inode
-    /// and each name is sent once, thousands to a syscall.
-    pub fn fill<'a>(&mut self, index: &Index, roots: impl IntoIterator<Item = &'a [u8]>) {
+    /// Puts every existing entry of `index` in the maps, the names of `roots` (rule roots
+    /// that may not exist yet: their creation by path must pass the name filter), and the
+    /// rule roots' `ancestors`. Each inode and each name is sent once, thousands to a syscall.
+    pub fn fill<'a>(&mut self, index: &Index, roots: impl IntoIterator<Item = &'a [u8]>, ancestors: &Ancestors) {
         let mut keys: Vec<InodeKey> = Vec::with_capacity(FILL_BATCH);
         let mut values: Vec<u32> = Vec::with_capacity(FILL_BATCH);
         let mut ok = true;
@@ -167,7 +170,7 @@ impl KernelFilter {
                 hashes.push(name_hash(name));
             }
             if hashes.len() == FILL_BATCH || (next.is_none() && !hashes.is_empty()) {
-                let ones = vec![1u8; hashes.len()];
+                let ones = vec![NAME_ENTRY; hashes.len()];
                 ok &= fill_batch(&mut self.names, &hashes, &ones) == hashes.len();
                 hashes.clear();
             }
@@ -176,10 +179,53 @@ impl KernelFilter {
             }
         }
         for name in roots {
-            ok &= self.names.insert(name_hash(name), 1, 0).is_ok();
+            ok &= self.name(name, NAME_ENTRY);
+        }
+        for name in ancestors.names() {
+            ok &= self.name(name, NAME_ANCESTOR);
+        }
+        for key in ancestors.keys() {
+            ok &= self.watch_ancestor(key);
         }
         if !ok {
             self.full = true;
+        }
+    }
+
+    /// Adds `bit` to a name's `NAME_*` bits (a name may be a monitored entry's and an
+    /// ancestor's). False when the map is full.
+    fn name(&mut self, name: &[u8], bit: u8) -> bool {
+        let hash = name_hash(name);
+        match self.names.get(&hash, 0) {
+            Ok(b) if b & bit != 0 => true,
+            Ok(b) => self.names.insert(hash, b | bit, 0).is_ok(),
+            Err(_) => self.names.insert(hash, bit, 0).is_ok(),
+        }
+    }
+
+    /// Watches a rule root's ancestor for mounts through a descriptor of it. False when the
+    /// map is full.
+    pub fn watch_ancestor(&mut self, key: InodeKey) -> bool {
+        let ok = match self.watched.get(&key, 0).ok() {
+            Some(b) if b & WATCH_ANCESTOR != 0 => true,
+            Some(b) => self.watched.insert(key, b | WATCH_ANCESTOR, 0).is_ok(),
+            None => self.insert(key, WATCH_ANCESTOR),
+        };
+        if !ok {
+            self.full = true;
+        }
+        ok
+    }
+
+    /// An inode is no rule root's ancestor any more: it keeps only the bits monitored paths
+    /// give it.
+    pub fn unwatch_ancestor(&mut self, key: InodeKey) {
+        match self.watched.get(&key, 0).ok() {
+            Some(WATCH_ANCESTOR) => self.unwatch(key),
+            Some(b) if b & WATCH_ANCESTOR != 0 => {
+                let _ = self.watched.insert(key, b & !WATCH_ANCESTOR, 0);
+            }
+            _ => {}
         }
     }
 
@@ -202,7 +248,7 @@ impl KernelFilter {
             None => self.insert(key, want),
         };
         // Both, even when the first fails: the name filter still helps.
-        let named = name.is_empty() || self.names.insert(name_hash(name), 1, 0).is_ok();
+        let named = name.is_empty() || self.name(name, NAME_ENTRY);
         let ok = inode && named;
         if !ok {
             self.full = true;

@@ -3,12 +3,13 @@
 //! (`resolve`); the loop (`watch`) maps each event to what it may have changed (`targets`),
 //! debounces (`pending`), rehashes and reports (`report`, typed lines in `model`, printed by
 //! `output`), keeps the kernel's filter in step (`filter`, over the programs of `programs`
-//! loaded with `btf`'s offsets) and runs rescans off the loop (`rescan`). What is known of
-//! each path is `state`: a compact `index` in memory, records in the signed baseline and the
-//! journal. `lifecycle` gets to a trusted baseline without the private key on the node;
+//! loaded with `btf`'s offsets, and the rule roots' `ancestors` in it) and runs rescans off the
+//! loop (`rescan`). What is known of each path is `state`: a compact `index` in memory,
+//! records in the signed baseline and the journal. `lifecycle` gets to a trusted baseline without the private key on the node;
 //! `metrics` and `http` serve Prometheus metrics and the probes.
 
 mod actor;
+mod ancestors;
 mod btf;
 pub mod error;
 mod event;

@@ -1,6 +1,7 @@
 //! Every line `kubefim watch` prints, as types: one [`Event`] per line, its `kind` telling
-//! a change (`added`, `removed`, `modified`, `renamed`) from a line about the watcher itself
-//! (`rescan`, `lost`, `degraded`, `error`, `verify`, and the baseline's lifecycle). The JSON
+//! a change (`added`, `removed`, `modified`, `renamed`) or a mount over monitored paths
+//! (`mounted-over`, in `model/mount.rs`) from a line about the watcher itself (`rescan`,
+//! `lost`, `degraded`, `error`, `verify`, and the baseline's lifecycle). The JSON
 //! is their serde form and the JSON Schema (`kubefim schema events`) is generated from them;
 //! human output is their `Display`. The vocabularies (ops, reasons, results, origins) are
 //! enums: code never compares their names.
@@ -11,6 +12,9 @@ use std::time::SystemTime;
 use kubefim_baseline::report::{EscapedField, EscapedPath, FieldKeys, RecordView};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+mod mount;
+pub use mount::{MountTargetKeys, MountedOver};
 
 /// What the kernel saw a process do to a path (`ops` of a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -52,6 +56,14 @@ pub enum FileOp {
     Mkdir,
     /// mknod, mknodat.
     Mknod,
+    /// mount(2) at, above or below the path.
+    Mount,
+    /// move_mount(2) (attaching what fsmount(2) or open_tree(2) made, or moving a mount).
+    MoveMount,
+    /// mount_setattr(2).
+    MountSetattr,
+    /// umount2(2).
+    Umount,
 }
 
 impl FileOp {
@@ -78,6 +90,10 @@ impl FileOp {
             K::Create => FileOp::Create,
             K::Mkdir => FileOp::Mkdir,
             K::Mknod => FileOp::Mknod,
+            K::Mount => FileOp::Mount,
+            K::MoveMount => FileOp::MoveMount,
+            K::MountSetattr => FileOp::MountSetattr,
+            K::Umount => FileOp::Umount,
             K::OpenWrite | K::Close | K::Dirty => return None,
         })
     }
@@ -103,6 +119,10 @@ impl FileOp {
             FileOp::Create => "create",
             FileOp::Mkdir => "mkdir",
             FileOp::Mknod => "mknod",
+            FileOp::Mount => "mount",
+            FileOp::MoveMount => "move_mount",
+            FileOp::MountSetattr => "mount_setattr",
+            FileOp::Umount => "umount",
         }
     }
 }
@@ -129,17 +149,21 @@ pub enum RescanReason {
     IoUring,
     /// A path too long to be sent whole: what it could name is rescanned.
     TruncatedPath,
+    /// A rule root or a directory above it was renamed, removed or mounted over, or a mount
+    /// was made in a monitored tree: what the paths lead to now is rescanned and watched.
+    Moved,
 }
 
 impl RescanReason {
     /// Every reason, for metrics that must exist at zero.
-    pub const ALL: [RescanReason; 6] = [
+    pub const ALL: [RescanReason; 7] = [
         RescanReason::Startup,
         RescanReason::Interval,
         RescanReason::Verify,
         RescanReason::LostEvents,
         RescanReason::IoUring,
         RescanReason::TruncatedPath,
+        RescanReason::Moved,
     ];
 
     /// The name in lines and metrics.
@@ -151,6 +175,7 @@ impl RescanReason {
             RescanReason::LostEvents => "lost_events",
             RescanReason::IoUring => "io_uring",
             RescanReason::TruncatedPath => "truncated_path",
+            RescanReason::Moved => "moved",
         }
     }
 }
@@ -311,6 +336,8 @@ pub enum Line {
     Modified(Change),
     /// A file was renamed (`path` to `to`), with the same inode.
     Renamed(Change),
+    /// A mount was made, moved, changed or removed at, above or below a monitored path.
+    MountedOver(MountedOver),
     /// A rescan ended.
     Rescan(Rescan),
     /// Events were lost; a rescan of everything follows.

@@ -57,6 +57,22 @@ impl fmt::Display for Event {
             Line::Removed(c) => change(f, time, "removed", c),
             Line::Modified(c) => change(f, time, "modified", c),
             Line::Renamed(c) => change(f, time, "renamed", c),
+            Line::MountedOver(m) => {
+                write!(f, "{time} mounted-over {} ops={}", m.target.bytes.text, m.op)?;
+                match (&m.fs_type, &m.source) {
+                    (Some(fs_type), Some(source)) => write!(f, " ({fs_type} from {source})")?,
+                    _ if !m.mounted => write!(f, " (nothing mounted there now)")?,
+                    _ => {}
+                }
+                write!(f, " by {}[{}] uid={}", m.process.comm, m.process.pid, m.process.uid)?;
+                if let Some(container) = &m.container {
+                    write!(f, " container={}", &container.id[..container.id.len().min(12)])?;
+                }
+                if let Some(pod) = &m.pod {
+                    write!(f, " pod={}/{}", pod.namespace, pod.name)?;
+                }
+                Ok(())
+            }
             Line::Rescan(r) => {
                 write!(f, "{time} rescan ({}): {} scanned, {} changes", r.reason.as_str(), r.scanned, r.changes)?;
                 if !r.scope.is_empty() {

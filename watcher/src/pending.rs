@@ -109,8 +109,12 @@ impl Pending {
                 self.writers.last_mut().expect("just pushed")
             }
         };
-        if matches!(note.op, Some(FileOp::Unlink | FileOp::Rename | FileOp::Rmdir)) {
-            // The inode may be gone, and its number given to another file.
+        if matches!(
+            note.op,
+            Some(FileOp::Unlink | FileOp::Rename | FileOp::Rmdir | FileOp::Mount | FileOp::MoveMount | FileOp::Umount)
+        ) {
+            // The inode may be gone, and its number given to another file; a mount puts
+            // another inode at the path.
             self.inode = None;
         }
         if let Some(op) = note.op {

@@ -155,7 +155,19 @@ impl Programs {
 
     /// Adds a monitored name's hash. False when the map is full.
     pub fn watch_name(&mut self, name: &[u8]) -> bool {
-        self.names.insert(kubefim_common::name_hash(name), 1, 0).is_ok()
+        self.name_bit(name, kubefim_common::NAME_ENTRY)
+    }
+
+    /// Adds the name of a rule root's ancestor (renames, removals and mounts of it are
+    /// sent). False when the map is full.
+    pub fn watch_ancestor_name(&mut self, name: &[u8]) -> bool {
+        self.name_bit(name, kubefim_common::NAME_ANCESTOR)
+    }
+
+    fn name_bit(&mut self, name: &[u8], bit: u8) -> bool {
+        let hash = kubefim_common::name_hash(name);
+        let now = self.names.get(&hash, 0).unwrap_or(0);
+        now | bit == now || self.names.insert(hash, now | bit, 0).is_ok()
     }
 
     /// The parts, for their owners in the watcher: the attached programs (kept alive),

@@ -1,30 +1,37 @@
 //! From observations to reports: each kernel event is mapped to what it may have changed
 //! (`targets`) and noted in the debounce queue (`pending`); what is due is rehashed, compared
 //! with what was known, and reported as a typed line naming each process that changed that
-//! path; the state, the journal and the kernel filter are then kept in step.
+//! path; the state, the journal and the kernel filter are then kept in step. A rename,
+//! removal or mount that may have put other inodes at monitored paths is held for a moment
+//! (the syscall was seen on entry), then says what is mounted there now (`mounted-over`) and
+//! has its subtrees rescanned, attributed to its process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use kubefim_baseline::beneath;
+use kubefim_baseline::mounts::MountTable;
 use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
-use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView};
+use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView, display_path, escape_bytes};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::rehash;
 use kubefim_baseline::verify::{Change as Difference, ChangeKind, compare_with};
 use kubefim_common::{EVENT_IO_WORKER, InodeKey, Op};
 
+use crate::actor::Actor;
+use crate::ancestors::Ancestors;
 use crate::error::{Error, Result};
 use crate::filter::KernelFilter;
 use crate::metrics::Metrics;
 use crate::model::{
-    Change, Degraded, DegradedReason, DetectedBy, Deviation, DeviationKind, Event, FileOp, Line, PathError,
-    RescanReason, Verify, VerifyReason, VerifyResult, time_string,
+    Change, Degraded, DegradedReason, DetectedBy, Deviation, DeviationKind, Event, FileOp, Line, MountedOver,
+    PathError, RescanReason, Verify, VerifyReason, VerifyResult, time_string,
 };
 use crate::output::Printer;
 use crate::pending::{Note, Pending, Queue};
@@ -44,6 +51,22 @@ pub(crate) enum Follow {
     Rescan(Request),
     /// A rescan of everything once an io_uring path operation has had time to complete.
     RescanSoon,
+    /// A rename, removal or mount that may have put other inodes at monitored paths: once it
+    /// has had time to complete, [`Reporter::reroot`].
+    Reroot(Reroot),
+}
+
+/// A rename, removal or mount at, above or below monitored paths (`targets::Targets::reroot`).
+#[derive(Debug)]
+pub(crate) struct Reroot {
+    /// The subtrees to rescan.
+    pub scope: BTreeSet<PathBuf>,
+    /// Who.
+    pub actor: Arc<Actor>,
+    /// What.
+    pub op: Option<FileOp>,
+    /// A mount's target.
+    pub mount: Option<PathBuf>,
 }
 
 /// The state, the queue, the kernel filter and the output, kept consistent.
@@ -54,12 +77,14 @@ pub(crate) struct Reporter {
     printer: Printer,
     metrics: Arc<Metrics>,
     host: HostRoot,
+    ancestors: Ancestors,
 }
 
 /// The mapping's view of the state and the queue.
 struct Lookup<'a> {
     state: &'a State,
     queue: &'a Queue,
+    ancestors: &'a Ancestors,
 }
 
 impl View for Lookup<'_> {
@@ -86,6 +111,10 @@ impl View for Lookup<'_> {
     fn unnamed_dir(&self, key: InodeKey) -> Option<PathBuf> {
         self.queue.unnamed_dir(&key).map(Path::to_owned)
     }
+
+    fn ancestor_of_inode(&self, key: InodeKey) -> Option<PathBuf> {
+        self.ancestors.path_of(key)
+    }
 }
 
 /// A directory's entries (their paths) with the kernel key of each (`d_ino` and the
@@ -102,9 +131,16 @@ fn listed(policy: &Policy, host: &HostRoot, dir: &Path) -> Vec<(PathBuf, InodeKe
 }
 
 impl Reporter {
-    /// A reporter over `state`, printing with `printer`.
-    pub fn new(state: State, filter: KernelFilter, printer: Printer, metrics: Arc<Metrics>, host: HostRoot) -> Self {
-        Reporter { state, filter, queue: Queue::default(), printer, metrics, host }
+    /// A reporter over `state`, printing with `printer`; `ancestors` are in `filter` already.
+    pub fn new(
+        state: State,
+        filter: KernelFilter,
+        ancestors: Ancestors,
+        printer: Printer,
+        metrics: Arc<Metrics>,
+        host: HostRoot,
+    ) -> Self {
+        Reporter { state, filter, queue: Queue::default(), printer, metrics, host, ancestors }
     }
 
     /// Prints one line.
@@ -129,7 +165,8 @@ impl Reporter {
     /// Notes one kernel event in the queue; says what else it calls for.
     pub fn observe(&mut self, obs: &Observation) -> Follow {
         let ev = &obs.event;
-        let t = targets(ev, &obs.seen, &Lookup { state: &self.state, queue: &self.queue });
+        let lookup = Lookup { state: &self.state, queue: &self.queue, ancestors: &self.ancestors };
+        let t = targets(ev, &obs.seen, &lookup);
         let note = Note {
             op: FileOp::of_kernel(ev.op),
             close: ev.op == Op::Close,
@@ -184,6 +221,12 @@ impl Reporter {
             debug_assert_eq!(reason, RescanReason::IoUring);
             return Follow::RescanSoon;
         }
+        if !t.reroot.is_empty() {
+            // A cut path beside it (the other path of a rename) is rescanned with it.
+            let mut scope = t.reroot;
+            scope.extend(t.rescan);
+            return Follow::Reroot(Reroot { scope, actor: actor.clone(), op: note.op, mount: t.mount });
+        }
         if !t.rescan.is_empty() {
             let writers = t.rescan.iter().map(|root| (root.clone(), actor.clone(), note.op)).collect();
             return Follow::Rescan(Request {
@@ -194,6 +237,48 @@ impl Reporter {
             });
         }
         Follow::Nothing
+    }
+
+    /// After renames, removals or mounts at, above or below monitored paths (`due`): reads
+    /// the ancestors' inodes again into the kernel filter, says what is mounted at each mount's
+    /// target now, and rescans their subtrees, whose findings are attributed to their
+    /// processes (inferred) and whose new inodes the rehashes put in the filter.
+    pub fn reroot(&mut self, due: Vec<Reroot>, rescans: &mut Rescans) -> Result<()> {
+        let refreshed = self.ancestors.refresh(&self.host);
+        for key in refreshed.added {
+            self.filter.watch_ancestor(key);
+        }
+        for key in refreshed.removed {
+            self.filter.unwatch_ancestor(key);
+        }
+        self.metrics.set_watched_inodes(self.filter.inodes());
+        let table = if due.iter().any(|r| r.mount.is_some()) {
+            MountTable::read().map_err(|e| tracing::warn!("reading /proc/self/mountinfo: {e}")).ok()
+        } else {
+            None
+        };
+        for r in &due {
+            let (Some(target), Some(op)) = (&r.mount, r.op) else { continue };
+            let now = table.as_ref().and_then(|t| t.at(&self.host.disk(target)));
+            let actor = &r.actor;
+            self.print(Line::MountedOver(MountedOver {
+                op,
+                target: EscapedField::of_path(target),
+                mounted: now.is_some(),
+                fs_type: now.map(|m| escape_bytes(m.fs_type.as_bytes()).0),
+                source: now.map(|m| escape_bytes(m.source.as_bytes()).0),
+                rescanned: r.scope.iter().map(|p| display_path(p)).collect(),
+                process: actor.process.clone(),
+                container: actor.container.clone(),
+                pod: actor.pod.clone(),
+                origin: actor.origin(),
+            }))?;
+        }
+        let scope: BTreeSet<PathBuf> = due.iter().flat_map(|r| r.scope.iter().cloned()).collect();
+        let writers =
+            due.iter().flat_map(|r| r.scope.iter().map(|root| (root.clone(), r.actor.clone(), r.op))).collect();
+        rescans.request(Request { reason: RescanReason::Moved, scope: Scope::Under(scope), verify: None, writers });
+        self.say_if_filter_full()
     }
 
     /// Rehashes what is due (with `all`, everything pending) and reports what changed.
@@ -299,6 +384,7 @@ impl Reporter {
                 new: None,
                 diff: None,
                 changed_ranges: None,
+                mount: None,
             }),
             (o, Some(n)) => {
                 let old_content = |hash: &kubefim_baseline::hash::Hash| match o {
@@ -345,7 +431,9 @@ impl Reporter {
         Ok(match (renamed_to, difference.kind) {
             (Some(_), _) => Line::Renamed(change),
             (None, ChangeKind::Added) => Line::Added(change),
-            (None, ChangeKind::Removed) => Line::Removed(change),
+            // `hidden` is verify's word (it reads the mount table); the watcher's comparison
+            // of one path never makes it, and a hidden path is gone from where it was.
+            (None, ChangeKind::Removed | ChangeKind::Hidden) => Line::Removed(change),
             (None, ChangeKind::Modified) => Line::Modified(change),
         })
     }
@@ -403,6 +491,7 @@ impl Reporter {
             new: Some(now.record.clone()),
             diff: None,
             changed_ranges: None,
+            mount: None,
         };
         let line = self.change_line(&difference, Some(to), &pending)?;
         self.print_event(&Event { time: time_string(pending.time), line })?;

@@ -8,7 +8,9 @@
 //! looked at in the actor's own root and cwd; when the actor was already gone, the kernel's
 //! start-directory inode and the monitored names stand in, and the result is marked
 //! inferred (it may hold more candidates than the one changed: a rehash each, never a miss).
-//! A path too long to be sent whole names a subtree, which is rescanned.
+//! A path too long to be sent whole names a subtree, which is rescanned. A rename, removal or
+//! mount at or above a rule root, or a mount inside a monitored tree, names the subtrees whose
+//! paths may now lead to other inodes (`ancestors::affected`), which are rescanned and refilled.
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -18,6 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use kubefim_baseline::policy::Policy;
 use kubefim_common::{EVENT_EXCHANGE, EVENT_HAS_PARENT, EVENT_URING_PATH_OP, InodeKey, Op};
 
+use crate::ancestors::affected;
 use crate::event::KernelEvent;
 use crate::model::RescanReason;
 use crate::resolve::{Seen, dir_part, split};
@@ -36,6 +39,8 @@ pub(crate) trait View {
     fn is_dir(&self, path: &Path) -> bool;
     /// The directory a new inode whose name is not known yet was created in.
     fn unnamed_dir(&self, key: InodeKey) -> Option<PathBuf>;
+    /// The rule roots' ancestor with this inode now.
+    fn ancestor_of_inode(&self, key: InodeKey) -> Option<PathBuf>;
 }
 
 /// What one event may have changed.
@@ -58,6 +63,12 @@ pub(crate) struct Targets {
     pub inferred: bool,
     /// A file renamed from the first path to the second.
     pub renamed: Option<(PathBuf, PathBuf)>,
+    /// Subtrees whose paths may lead to other inodes now: a rename, removal or mount at or
+    /// above their rule root, or a mount in them. Rescanned once the op has had time to
+    /// complete, and the kernel filter refilled with what they hold then.
+    pub reroot: BTreeSet<PathBuf>,
+    /// A mount's target, as the policy names paths, when it touches a monitored path.
+    pub mount: Option<PathBuf>,
 }
 
 impl Targets {
@@ -145,7 +156,10 @@ fn path_event(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn View, t: &m
     let mut slots: Vec<Targets> = Vec::new();
     for (i, path) in ev.paths.iter().enumerate() {
         let mut slot = Targets::default();
-        if !path.is_empty() {
+        // A mount's second path is its source: mounting a monitored file elsewhere changes
+        // nothing of it.
+        let source = ev.op.is_mount() && i == 1;
+        if !path.is_empty() && !source {
             let start = ev.header.start[i];
             if ev.truncated[i] {
                 cut_path(view, start, path, seen[i].as_ref(), &mut slot);
@@ -185,6 +199,54 @@ fn path_event(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn View, t: &m
     for slot in slots {
         t.extend(slot);
     }
+    moved(ev, seen, view, t);
+}
+
+/// A rename, removal or mount at, above or below monitored paths: the subtrees whose paths
+/// may lead elsewhere now, and a mount's target. Only a mount's first path (its target)
+/// counts; its second is the source. A cut path is rescanned by `cut_path` already.
+fn moved(ev: &KernelEvent, seen: &[Option<Seen>; 2], view: &dyn View, t: &mut Targets) {
+    let mount = ev.op.is_mount();
+    if !mount && !matches!(ev.op, Op::Rename | Op::Unlink | Op::Rmdir) {
+        return;
+    }
+    let policy = view.policy();
+    let slots = if mount { 1 } else { 2 };
+    for (i, seen) in seen.iter().enumerate().take(slots.min(ev.paths.len())) {
+        if ev.truncated[i] {
+            continue;
+        }
+        let Some(path) = placed(view, ev, seen.as_ref(), i) else { continue };
+        let scope = affected(policy, &path, mount && covered(policy, &path));
+        if scope.is_empty() {
+            continue;
+        }
+        if mount && t.mount.is_none() {
+            t.mount = Some(path);
+        }
+        t.reroot.extend(scope);
+    }
+}
+
+/// Where path `i` of a path event is, as the policy names paths: the directory it was seen in
+/// (for an actor already gone, what the path and the start directory the kernel recorded
+/// say), joined with its last component. An empty path is its descriptor's inode (a mount
+/// through a descriptor).
+fn placed(view: &dyn View, ev: &KernelEvent, seen: Option<&Seen>, i: usize) -> Option<PathBuf> {
+    let path = &ev.paths[i];
+    let known_dir = |key: InodeKey| view.dir_of_inode(key).or_else(|| view.ancestor_of_inode(key));
+    let start = ev.header.start[i];
+    if path.is_empty() {
+        return known_dir(start).or_else(|| view.paths_of_inode(start).into_iter().next());
+    }
+    let (parent, name) = split(path);
+    let parent = Path::new(OsStr::from_bytes(parent));
+    let dir = match seen {
+        Some(s) => known_dir(s.key).or_else(|| s.path.clone())?,
+        None if path.first() == Some(&b'/') => parent.to_owned(),
+        None => known_dir(start)?.join(parent),
+    };
+    lexical(&dir.join(OsStr::from_bytes(name)))
 }
 
 /// A path looked at as its actor saw it: exactly what it names. If its directory is not a

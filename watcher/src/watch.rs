@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::actor::Attribution;
+use crate::ancestors::Ancestors;
 use crate::error::{Error, Result};
 use crate::http::Health;
 use crate::lifecycle::{self, SignatureWatch};
@@ -26,7 +27,7 @@ use crate::output::{Format, Printer};
 use crate::pods::PodIndex;
 use crate::programs::{Attached, Programs};
 use crate::reader::{Message, Reader, ReaderParts};
-use crate::report::{Follow, Reporter};
+use crate::report::{Follow, Reporter, Reroot};
 use crate::rescan::{Found, Request, Rescans, Setup};
 use crate::state::State;
 
@@ -74,6 +75,10 @@ enum Exit {
 
 /// How long after an io_uring path operation the rescan starts (time for it to complete).
 const URING_RESCAN_DELAY: Duration = Duration::from_millis(300);
+/// How long after a rename, removal or mount at or above a rule root (seen on the syscall's
+/// entry) its subtrees are rescanned: time for it to complete, and for others like it (a swap
+/// is often two renames) to join the same rescan.
+const REROOT_DELAY: Duration = Duration::from_millis(100);
 /// How often the journal is made durable while changes come in.
 const JOURNAL_FLUSH: Duration = Duration::from_secs(1);
 /// Observations the reader may be ahead of the loop; beyond, it drops and counts them.
@@ -185,6 +190,10 @@ struct Session<'a> {
     _attached: Attached,
     /// When to rescan for io_uring path operations (which carry no paths).
     uring_rescan_at: Option<Instant>,
+    /// Renames, removals and mounts at or above rule roots waiting for [`REROOT_DELAY`].
+    reroots: Vec<Reroot>,
+    /// When they are due.
+    reroot_at: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -230,14 +239,16 @@ impl<'a> Session<'a> {
             .filter_map(|r| r.path.file_name())
             .map(|n| path_bytes(std::path::Path::new(n)).to_vec())
             .collect();
-        filter.fill(state.index(), roots.iter().map(Vec::as_slice));
+        let mut ancestors = Ancestors::of(&policy);
+        ancestors.refresh(&opts.host);
+        filter.fill(state.index(), roots.iter().map(Vec::as_slice), &ancestors);
         metrics.set_watched_inodes(filter.inodes());
         tracing::debug!(ms = started.elapsed().as_millis(), inodes = filter.inodes(), "kernel filter filled");
         metrics.set_programs(attached.attached as u64, attached.missing.len() as u64);
         let mut skip = vec![opts.db.clone(), journal_path.to_owned()];
         skip.extend(opts.ready_file.clone());
         let rescans = Rescans::new(policy, Setup { host: opts.host.clone(), skip }, metrics.clone());
-        let mut reporter = Reporter::new(state, filter, printer, metrics.clone(), opts.host.clone());
+        let mut reporter = Reporter::new(state, filter, ancestors, printer, metrics.clone(), opts.host.clone());
         if !attached.missing.is_empty() {
             reporter.print(Line::Degraded(Degraded {
                 reason: DegradedReason::MissingTracepoints,
@@ -259,6 +270,8 @@ impl<'a> Session<'a> {
             rx,
             _attached: attached,
             uring_rescan_at: None,
+            reroots: Vec::new(),
+            reroot_at: None,
         })
     }
 
@@ -290,7 +303,8 @@ impl<'a> Session<'a> {
         let mut exit = Exit::Signal;
         loop {
             self.health.beat();
-            let next_due = self.reporter.queue.next_due().into_iter().chain(self.uring_rescan_at).min();
+            let next_due =
+                self.reporter.queue.next_due().into_iter().chain(self.uring_rescan_at).chain(self.reroot_at).min();
             let sleep = tokio::time::sleep_until(
                 next_due.map_or_else(|| tokio::time::Instant::now() + JOURNAL_FLUSH, tokio::time::Instant::from_std),
             );
@@ -318,6 +332,11 @@ impl<'a> Session<'a> {
                     if self.uring_rescan_at.is_some_and(|at| at <= Instant::now()) {
                         self.uring_rescan_at = None;
                         self.rescans.request(Request::all(RescanReason::IoUring, None));
+                    }
+                    if self.reroot_at.is_some_and(|at| at <= Instant::now()) {
+                        self.reroot_at = None;
+                        let due = std::mem::take(&mut self.reroots);
+                        self.reporter.reroot(due, &mut self.rescans)?;
                     }
                 }
                 _ = journal_flush.tick() => self.reporter.state.flush_journal()?,
@@ -353,6 +372,10 @@ impl<'a> Session<'a> {
                 Follow::Rescan(request) => self.rescans.request(request),
                 Follow::RescanSoon => {
                     self.uring_rescan_at.get_or_insert_with(|| Instant::now() + URING_RESCAN_DELAY);
+                }
+                Follow::Reroot(reroot) => {
+                    self.reroots.push(reroot);
+                    self.reroot_at.get_or_insert_with(|| Instant::now() + REROOT_DELAY);
                 }
             },
             Message::Lost { events, by, total } => {

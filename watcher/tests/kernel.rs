@@ -510,6 +510,43 @@ fn the_watchers_own_operations_are_ignored() {
     k.assert_no_event("the watcher's own pid", |ev| ev.header.pid == pid);
 }
 
+#[test]
+fn an_ancestors_name_keeps_its_renames_removals_and_mounts_only() {
+    let Some(mut k) = Kernel::load() else { return };
+    let ancestor = k.subdir("ancestor-dir");
+    let inside = ancestor.join("ancestor-inside");
+    std::fs::write(&inside, b"x\n").unwrap();
+    let away = k.dir().join("ancestor-away");
+    k.watch_ancestor_name("ancestor-dir");
+    // An op on an entry in it, or one that changes it without moving it: not sent (an
+    // ancestor's name is no monitored entry's).
+    sys!(SYS_chmod, c(&ancestor).as_ptr(), 0o755);
+    sys!(SYS_unlink, c(&inside).as_ptr());
+    let mine = k.mine();
+    k.assert_no_event("ops in or on an ancestor that move nothing", mine);
+    sys!(SYS_rename, c(&ancestor).as_ptr(), c(&away).as_ptr());
+    k.expect("rename of an ancestor", Expect::paths(Op::Rename, bytes(&ancestor), bytes(&away)));
+    sys!(SYS_rename, c(&away).as_ptr(), c(&ancestor).as_ptr());
+    k.expect("rename back into an ancestor's place", Expect::paths(Op::Rename, bytes(&away), bytes(&ancestor)));
+    sys!(SYS_rmdir, c(&ancestor).as_ptr());
+    k.expect("rmdir of an ancestor", Expect::path(Op::Rmdir, bytes(&ancestor)));
+}
+
+#[test]
+fn a_mount_and_umount_over_a_monitored_name_are_sent_with_target_and_source() {
+    let Some(mut k) = Kernel::load() else { return };
+    let target = k.subdir("mount-target");
+    k.watch_name("mount-target");
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc =
+        unsafe { libc::mount(c"kubefim-test".as_ptr(), c(&target).as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
+    assert_eq!(rc, 0, "mount a tmpfs on {}: {}", target.display(), std::io::Error::last_os_error());
+    sys!(SYS_umount2, c(&target).as_ptr(), 0);
+    let cwd = key_of(&std::env::current_dir().unwrap());
+    k.expect("mount", Expect::paths(Op::Mount, bytes(&target), b"kubefim-test").start(1, AT_FDCWD, cwd));
+    k.expect("umount", Expect::path(Op::Umount, bytes(&target)));
+}
+
 fn bytes(path: &Path) -> Vec<u8> {
     path.as_os_str().as_bytes().to_vec()
 }

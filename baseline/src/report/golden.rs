@@ -111,6 +111,7 @@ fn modified_with_diff() -> Change {
                 .into(),
         ),
         changed_ranges: Some(vec![[0, 65536], [131072, 131080]]),
+        mount: None,
     }
 }
 
@@ -126,6 +127,7 @@ fn report() -> VerifyReport {
                 new: Some(symlink(b"tgt\xfe")),
                 diff: None,
                 changed_ranges: None,
+                mount: None,
             },
             Change {
                 path: path(b"/usr/bin/gone"),
@@ -135,6 +137,7 @@ fn report() -> VerifyReport {
                 new: None,
                 diff: None,
                 changed_ranges: None,
+                mount: None,
             },
             Change {
                 path: path(b"/etc/ssh"),
@@ -144,6 +147,7 @@ fn report() -> VerifyReport {
                 new: Some(unreadable()),
                 diff: None,
                 changed_ranges: None,
+                mount: None,
             },
         ],
         errors: vec![
@@ -164,10 +168,9 @@ const CHANGE_ADDED_NON_UTF8: &str = r#"{"path":"/etc/new\\xff\\\\name","path_hex
 const CHANGE_REMOVED: &str = r#"{"path":"/usr/bin/gone","kind":"removed","changed":[],"old":{"type":"symlink","size":13,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"/usr/bin/real","xattrs":{},"hash":null,"error":null,"rule":"/usr/bin"},"new":null}"#;
 const CHANGE_MODIFIED_UNREADABLE: &str = r#"{"path":"/etc/ssh","kind":"modified","changed":["mode"],"old":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null},"new":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}}"#;
 
-const SUMMARY: &str =
-    r#"{"summary":{"added":1,"removed":1,"modified":2,"unverified":2,"scanned":42,"clean":false},"changes":["#;
+const SUMMARY: &str = r#"{"summary":{"added":1,"removed":1,"modified":2,"hidden":0,"unverified":2,"scanned":42,"clean":false},"changes":["#;
 const ERRORS: &str = r#"],"errors":[{"path":"/etc/shadow","error":"cannot read: Permission denied (os error 13)"},{"path":"/etc/\\xe9t\\xe9","path_hex":"2f6574632fe974e9","error":"vanished"}]}"#;
-const CLEAN: &str = r#"{"summary":{"added":0,"removed":0,"modified":0,"unverified":0,"scanned":3,"clean":true},"changes":[],"errors":[]}"#;
+const CLEAN: &str = r#"{"summary":{"added":0,"removed":0,"modified":0,"hidden":0,"unverified":0,"scanned":3,"clean":true},"changes":[],"errors":[]}"#;
 
 fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("serialises")

@@ -10,6 +10,8 @@ const DIR: InodeKey = InodeKey { dev: 8, ino: 2 };
 const CONF: InodeKey = InodeKey { dev: 8, ino: 3 };
 const OTHER_DIR: InodeKey = InodeKey { dev: 8, ino: 40 };
 const NEW: InodeKey = InodeKey { dev: 8, ino: 99 };
+/// `/other/deep`: an ancestor of the rule root `/other/deep/rule`.
+const OTHER_DEEP: InodeKey = InodeKey { dev: 8, ino: 41 };
 
 /// A watcher that knows `/m` (a monitored directory, inode 2) holding `/m/conf` (inode 3)
 /// and `/m/skip.swp` (excluded), under a policy with one rule over `/m`.
@@ -56,6 +58,10 @@ impl View for Fake {
 
     fn unnamed_dir(&self, key: InodeKey) -> Option<PathBuf> {
         self.unnamed.get(&key).cloned()
+    }
+
+    fn ancestor_of_inode(&self, key: InodeKey) -> Option<PathBuf> {
+        (key == OTHER_DEEP).then(|| PathBuf::from("/other/deep"))
     }
 }
 
@@ -223,4 +229,50 @@ fn an_io_uring_path_operation_asks_for_a_rescan() {
     let t = targets(&ev, &[None, None], &Fake::new());
     assert_eq!(t.full_rescan, Some(RescanReason::IoUring));
     assert!(t.paths.is_empty());
+}
+
+#[test]
+fn an_exchange_of_an_unmonitored_ancestor_rescans_the_rule_roots_below_it() {
+    let mut ev = path_event(Op::Rename, [b"/other", b"/prepared"]);
+    ev.header.flags |= EVENT_EXCHANGE;
+    // Seen in `/` by its actor, in the watcher's mounts.
+    let root = Some(Seen { key: InodeKey { dev: 8, ino: 1 }, path: Some(PathBuf::from("/")) });
+    let t = targets(&ev, &[root.clone(), root], &Fake::new());
+    assert_eq!(t.reroot, set(&["/other/deep/rule"]));
+    assert!(t.paths.is_empty() && t.mount.is_none(), "{t:?}");
+    // The actor gone: the absolute path says it. Relative to a known ancestor: the same.
+    assert_eq!(targets(&ev, &[None, None], &Fake::new()).reroot, set(&["/other/deep/rule"]));
+    let mut rel = path_event(Op::Rmdir, [b"rule", b""]);
+    rel.header.start[0] = OTHER_DEEP;
+    assert_eq!(targets(&rel, &[None, None], &Fake::new()).reroot, set(&["/other/deep/rule"]));
+    // The rule root itself renamed away: it too.
+    let t = targets(&path_event(Op::Rename, [b"/m", b"/m.old"]), &[None, None], &Fake::new());
+    assert_eq!(t.reroot, set(&["/m"]));
+}
+
+#[test]
+fn other_ops_on_an_ancestor_or_in_it_do_not_move_a_root() {
+    let fake = Fake::new();
+    let t = targets(&path_event(Op::Chmod, [b"/other/deep", b""]), &[None, None], &fake);
+    assert!(t.reroot.is_empty(), "{t:?}");
+    let t = targets(&path_event(Op::Rename, [b"/other/x", b"/other/y"]), &[None, None], &fake);
+    assert!(t.reroot.is_empty(), "{t:?}");
+}
+
+#[test]
+fn a_mount_over_a_monitored_file_names_it_and_rescans_its_directory() {
+    let t = targets(&path_event(Op::Mount, [b"/m/conf", b"/srv/evil"]), &[seen(DIR), None], &Fake::new());
+    assert_eq!(t.mount, Some(PathBuf::from("/m/conf")));
+    assert_eq!(t.paths, set(&["/m/conf"]), "the file itself is rehashed with the mount as its op");
+    assert_eq!(t.reroot, set(&["/m"]));
+    // Over an ancestor: the roots below. Through a descriptor of the ancestor: the same.
+    let t = targets(&path_event(Op::Mount, [b"/other/deep", b"tmpfs"]), &[None, None], &Fake::new());
+    assert_eq!((t.mount, t.reroot), (Some(PathBuf::from("/other/deep")), set(&["/other/deep/rule"])));
+    let mut by_fd = path_event(Op::MoveMount, [b"", b""]);
+    by_fd.header.start[0] = OTHER_DEEP;
+    let t = targets(&by_fd, &[None, None], &Fake::new());
+    assert_eq!((t.mount, t.reroot), (Some(PathBuf::from("/other/deep")), set(&["/other/deep/rule"])));
+    // A mount's source is never its target.
+    let t = targets(&path_event(Op::Mount, [b"/srv/x", b"/m/conf"]), &[None, None], &Fake::new());
+    assert!(t.mount.is_none() && t.reroot.is_empty(), "{t:?}");
 }

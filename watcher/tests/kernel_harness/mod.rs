@@ -349,6 +349,12 @@ impl Kernel {
         assert!(self.programs.watch_name(name.as_bytes()), "watch name {name}: the map is full");
     }
 
+    /// Makes `name` the name of a rule root's ancestor: renames, removals and mounts whose
+    /// last component it is are sent.
+    pub fn watch_ancestor_name(&mut self, name: &str) {
+        assert!(self.programs.watch_ancestor_name(name.as_bytes()), "watch ancestor name {name}: the map is full");
+    }
+
     /// Reads the ring buffer until `pred` holds, every millisecond up to `timeout`.
     fn poll(&mut self, timeout: Duration, mut pred: impl FnMut(&KernelEvent) -> bool) -> Result<KernelEvent, String> {
         let started = Instant::now();
