@@ -20,7 +20,7 @@ use walkdir::WalkDir;
 use crate::hash;
 use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
-use crate::record::{FileKind, FileRecord};
+use crate::record::{FLAGS_RECORDED, FileKind, FileRecord};
 use crate::root::HostRoot;
 
 /// How many times a file that changes while it is read is read again before it is recorded
@@ -348,9 +348,15 @@ fn record_by_path(path: &Path, rule: &Rule, rule_index: usize) -> io::Result<Rec
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path);
-        if let Err(e) = listable {
-            record.error = Some(format!("cannot list directory: {e}"));
+        match listable {
+            Ok(dir) if rule.attributes.contains(Attribute::Flags) => record.flags = inode_flags(&dir, &meta),
+            Ok(_) => {}
+            Err(e) => record.error = Some(format!("cannot list directory: {e}")),
         }
+    } else if record.kind == FileKind::File && rule.attributes.contains(Attribute::Flags) {
+        // Content not monitored: opened for the flags alone, as for hashing (never following
+        // a link, never blocking on a FIFO swapped in).
+        record.flags = open_for_hash(path).ok().and_then(|file| inode_flags(&file, &meta));
     }
     Ok(Recorded { record, content: None, warning: None })
 }
@@ -361,6 +367,9 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
     if rule.attributes.contains(Attribute::Xattrs) {
         use xattr::FileExt;
         record.xattrs = read_xattrs(file.list_xattr(), |name| file.get_xattr(name));
+    }
+    if rule.attributes.contains(Attribute::Flags) {
+        record.flags = flags_of(file);
     }
     if record.kind != FileKind::File {
         // Swapped for something else since the listing; never read it.
@@ -399,7 +408,8 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
             return Ok(Recorded { record, content, warning: None });
         }
         meta = after;
-        record = FileRecord { xattrs: std::mem::take(&mut record.xattrs), ..base_record(&meta, rule_index) };
+        let (xattrs, flags) = (std::mem::take(&mut record.xattrs), record.flags);
+        record = FileRecord { xattrs, flags, ..base_record(&meta, rule_index) };
         if attempt < READ_ATTEMPTS {
             (&mut &*file).rewind()?;
         }
@@ -444,7 +454,21 @@ fn base_record(meta: &Metadata, rule_index: usize) -> FileRecord {
         content_stored: false,
         rule: u32::try_from(rule_index).expect("fewer than 2^32 rules"),
         error: None,
+        flags: None,
     }
+}
+
+/// The inode flags of an open file or directory (`FS_IOC_GETFLAGS`), the bits of
+/// [`FLAGS_RECORDED`]; `None` on a file system without them (ENOTTY, EOPNOTSUPP).
+fn flags_of(file: &File) -> Option<u32> {
+    rustix::fs::ioctl_getflags(file).ok().map(|f| f.bits() & FLAGS_RECORDED)
+}
+
+/// [`flags_of`] a file opened by path after `meta` was read from the path: `None` when what
+/// was opened is not the inode `meta` describes (swapped since).
+fn inode_flags(file: &File, meta: &Metadata) -> Option<u32> {
+    let now = file.metadata().ok()?;
+    ((now.dev(), now.ino()) == (meta.dev(), meta.ino())).then(|| flags_of(file)).flatten()
 }
 
 /// Lists and reads extended attributes, sorted by name. A file system without xattr
