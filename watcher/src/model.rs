@@ -52,6 +52,10 @@ pub enum FileOp {
     Mkdir,
     /// mknod, mknodat.
     Mknod,
+    /// A Linux AIO write (io_submit).
+    Aio,
+    /// A change of inode flags (chattr: FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR, file_setattr).
+    Setflags,
 }
 
 impl FileOp {
@@ -78,6 +82,8 @@ impl FileOp {
             K::Create => FileOp::Create,
             K::Mkdir => FileOp::Mkdir,
             K::Mknod => FileOp::Mknod,
+            K::Aio => FileOp::Aio,
+            K::SetFlags => FileOp::Setflags,
             K::OpenWrite | K::Close | K::Dirty => return None,
         })
     }
@@ -103,6 +109,8 @@ impl FileOp {
             FileOp::Create => "create",
             FileOp::Mkdir => "mkdir",
             FileOp::Mknod => "mknod",
+            FileOp::Aio => "aio",
+            FileOp::Setflags => "setflags",
         }
     }
 }
@@ -405,6 +413,9 @@ pub enum LostBy {
     Kernel,
     /// The watcher: its queue between the reader and the rest was full.
     Watcher,
+    /// The kernel, for a process (not root's) over its budget of events (2000 a second, a
+    /// burst of 4000): one process cannot delay everyone else's reports.
+    Budget,
 }
 
 impl LostBy {
@@ -413,6 +424,7 @@ impl LostBy {
         match self {
             LostBy::Kernel => "kernel",
             LostBy::Watcher => "watcher",
+            LostBy::Budget => "budget",
         }
     }
 }
