@@ -82,6 +82,9 @@ fn check(what: &str, ret: libc::c_long) -> libc::c_long {
 /// (io_setup, io_submit, io_getevents); the descriptor is never closed by a syscall.
 fn aio_write(path: &str) {
     let file = fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).expect("open O_DIRECT");
+    // The open for writing is rehashed on its own first (nothing changed yet): the write
+    // comes well after, so only an event of its own can report it.
+    thread::sleep(Duration::from_millis(600));
     let page = aligned_page(b'B');
     let mut ctx: u64 = 0;
     // SAFETY: raw AIO syscalls on buffers that live until the process exits.
