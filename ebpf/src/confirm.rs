@@ -58,7 +58,8 @@ pub fn syscall_nr(ctx: &TracePointContext) -> u32 {
 #[inline(always)]
 pub fn hold_path(ev: &mut PathEvent, tid: u32, nr: u32) -> bool {
     ev.header._reserved = nr;
-    let held = PENDING_PATHS.insert(&tid, &*ev, 0).is_ok();
+    #[expect(clippy::needless_borrows_for_generic_args, reason = "656 bytes must not be copied to the stack")]
+    let held = PENDING_PATHS.insert(tid, &*ev, 0).is_ok();
     ev.header._reserved = 0;
     held
 }
@@ -68,7 +69,7 @@ pub fn hold_path(ev: &mut PathEvent, tid: u32, nr: u32) -> bool {
 pub fn hold_inode(ctx: &TracePointContext, op: u32, arg: u32, target: InodeKey) {
     let Some((cfg, pid_tgid)) = active() else { return };
     let pending = PendingInode { nr: syscall_nr(ctx), op, arg, _pad: 0, target };
-    if PENDING_INODES.insert(&(pid_tgid as u32), &pending, 0).is_err() {
+    if PENDING_INODES.insert(pid_tgid as u32, pending, 0).is_err() {
         inode_event(&cfg, current_task(), pid_tgid, op, 0, arg, target);
     }
 }
@@ -85,7 +86,7 @@ fn ret(ctx: &TracePointContext) -> i64 {
 pub fn confirm_path(ctx: &TracePointContext) {
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let Some(ev) = PENDING_PATHS.get_ptr_mut(&tid) else { return };
+    let Some(ev) = PENDING_PATHS.get_ptr_mut(tid) else { return };
     // SAFETY: a map value of this program's map, valid until the delete below.
     let ev = unsafe { &mut *ev };
     if ev.header._reserved == syscall_nr(ctx) && ret(ctx) >= 0 && within_budget(pid_tgid) {
@@ -94,7 +95,7 @@ pub fn confirm_path(ctx: &TracePointContext) {
             lost();
         }
     }
-    let _ = PENDING_PATHS.remove(&tid);
+    let _ = PENDING_PATHS.remove(tid);
 }
 
 /// At an fd syscall's exit: sends this thread's held inode event if the call succeeded.
@@ -102,8 +103,8 @@ pub fn confirm_path(ctx: &TracePointContext) {
 pub fn confirm_inode(ctx: &TracePointContext) {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out at once.
-    let Some(p) = (unsafe { PENDING_INODES.get(&tid).copied() }) else { return };
-    let _ = PENDING_INODES.remove(&tid);
+    let Some(p) = (unsafe { PENDING_INODES.get(tid).copied() }) else { return };
+    let _ = PENDING_INODES.remove(tid);
     if p.nr != syscall_nr(ctx) || ret(ctx) < 0 {
         return;
     }

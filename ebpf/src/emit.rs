@@ -212,8 +212,8 @@ pub fn within_budget(pid_tgid: u64) -> bool {
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let Some(b) = BUDGETS.get_ptr_mut(&tgid) else {
-        let _ = BUDGETS.insert(&tgid, &Budget { tokens: BUDGET_BURST - 1, at_ns: now }, 0);
+    let Some(b) = BUDGETS.get_ptr_mut(tgid) else {
+        let _ = BUDGETS.insert(tgid, Budget { tokens: BUDGET_BURST - 1, at_ns: now }, 0);
         return true;
     };
     // SAFETY: a value of this map, valid while the program runs.
