@@ -4,6 +4,7 @@
 //! pid and comm, the diff. Root only (CI runs as root); never skipped there.
 
 mod common;
+mod watch_blind_spots;
 
 use std::fs::{self, File};
 use std::io::Write;

@@ -226,6 +226,7 @@ impl TrustedBaseline {
         let mut digest = CanonicalDigest::new();
         let (mut signature, mut manifest_bytes) = (None, None);
         let mut chunks = Vec::new();
+        let mut records_without_flags = false;
         store.for_each_entry(|tree, k, v| {
             if tree == TreeKind::Meta && k == SIGNATURE_KEY {
                 signature = Some(v.to_vec());
@@ -234,7 +235,10 @@ impl TrustedBaseline {
             digest.entry(tree, k, v);
             match tree {
                 TreeKind::Meta if k == MANIFEST_KEY => manifest_bytes = Some(v.to_vec()),
-                TreeKind::Records => chunks.push((k.into(), blake3::hash(v))),
+                TreeKind::Records => {
+                    records_without_flags |= v.first() == Some(&crate::record::CHUNK_FORMAT_1);
+                    chunks.push((k.into(), blake3::hash(v)));
+                }
                 _ => {}
             }
             Ok(())
@@ -268,8 +272,16 @@ impl TrustedBaseline {
                 manifest.format_version
             )));
         }
-        let policy = Policy::from_yaml(&manifest.policy, "the baseline's policy")
+        let mut policy = Policy::from_yaml(&manifest.policy, "the baseline's policy")
             .map_err(|e| untrusted(crate::error::chain(&e)))?;
+        if records_without_flags {
+            // Recorded before inode flags were (chunk format 1): under it they are neither
+            // recorded nor compared, or every entry would differ from its baseline record and
+            // every rescan rehash everything. A new baseline (create, or accept) starts them.
+            for rule in &mut policy.rules {
+                rule.attributes = rule.attributes.without(crate::policy::Attribute::Flags);
+            }
+        }
         Ok(TrustedBaseline { store, manifest, policy, chunks, cache: Mutex::new(Vec::new()) })
     }
 

@@ -14,8 +14,9 @@ use crate::record::FileRecord;
 const OBSERVED_TREE: &str = "observed";
 const BASELINE_KEY: &[u8] = b"baseline";
 /// The layout of [`Observed`]; a journal of another layout is cleared like one of another
-/// baseline (it only ever makes the watcher report more, so nothing is lost).
-const FORMAT: &str = "2";
+/// baseline (it only ever makes the watcher report more, so nothing is lost). 3: records
+/// carry inode flags.
+const FORMAT: &str = "3";
 
 /// What the watcher last saw of a path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,11 +47,13 @@ pub enum Attribute {
     LinkTarget,
     /// Extended attributes (including security.* labels, capabilities and POSIX ACLs).
     Xattrs,
+    /// Inode flags set with `chattr` (immutable, append-only, ...).
+    Flags,
 }
 
 impl Attribute {
     /// Every attribute, in report order.
-    pub const ALL: [Attribute; 12] = [
+    pub const ALL: [Attribute; 13] = [
         Attribute::Type,
         Attribute::Content,
         Attribute::Size,
@@ -64,6 +66,7 @@ impl Attribute {
         Attribute::Nlink,
         Attribute::LinkTarget,
         Attribute::Xattrs,
+        Attribute::Flags,
     ];
 
     /// The name used in reports and policies (its serde name).
@@ -81,6 +84,7 @@ impl Attribute {
             Attribute::Nlink => "nlink",
             Attribute::LinkTarget => "link_target",
             Attribute::Xattrs => "xattrs",
+            Attribute::Flags => "flags",
         }
     }
 
@@ -103,6 +107,11 @@ impl AttributeSet {
     /// Every attribute.
     pub fn all() -> Self {
         AttributeSet(Attribute::ALL.iter().fold(0, |acc, a| acc | a.bit()))
+    }
+
+    /// The set without `attr`.
+    pub fn without(self, attr: Attribute) -> Self {
+        AttributeSet(self.0 & !attr.bit())
     }
 
     /// Whether `attr` is in the set.

@@ -7,8 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::hash::{ContentDigest, Hash};
 use crate::policy::{Attribute, AttributeSet};
 
-/// The version byte in front of every stored chunk of records.
-pub const CHUNK_FORMAT: u8 = 1;
+/// The version byte in front of every stored chunk of records. 2 added
+/// [`FileRecord::flags`]; chunks of format 1 are still read (their records have no flags).
+pub const CHUNK_FORMAT: u8 = 2;
+
+/// The chunk format before inode flags were recorded.
+pub(crate) const CHUNK_FORMAT_1: u8 = 1;
 
 /// How many records a stored chunk holds. The store keeps records in chunks, not one per
 /// key: sled's cost is per key (a 133k-file tree took 2 s of CPU and 67 MB as single
@@ -65,11 +69,18 @@ pub fn encode_chunk(entries: &[PathRecord]) -> Vec<u8> {
     out
 }
 
-/// Decodes a stored chunk; `None` if it is not a chunk of this format. Only call it on
-/// bytes whose signature has been checked: decompression trusts the input's sizes.
+/// Decodes a stored chunk of this format or of format 1; `None` if it is neither. Only call
+/// it on bytes whose signature has been checked: decompression trusts the input's sizes.
 pub fn decode_chunk(bytes: &[u8]) -> Option<Vec<PathRecord>> {
-    let (&CHUNK_FORMAT, packed) = bytes.split_first()? else { return None };
+    let (&format, packed) = bytes.split_first()?;
+    if format != CHUNK_FORMAT && format != CHUNK_FORMAT_1 {
+        return None;
+    }
     let raw = zstd::stream::decode_all(packed).ok()?;
+    if format == CHUNK_FORMAT_1 {
+        let old: Vec<(Vec<u8>, FileRecordV1)> = postcard::from_bytes(&raw).ok()?;
+        return Some(old.into_iter().map(|(path, r)| (path, r.into())).collect());
+    }
     postcard::from_bytes(&raw).ok()
 }
 
@@ -158,6 +169,80 @@ pub struct FileRecord {
     pub rule: u32,
     /// Why the entry could not be fully recorded, if it could not.
     pub error: Option<String>,
+    /// Inode flags (`FS_IOC_GETFLAGS`, the `chattr` bits in [`FLAGS_RECORDED`]): `None` when
+    /// not monitored, not readable on this entry (a symlink, a device, a file system without
+    /// them), or recorded by a kubefim that did not record them (chunk format 1).
+    pub flags: Option<u32>,
+}
+
+/// The inode flags recorded: those a user sets with `chattr` or that change what the file
+/// guarantees (include/uapi/linux/fs.h, 6.18): SECRM, UNRM, COMPR, SYNC, IMMUTABLE (`i`),
+/// APPEND (`a`), NODUMP, NOATIME, NOCOMP, ENCRYPT, JOURNAL_DATA, NOTAIL, DIRSYNC, TOPDIR,
+/// VERITY, NOCOW, DAX, PROJINHERIT, CASEFOLD. Not the ones the file system keeps for itself
+/// (EXTENTS, INDEX, INLINE_DATA, HUGE_FILE...), which change as a file or directory grows.
+pub const FLAGS_RECORDED: u32 = 0x1
+    | 0x2
+    | 0x4
+    | 0x8
+    | 0x10
+    | 0x20
+    | 0x40
+    | 0x80
+    | 0x400
+    | 0x800
+    | 0x4000
+    | 0x8000
+    | 0x1_0000
+    | 0x2_0000
+    | 0x10_0000
+    | 0x80_0000
+    | 0x200_0000
+    | 0x2000_0000
+    | 0x4000_0000;
+
+/// A record as chunk format 1 stored it (before [`FileRecord::flags`]).
+#[derive(Deserialize)]
+struct FileRecordV1 {
+    kind: FileKind,
+    size: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    dev: u64,
+    inode: u64,
+    nlink: u64,
+    link_target: Option<Vec<u8>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    digest: Option<ContentDigest>,
+    content_stored: bool,
+    rule: u32,
+    error: Option<String>,
+}
+
+impl From<FileRecordV1> for FileRecord {
+    fn from(r: FileRecordV1) -> FileRecord {
+        FileRecord {
+            kind: r.kind,
+            size: r.size,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+            dev: r.dev,
+            inode: r.inode,
+            nlink: r.nlink,
+            link_target: r.link_target,
+            xattrs: r.xattrs,
+            digest: r.digest,
+            content_stored: r.content_stored,
+            rule: r.rule,
+            error: r.error,
+            flags: None,
+        }
+    }
 }
 
 impl FileRecord {
@@ -194,6 +279,9 @@ impl FileRecord {
                 Attribute::Nlink => self.nlink != now.nlink,
                 Attribute::LinkTarget => self.link_target != now.link_target,
                 Attribute::Xattrs => self.xattrs != now.xattrs,
+                // Compared when both sides have them: a baseline recorded before flags were
+                // (format 1) has none to compare.
+                Attribute::Flags => self.flags.is_some() && now.flags.is_some() && self.flags != now.flags,
             })
             .collect()
     }
@@ -221,6 +309,7 @@ mod tests {
             content_stored: false,
             rule: 0,
             error: None,
+            flags: Some(0x10),
         }
     }
 
@@ -232,6 +321,66 @@ mod tests {
         let mut truncated = encode_chunk(&entries);
         truncated.truncate(truncated.len() - 3);
         assert_eq!(decode_chunk(&truncated), None);
+    }
+
+    #[test]
+    fn chunks_of_format_1_are_read_without_flags() {
+        #[derive(Serialize)]
+        struct V1<'a>(
+            &'a [u8],
+            FileKind,
+            u64,
+            u32,
+            u32,
+            u32,
+            i64,
+            i64,
+            u64,
+            u64,
+            u64,
+            Option<Vec<u8>>,
+            Vec<(Vec<u8>, Vec<u8>)>,
+            Option<ContentDigest>,
+            bool,
+            u32,
+            Option<String>,
+        );
+        let r = sample();
+        let old = V1(
+            b"/a",
+            r.kind,
+            r.size,
+            r.mode,
+            r.uid,
+            r.gid,
+            r.mtime_ns,
+            r.ctime_ns,
+            r.dev,
+            r.inode,
+            r.nlink,
+            r.link_target.clone(),
+            r.xattrs.clone(),
+            r.digest.clone(),
+            r.content_stored,
+            r.rule,
+            r.error.clone(),
+        );
+        let raw = postcard::to_stdvec(&vec![old]).unwrap();
+        let mut bytes = vec![CHUNK_FORMAT_1];
+        bytes.extend(zstd::bulk::compress(&raw, 1).unwrap());
+        let decoded = decode_chunk(&bytes).expect("a format-1 chunk decodes");
+        assert_eq!(decoded, vec![(b"/a".to_vec(), FileRecord { flags: None, ..r })]);
+        assert_eq!(encode_chunk(&decoded)[0], CHUNK_FORMAT);
+    }
+
+    #[test]
+    fn flags_are_compared_only_when_both_sides_have_them() {
+        let a = sample();
+        let mut b = sample();
+        b.flags = Some(0x10 | 0x20);
+        assert_eq!(a.changed_attributes(&b, AttributeSet::all()), vec![Attribute::Flags]);
+        let old = FileRecord { flags: None, ..sample() };
+        assert!(old.changed_attributes(&b, AttributeSet::all()).is_empty());
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct RecordView {
     pub link_target_hex: Option<String>,
     /// The extended attributes (security.* labels, capabilities, POSIX ACLs, user.*), name to value in name order, both escaped like paths (without hex).
     pub xattrs: IndexMap<String, String>,
+    /// The inode flags set with chattr, as FS_IOC_GETFLAGS returns them (0x10 immutable `i`, 0x20 append-only `a`, 0x40 no-dump `d`, 0x80 no-atime `A`, 0x8 sync `S`, ...; only the bits a user sets or that change what the file guarantees); null when not monitored, not readable on this entry (a symlink, a device, a file system without them), or recorded by a kubefim that did not record them.
+    pub flags: Option<u32>,
     /// The BLAKE3 hash of the content in lowercase hex (equal to b3sum's); null when the content is not monitored, not a regular file's, or could not be read.
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub hash: Option<String>,
@@ -81,6 +83,7 @@ impl RecordView {
             link_target_hex: link_target.as_ref().and_then(|t| t.hex.clone()),
             link_target: link_target.map(|t| t.text),
             xattrs: record.xattrs.iter().map(|(k, v)| (escape_bytes(k).0, escape_bytes(v).0)).collect(),
+            flags: record.flags,
             hash: record.digest.as_ref().map(|d| d.hex()),
             error: record.error.clone(),
             rule: rule.map(|r| r.path.display().to_string()),
@@ -116,7 +119,7 @@ pub struct ChangeView {
     pub path: EscapedPath,
     /// Added, removed, modified, or hidden (in the baseline, covered now by a mount made since: see `mount`).
     pub kind: ChangeKind,
-    /// The attributes that differ, only those the entry's rule monitors, in this order: type, content, size, mode, uid, gid, mtime, ctime, inode, nlink, link_target, xattrs; empty for added, removed and hidden entries.
+    /// The attributes that differ, only those the entry's rule monitors, in this order: type, content, size, mode, uid, gid, mtime, ctime, inode, nlink, link_target, xattrs, flags; empty for added, removed and hidden entries.
     pub changed: Vec<Attribute>,
     /// The baseline's record; null for an added entry.
     pub old: Option<RecordView>,

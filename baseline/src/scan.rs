@@ -23,7 +23,7 @@ use crate::beneath;
 use crate::hash;
 use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
-use crate::record::{FileKind, FileRecord};
+use crate::record::{FLAGS_RECORDED, FileKind, FileRecord};
 use crate::root::HostRoot;
 use crate::walk::{self, Walked};
 
@@ -314,19 +314,30 @@ fn record_by_name(dir: BorrowedFd<'_>, name: &CStr, rule: &Rule, rule_index: usi
         // The walk reports a directory it cannot list as a warning of its own; the record
         // says it too, so a baseline never looks complete where it is not.
         match beneath::open_dir_at(dir, name) {
-            Ok(fd) if xattrs => {
-                use xattr::FileExt;
+            Ok(fd) => {
                 let d = File::from(fd);
-                record.xattrs = read_xattrs(d.list_xattr(), |n| d.get_xattr(n));
+                if xattrs {
+                    use xattr::FileExt;
+                    record.xattrs = read_xattrs(d.list_xattr(), |n| d.get_xattr(n));
+                }
+                if rule.attributes.contains(Attribute::Flags) {
+                    record.flags = inode_flags(&d, &meta);
+                }
             }
-            Ok(_) => {}
             Err(e) => record.error = Some(format!("cannot list directory: {e}")),
         }
-    } else if xattrs {
-        // Never opened (a symlink, a device, a FIFO...): read by a path that reaches the
-        // directory through its descriptor and does not follow the entry.
-        let path = beneath::path_at(dir, name);
-        record.xattrs = read_xattrs(xattr::list(&path), |n| xattr::get(&path, n));
+    } else {
+        if record.kind == FileKind::File && rule.attributes.contains(Attribute::Flags) {
+            // Content not monitored: opened for the flags alone, as for hashing (never
+            // following a link, never blocking on a FIFO swapped in).
+            record.flags = beneath::open_file_at(dir, name).ok().and_then(|file| inode_flags(&file, &meta));
+        }
+        if xattrs {
+            // Never opened (a symlink, a device, a FIFO...): read by a path that reaches the
+            // directory through its descriptor and does not follow the entry.
+            let path = beneath::path_at(dir, name);
+            record.xattrs = read_xattrs(xattr::list(&path), |n| xattr::get(&path, n));
+        }
     }
     Ok(Recorded { record, content: None, warning: None })
 }
@@ -337,6 +348,9 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
     if rule.attributes.contains(Attribute::Xattrs) {
         use xattr::FileExt;
         record.xattrs = read_xattrs(file.list_xattr(), |name| file.get_xattr(name));
+    }
+    if rule.attributes.contains(Attribute::Flags) {
+        record.flags = flags_of(file);
     }
     if record.kind != FileKind::File {
         // Swapped for something else since the listing; never read it.
@@ -375,7 +389,8 @@ fn record_open_file(file: &File, rule: &Rule, rule_index: usize, may_map: bool) 
             return Ok(Recorded { record, content, warning: None });
         }
         meta = after;
-        record = FileRecord { xattrs: std::mem::take(&mut record.xattrs), ..base_record(&meta, rule_index) };
+        let (xattrs, flags) = (std::mem::take(&mut record.xattrs), record.flags);
+        record = FileRecord { xattrs, flags, ..base_record(&meta, rule_index) };
         if attempt < READ_ATTEMPTS {
             (&mut &*file).rewind()?;
         }
@@ -427,7 +442,21 @@ fn base_record(meta: &Stat, rule_index: usize) -> FileRecord {
         content_stored: false,
         rule: u32::try_from(rule_index).expect("fewer than 2^32 rules"),
         error: None,
+        flags: None,
     }
+}
+
+/// The inode flags of an open file or directory (`FS_IOC_GETFLAGS`), the bits of
+/// [`FLAGS_RECORDED`]; `None` on a file system without them (ENOTTY, EOPNOTSUPP).
+fn flags_of(file: &File) -> Option<u32> {
+    rustix::fs::ioctl_getflags(file).ok().map(|f| f.bits() & FLAGS_RECORDED)
+}
+
+/// [`flags_of`] a file opened by name after `meta` was read from the name: `None` when what
+/// was opened is not the inode `meta` describes (swapped since).
+fn inode_flags(file: &File, meta: &rustix::fs::Stat) -> Option<u32> {
+    let now = rustix::fs::fstat(file).ok()?;
+    ((now.st_dev, now.st_ino) == (meta.st_dev, meta.st_ino)).then(|| flags_of(file)).flatten()
 }
 
 /// Lists and reads extended attributes, sorted by name. A file system without xattr

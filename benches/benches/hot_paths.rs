@@ -41,6 +41,7 @@ fn codec(c: &mut Criterion) {
         content_stored: false,
         rule: 0,
         error: None,
+        flags: Some(0),
     };
     let chunk: Vec<PathRecord> = (0..CHUNK_RECORDS)
         .map(|i| (format!("/usr/lib/x86_64-linux-gnu/lib{i}.so").into_bytes(), record.clone()))

@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Longest path prefix a path event carries (bytes, NUL included). Longer paths are sent
-/// with [`EVENT_PATH_TRUNCATED`] and bypass the name filter: never a silent miss.
+/// with [`EVENT_PATH_TRUNCATED`]; the name filter still reads them whole (up to `PATH_MAX`).
 pub const PATH_CAP: usize = 256;
 
 /// A file's identity as the kernel sees it: `super_block.s_dev` (the kernel's internal
@@ -85,8 +85,8 @@ pub enum Op {
     /// The inode was dirtied (`writeback/writeback_mark_inode_dirty`) with no syscall of
     /// ours in sight: a store through a shared mapping, or io_uring's worker threads.
     Dirty = 21,
-    // 22..=31 are left to ops added alongside (io_submit, io_uring fixed files, ioctl): the
-    // mount family starts at 32 so the two sets merge without renumbering.
+    // 22..=31 and 36..=39 are unused: numbers are never reused or renumbered, so a
+    // program and a watcher of different builds never read one op as another.
     /// mount(2) (`sys_enter_mount`): the target path, and the source.
     Mount = 32,
     /// move_mount(2): attaches a mount made by fsmount(2) or open_tree(2), or moves one.
@@ -95,6 +95,12 @@ pub enum Op {
     MountSetattr = 34,
     /// umount2(2) (`sys_enter_umount`).
     Umount = 35,
+    /// A Linux AIO write (`io_submit(2)` of an IOCB_CMD_PWRITE / PWRITEV iocb) to a monitored
+    /// file: O_DIRECT writes through AIO dirty no page and pass no write syscall.
+    Aio = 40,
+    /// A change of a monitored file's inode flags (`chattr`: ioctl FS_IOC_SETFLAGS or
+    /// FS_IOC_FSSETXATTR, file_setattr(2)), sent once the call succeeded.
+    SetFlags = 41,
 }
 
 impl Op {
@@ -102,9 +108,7 @@ impl Op {
     pub const fn is_mount(self) -> bool {
         matches!(self, Op::Mount | Op::MoveMount | Op::MountSetattr | Op::Umount)
     }
-}
 
-impl Op {
     /// The op for a number read from the ring buffer.
     pub fn from_u32(n: u32) -> Option<Op> {
         use Op::*;
@@ -134,6 +138,8 @@ impl Op {
             33 => MoveMount,
             34 => MountSetattr,
             35 => Umount,
+            40 => Aio,
+            41 => SetFlags,
             _ => return None,
         })
     }
@@ -166,6 +172,8 @@ impl Op {
             Op::MoveMount => "move_mount",
             Op::MountSetattr => "mount_setattr",
             Op::Umount => "umount",
+            Op::Aio => "aio",
+            Op::SetFlags => "setflags",
         }
     }
 }
@@ -313,6 +321,20 @@ pub struct Offsets {
     pub kiocb_file: u32,
     /// `io_kiocb.opcode` (a `u8`).
     pub kiocb_opcode: u32,
+    /// `io_kiocb.flags` (`io_req_flags_t`, a `u64`; bit 0 is `REQ_F_FIXED_FILE`).
+    pub kiocb_flags: u32,
+    /// `io_kiocb.ctx`.
+    pub kiocb_ctx: u32,
+    /// `io_kiocb.cqe` + `io_cqe.fd`: the request's fd, a slot of the ring's file table for
+    /// a fixed file.
+    pub kiocb_cqe_fd: u32,
+    /// `io_ring_ctx.file_table` + `io_file_table.data` + `io_rsrc_data.nr`. The file table
+    /// offsets are 0 on kernels without this layout (before 6.13): fixed files go unseen.
+    pub ctx_files_nr: u32,
+    /// `io_ring_ctx.file_table` + `io_file_table.data` + `io_rsrc_data.nodes`.
+    pub ctx_files_nodes: u32,
+    /// `io_rsrc_node.file_ptr` (a `struct file *` with flag bits in its low 2 bits).
+    pub rsrc_node_file_ptr: u32,
 }
 
 /// Map names (the eBPF side names its statics the same).
@@ -324,11 +346,24 @@ pub mod maps {
     pub const NAMES: &str = "NAMES";
     /// `RingBuf` of [`super::EventHeader`] / [`super::PathEvent`].
     pub const EVENTS: &str = "EVENTS";
-    /// `PerCpuArray<u64>` of length 1: events dropped because the ring buffer was full.
+    /// `PerCpuArray<u64>`: events dropped, at [`super::LOST_RING_FULL`] because the ring
+    /// buffer was full, at [`super::LOST_OVER_BUDGET`] because their process was over its
+    /// budget.
     pub const LOST: &str = "LOST";
     /// The [`super::Config`] global.
     pub const CONFIG: &str = "CONFIG";
 }
+
+/// Index in the `LOST` map: events the ring buffer had no room for.
+pub const LOST_RING_FULL: u32 = 0;
+/// Index in the `LOST` map: events of a process (not root) over its budget of
+/// [`BUDGET_PER_SECOND`] events a second (a burst of [`BUDGET_BURST`]): one process cannot
+/// fill the ring buffer and the watcher's queue ahead of everyone else's changes.
+pub const LOST_OVER_BUDGET: u32 = 1;
+/// Events a second a process whose real uid is not 0 may send.
+pub const BUDGET_PER_SECOND: u64 = 2000;
+/// Events such a process may send at once.
+pub const BUDGET_BURST: u64 = 4000;
 
 /// Seed of [`name_hash`] (FNV-1a 64).
 pub const NAME_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
@@ -353,7 +388,7 @@ pub const fn name_hash(name: &[u8]) -> u64 {
 const _: () = assert!(core::mem::size_of::<InodeKey>() == 16);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 144);
 const _: () = assert!(core::mem::size_of::<PathEvent>() == 144 + 2 * PATH_CAP);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 23 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 29 * 4);
 
 #[cfg(feature = "user")]
 mod user {

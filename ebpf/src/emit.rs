@@ -1,15 +1,21 @@
 //! Filling and sending events: the header every event carries (who, when, which cgroup),
-//! the in-kernel filters (watched inode, watched directory, monitored name), and the count of
-//! events lost to a full ring buffer, which the watcher turns into a rescan.
+//! the in-kernel filters (watched inode, watched directory, monitored name), each process's
+//! event budget, and the count of events lost to a full ring buffer or an exhausted budget,
+//! which the watcher turns into a `lost` line and a rescan.
 
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_loop};
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_user_str_bytes,
+};
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::PerCpuArray;
 use kubefim_common::{
-    Config, EventHeader, InodeKey, NAME_ANCESTOR, NAME_ENTRY, NAME_HASH_SEED, PATH_CAP, name_hash_step,
+    BUDGET_BURST, BUDGET_PER_SECOND, Config, EventHeader, InodeKey, LOST_OVER_BUDGET, LOST_RING_FULL, NAME_ANCESTOR,
+    NAME_ENTRY, NAME_HASH_SEED, PATH_CAP, name_hash_step,
 };
 
 use crate::kernel::{PF_IO_WORKER, read};
-use crate::{EVENTS, LOST, NAMES, WATCHED, config};
+use crate::{BUDGETS, Budget, EVENTS, LOST, NAMES, WATCHED, config};
 
 /// The configuration, or `None` when the watcher has not filled it in or this is the
 /// watcher's own I/O (which must never feed back into events).
@@ -50,6 +56,7 @@ fn name_bits(hash: u64) -> u8 {
 /// The state of [`path_names_known`]'s walk over a path, one byte per `bpf_loop` step.
 #[repr(C)]
 struct NameWalk {
+    /// The bytes being walked: the event's path slot, then the scratch chunk.
     path: *const u8,
     /// Hash of the component being read (the seed while it is empty).
     cur: u64,
@@ -57,6 +64,37 @@ struct NameWalk {
     last: u64,
     /// Hash of the one before it, 0 if none.
     parent: u64,
+    /// The user address of the path (for the part past the slot).
+    user: u64,
+    /// 1: the walk reached the path's NUL; [`UNREADABLE`]: a chunk could not be read.
+    ended: u64,
+}
+
+/// [`NameWalk::ended`] when a chunk of the path could not be read here (a page the kernel
+/// will fault in for the syscall, but a probe cannot): the path is kept, unfiltered.
+const UNREADABLE: u64 = 2;
+
+/// Bytes of a path read per chunk past the event's slot (a chunk's last byte is its NUL).
+const CHUNK: u64 = PATH_CAP as u64 - 1;
+/// Chunks read past the slot: with the slot's, they cover `PATH_MAX` (4096) bytes.
+const CHUNKS: u64 = 16;
+
+/// A path longer than its slot, in chunks: the kernel refuses paths of `PATH_MAX` or more,
+/// so a path whose end is never reached cannot name anything and needs no event.
+#[map(name = "PATH_SCRATCH")]
+static PATH_SCRATCH: PerCpuArray<[u8; PATH_CAP]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn walk_byte(walk: &mut NameWalk, c: u8) {
+    if c == b'/' {
+        if walk.cur != NAME_HASH_SEED {
+            walk.parent = walk.last;
+            walk.last = walk.cur;
+        }
+        walk.cur = NAME_HASH_SEED;
+    } else {
+        walk.cur = name_hash_step(walk.cur, c);
+    }
 }
 
 /// One byte of the walk. `bpf_loop` has the verifier check this once, not once per byte
@@ -71,36 +109,74 @@ extern "C" fn name_walk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: index < PATH_CAP and path points at a PATH_CAP-byte slot.
     let c = unsafe { *walk.path.add(index as usize) };
     if c == 0 {
+        walk.ended = 1;
         return 1;
     }
-    if c == b'/' {
-        if walk.cur != NAME_HASH_SEED {
-            walk.parent = walk.last;
-            walk.last = walk.cur;
-        }
-        walk.cur = NAME_HASH_SEED;
-    } else {
-        walk.cur = name_hash_step(walk.cur, c);
-    }
+    walk_byte(walk, c);
     0
 }
 
-/// Whether the last or next-to-last component of a NUL-terminated path is a monitored name;
-/// with `ancestors`, also whether the last one is the name of a rule root's ancestor (a
-/// rename, removal or mount of it can swap or cover the root). An empty component hashes to
-/// the seed (a non-empty name never does in practice).
+/// One chunk of the part of a path past its slot: read from user memory into the per-CPU
+/// scratch (syscall tracepoint programs run with preemption off, so no other program on this
+/// CPU uses it meanwhile), then walked byte by byte as the slot was. The chunk number is the
+/// loop's index, not a count kept in the walk: the verifier would follow a count's every
+/// value as a state of its own.
+#[inline(never)]
+extern "C" fn chunk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: ctx is the NameWalk on path_names_known's stack, alive for the whole loop.
+    let walk = unsafe { &mut *(ctx as *mut NameWalk) };
+    let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the per-CPU slot, used by this program alone while it runs.
+    let buf = unsafe { &mut *buf };
+    let src = walk.user + (index + 1) * CHUNK;
+    // SAFETY: the helper bounds the copy by the buffer and NUL-terminates it.
+    if unsafe { bpf_probe_read_user_str_bytes(src as *const u8, buf) }.is_err() {
+        walk.ended = UNREADABLE;
+        return 1;
+    }
+    walk.path = buf.as_ptr();
+    // SAFETY: the callback and its context follow bpf_loop's contract.
+    unsafe { bpf_loop(CHUNK as u32, name_walk_step as *mut core::ffi::c_void, ctx, 0) };
+    // The path's NUL was in this chunk: done.
+    i64::from(walk.ended != 0)
+}
+
+/// Whether the last or next-to-last component of a path is a monitored name; with
+/// `ancestors`, also whether the last one is the name of a rule root's ancestor (a rename,
+/// removal or mount of it can swap or cover the root). `path` is the event's slot
+/// (NUL-terminated); when the path did not fit (`truncated`), the rest is read from `user` in
+/// chunks, so a long path is filtered as exactly as a short one. A path longer than
+/// `PATH_MAX` is one the kernel refuses: not kept; one whose rest cannot be read is kept. An
+/// empty component hashes to the seed (a non-empty name never does in practice).
 #[inline(always)]
-pub fn path_names_known(path: &[u8; PATH_CAP], ancestors: bool) -> bool {
-    let mut walk = NameWalk { path: path.as_ptr(), cur: NAME_HASH_SEED, last: 0, parent: 0 };
+pub fn path_names_known(path: &[u8; PATH_CAP], user: u64, truncated: bool, ancestors: bool) -> bool {
+    let mut walk = NameWalk { path: path.as_ptr(), cur: NAME_HASH_SEED, last: 0, parent: 0, user, ended: 0 };
     // SAFETY: the callback and its context follow bpf_loop's contract.
     unsafe {
         bpf_loop(
-            PATH_CAP as u32,
+            CHUNK as u32,
             name_walk_step as *mut core::ffi::c_void,
             &mut walk as *mut NameWalk as *mut core::ffi::c_void,
             0,
         )
     };
+    if truncated {
+        walk.ended = 0;
+        // SAFETY: as above.
+        unsafe {
+            bpf_loop(
+                CHUNKS as u32,
+                chunk_step as *mut core::ffi::c_void,
+                &mut walk as *mut NameWalk as *mut core::ffi::c_void,
+                0,
+            )
+        };
+        match walk.ended {
+            0 => return false,
+            UNREADABLE => return true,
+            _ => {}
+        }
+    }
     if walk.cur != NAME_HASH_SEED {
         walk.parent = walk.last;
         walk.last = walk.cur;
@@ -113,10 +189,50 @@ pub fn path_names_known(path: &[u8; PATH_CAP], ancestors: bool) -> bool {
 /// Counts an event the ring buffer had no room for.
 #[inline(always)]
 pub fn lost() {
-    if let Some(n) = LOST.get_ptr_mut(0) {
+    count_lost(LOST_RING_FULL);
+}
+
+#[inline(always)]
+fn count_lost(index: u32) {
+    if let Some(n) = LOST.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only by this CPU with preemption off.
         unsafe { *n += 1 };
     }
+}
+
+/// Nanoseconds per token of a budget.
+const NS_PER_TOKEN: u64 = 1_000_000_000 / BUDGET_PER_SECOND;
+
+/// Whether the current process may send one more event; counts it lost when not. Root's
+/// processes always may (root can stop the agent outright; its storms are reported whole).
+/// Called only for events about to be sent: one map update per event, none per syscall.
+/// Threads of a process on several CPUs update the bucket without a lock: a lost race only
+/// lets a few events more through.
+#[inline(always)]
+pub fn within_budget(pid_tgid: u64) -> bool {
+    if bpf_get_current_uid_gid() as u32 == 0 {
+        return true;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let Some(b) = BUDGETS.get_ptr_mut(tgid) else {
+        let _ = BUDGETS.insert(tgid, Budget { tokens: BUDGET_BURST - 1, at_ns: now }, 0);
+        return true;
+    };
+    // SAFETY: a value of this map, valid while the program runs.
+    let b = unsafe { &mut *b };
+    let earned = now.saturating_sub(b.at_ns) / NS_PER_TOKEN;
+    if earned > 0 {
+        b.tokens = (b.tokens + earned).min(BUDGET_BURST);
+        b.at_ns += earned * NS_PER_TOKEN;
+    }
+    if b.tokens == 0 {
+        count_lost(LOST_OVER_BUDGET);
+        return false;
+    }
+    b.tokens -= 1;
+    true
 }
 
 /// Fills the parts of the header that describe the actor.
@@ -153,6 +269,9 @@ pub fn fill_header(h: &mut EventHeader, cfg: &Config, task: u64, pid_tgid: u64, 
 /// Sends a header-only event about an inode.
 #[inline(always)]
 pub fn inode_event(cfg: &Config, task: u64, pid_tgid: u64, op: u32, flags: u32, arg: u32, target: InodeKey) {
+    if !within_budget(pid_tgid) {
+        return;
+    }
     match EVENTS.reserve::<EventHeader>(0) {
         Some(mut entry) => {
             // SAFETY: the reservation is sized for an EventHeader; every field is written.

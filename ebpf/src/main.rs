@@ -3,13 +3,16 @@
 //! can change, keep only what touches a watched inode or a monitored name, and hand it to the
 //! watcher through one ring buffer. Hooks are grouped by what they watch: `fd_ops` (changes
 //! through a file descriptor), `path_ops` (changes by path), `open` (opens for writing and
-//! creates), `dirty` (what no syscall shows: shared mappings and io_uring), `mounts` (mounts
-//! at, above or below monitored paths). `kernel` reads kernel structs at offsets the watcher
-//! found in the running kernel's BTF; `emit` fills and sends events. No panics: every
-//! fallible step returns early.
+//! creates), `dirty` (what no syscall shows: shared mappings and io_uring), `aio` (Linux AIO
+//! writes, which pass no write syscall), `mounts` (mounts at, above or below monitored paths),
+//! `confirm` (events held until their syscall succeeded, so failing calls make no work).
+//! `kernel` reads kernel structs at offsets the watcher found in the running kernel's BTF;
+//! `emit` fills and sends events. No panics: every fallible step returns early.
 #![no_std]
 #![no_main]
 
+mod aio;
+mod confirm;
 mod dirty;
 mod emit;
 mod fd_ops;
@@ -19,7 +22,7 @@ mod open;
 mod path_ops;
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
 use kubefim_common::{Config, InodeKey};
 
 /// Watched inodes (`WATCH_*` bits); sized by the watcher at load time. Not preallocated: a
@@ -41,9 +44,25 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// Events dropped because the ring buffer was full.
+/// Events dropped: because the ring buffer was full, because their process was over its
+/// budget (`LOST_*` indexes).
 #[map(name = "LOST")]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// What each process (tgid) not run by root has left of its event budget. LRU: a process
+/// that exits leaves its entry to be reused; one evicted starts again with a full burst.
+#[map(name = "BUDGETS")]
+static BUDGETS: LruHashMap<u32, Budget> = LruHashMap::with_max_entries(8192, 0);
+
+/// A token bucket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Budget {
+    /// Events it may still send.
+    tokens: u64,
+    /// When tokens were last added (`bpf_ktime_get_boot_ns`).
+    at_ns: u64,
+}
 
 /// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id. A plain
 /// (preallocated) hash: every open for writing on the machine goes through it, and an LRU
@@ -82,6 +101,12 @@ static CONFIG: Config = Config {
         mnt_ns_inum: 0,
         kiocb_file: 0,
         kiocb_opcode: 0,
+        kiocb_flags: 0,
+        kiocb_ctx: 0,
+        kiocb_cqe_fd: 0,
+        ctx_files_nr: 0,
+        ctx_files_nodes: 0,
+        rsrc_node_file_ptr: 0,
     },
 };
 

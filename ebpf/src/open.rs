@@ -8,7 +8,7 @@ use aya_ebpf::macros::tracepoint;
 use aya_ebpf::programs::TracePointContext;
 use kubefim_common::{EVENT_HAS_PARENT, EVENT_HAS_TARGET, EventHeader, Op, WATCH_DIR, WATCH_FILE};
 
-use crate::emit::{active, fill_header, lost, watch, watched};
+use crate::emit::{active, fill_header, lost, watch, watched, within_budget};
 use crate::fd_ops::arg;
 use crate::kernel::{FMODE_CREATED, current_task, file_key, file_of_fd, file_parent_key, read};
 use crate::{EVENTS, OPENS};
@@ -86,6 +86,9 @@ fn opened(ctx: &TracePointContext) {
     } else {
         return;
     };
+    if !within_budget(pid_tgid) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) else {
         lost();
         return;

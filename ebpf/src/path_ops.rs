@@ -2,14 +2,16 @@
 //! by-path forms of truncate, chmod, chown, setxattr, removexattr and utimes. A path cannot be
 //! resolved to an inode from a tracepoint, so the event carries the path as the syscall got
 //! it, the inode of the directory a relative path starts from, and the actor; the filter here
-//! keeps it when the path's last or next-to-last component is a monitored name, or when a
-//! relative path starts in a watched directory (or the path did not fit: never a silent
-//! miss). The watcher resolves it in the actor's root and cwd and rehashes what it names.
+//! keeps it when the path's last or next-to-last component is a monitored name (a path longer
+//! than the event's slot is read whole for that), or when a relative path starts in a watched
+//! directory; it is sent when the syscall succeeded (`confirm`). The watcher resolves it in
+//! the actor's root and cwd and rehashes what it names.
 //!
 //! Argument layouts are the syscalls' (x86-64, 6.18), read as in `fd_ops`.
 
 use aya_ebpf::helpers::bpf_probe_read_user_str_bytes;
-use aya_ebpf::macros::tracepoint;
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::TracePointContext;
 use kubefim_common::{
     EVENT_EXCHANGE, EVENT_HAS_PATHS, EVENT_PATH_TRUNCATED, Op, PATH_CAP, PathEvent, WATCH_ANCESTOR, WATCH_DIR,
@@ -17,23 +19,22 @@ use kubefim_common::{
 };
 
 use crate::EVENTS;
-use crate::emit::{active, fill_header, lost, path_names_known, watched};
+use crate::confirm::{hold_path, syscall_nr};
+use crate::emit::{active, fill_header, lost, path_names_known, watched, within_budget};
 use crate::fd_ops::arg;
 use crate::kernel::{AT_FDCWD, current_task, mnt_ns, root_dir_key, start_dir_key};
 
 /// Sends a path event for up to two (dirfd, user path pointer) pairs (a zero pointer is no
 /// path) if the filter keeps it.
 #[inline(always)]
-pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags: u32) {
+pub fn path_event(ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags: u32) {
     let Some((cfg, pid_tgid)) = active() else { return };
     let task = current_task();
-    let Some(mut entry) = EVENTS.reserve::<PathEvent>(0) else {
-        lost();
-        return;
-    };
-    // SAFETY: the reservation is sized for a PathEvent; the header is filled below and each
-    // path slot is NUL-terminated before it is read.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    let Some(ev) = PATH_EVENT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot, used by this program alone while it runs (syscall tracepoint
+    // programs run with preemption off); the header is filled below and each path slot is
+    // NUL-terminated before it is read.
+    let ev = unsafe { &mut *ev };
     fill_header(&mut ev.header, &cfg, task, pid_tgid, op as u32, flags | EVENT_HAS_PATHS, 0);
     // A rename, removal or mount of a rule root's ancestor can swap or cover the whole root:
     // those ops also pass on an ancestor's name, and a mount also on a target given as a
@@ -56,9 +57,9 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
                 Err(_) => 0,
             };
             let decides = !mount || i == 0;
-            if len >= PATH_CAP - 1 {
+            let truncated = len >= PATH_CAP - 1;
+            if truncated {
                 ev.header.flags |= EVENT_PATH_TRUNCATED;
-                keep |= decides;
             }
             ev.header.dirfd[i] = dirfd as i32;
             if slot[0] != b'/'
@@ -69,14 +70,13 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
                     keep = true;
                 }
             }
-            if !keep && decides && path_names_known(slot, ancestors) {
+            if !keep && decides && path_names_known(slot, ptr as u64, truncated, ancestors) {
                 keep = true;
             }
         }
         i += 1;
     }
     if !keep {
-        entry.discard(0);
         return;
     }
     // Where absolute paths start, and the mount namespace: with them the watcher can resolve
@@ -93,8 +93,21 @@ pub fn path_event(_ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flag
         }
     }
     ev.header.mnt_ns = mnt_ns(&cfg, task);
-    entry.submit(0);
+    // Sent when the syscall returns without an error (`confirm`), or now if it cannot wait;
+    // the budget is charged when it is sent (a failed call costs none).
+    if !hold_path(ev, pid_tgid as u32, syscall_nr(ctx))
+        && within_budget(pid_tgid)
+        && EVENTS.output::<PathEvent>(&*ev, 0).is_err()
+    {
+        lost();
+    }
 }
+
+/// The path event being built, per CPU: it is sent, or held until its syscall's exit, only
+/// when the filter keeps it (a reservation in the ring buffer for every hooked path syscall
+/// on the node would make each one pay for it).
+#[map(name = "PATH_EVENT")]
+static PATH_EVENT: PerCpuArray<PathEvent> = PerCpuArray::with_max_entries(1, 0);
 
 macro_rules! path_hook {
     // name, op, dirfd arg index (None = AT_FDCWD), path arg index

@@ -158,7 +158,7 @@ impl Metrics {
         for result in VERIFY_RESULTS {
             drop(metrics.verify_runs.get_or_create(&ResultLabel { result: result.as_str() }));
         }
-        for by in [LostBy::Kernel, LostBy::Watcher] {
+        for by in [LostBy::Kernel, LostBy::Watcher, LostBy::Budget] {
             drop(metrics.lost.get_or_create(&LostLabel { dropped_by: by.as_str() }));
         }
         for reason in RescanReason::ALL {

@@ -64,6 +64,10 @@ pub enum FileOp {
     MountSetattr,
     /// umount2(2).
     Umount,
+    /// A Linux AIO write (io_submit).
+    Aio,
+    /// A change of inode flags (chattr: FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR, file_setattr).
+    Setflags,
 }
 
 impl FileOp {
@@ -94,6 +98,8 @@ impl FileOp {
             K::MoveMount => FileOp::MoveMount,
             K::MountSetattr => FileOp::MountSetattr,
             K::Umount => FileOp::Umount,
+            K::Aio => FileOp::Aio,
+            K::SetFlags => FileOp::Setflags,
             K::OpenWrite | K::Close | K::Dirty => return None,
         })
     }
@@ -123,6 +129,8 @@ impl FileOp {
             FileOp::MoveMount => "move_mount",
             FileOp::MountSetattr => "mount_setattr",
             FileOp::Umount => "umount",
+            FileOp::Aio => "aio",
+            FileOp::Setflags => "setflags",
         }
     }
 }
@@ -432,6 +440,9 @@ pub enum LostBy {
     Kernel,
     /// The watcher: its queue between the reader and the rest was full.
     Watcher,
+    /// The kernel, for a process (not root's) over its budget of events (2000 a second, a
+    /// burst of 4000): one process cannot delay everyone else's reports.
+    Budget,
 }
 
 impl LostBy {
@@ -440,6 +451,7 @@ impl LostBy {
         match self {
             LostBy::Kernel => "kernel",
             LostBy::Watcher => "watcher",
+            LostBy::Budget => "budget",
         }
     }
 }

@@ -65,7 +65,28 @@ fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         mnt_ns_inum: m("mnt_namespace", "ns")? + m("ns_common", "inum")?,
         kiocb_file: m("io_kiocb", "file")?,
         kiocb_opcode: m("io_kiocb", "opcode")?,
+        kiocb_flags: m("io_kiocb", "flags")?,
+        kiocb_ctx: m("io_kiocb", "ctx")?,
+        kiocb_cqe_fd: m("io_kiocb", "cqe")? + m("io_cqe", "fd")?,
+        ..fixed_file_table(btf)
     })
+}
+
+/// Where a ring's registered files are (6.13+: `io_ring_ctx.file_table.data`, an
+/// `io_rsrc_data` of `io_rsrc_node`s). Older kernels lay the table out otherwise: all zero,
+/// and the programs leave fixed files to the dirtying hook and the rescans.
+fn fixed_file_table(btf: &KernelBtf) -> Offsets {
+    let m = |s: &str, f: &str| btf.member_offset(s, f).ok();
+    let table = || {
+        let data = m("io_ring_ctx", "file_table")? + m("io_file_table", "data")?;
+        Some(Offsets {
+            ctx_files_nr: data + m("io_rsrc_data", "nr")?,
+            ctx_files_nodes: data + m("io_rsrc_data", "nodes")?,
+            rsrc_node_file_ptr: m("io_rsrc_node", "file_ptr")?,
+            ..Offsets::default()
+        })
+    };
+    table().unwrap_or_default()
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -142,9 +163,14 @@ impl Programs {
         std::os::fd::AsFd::as_fd(&self.events).try_clone_to_owned()
     }
 
-    /// Events dropped by the kernel side since load.
+    /// Events dropped by the kernel side since load because the ring buffer was full.
     pub fn lost_total(&self) -> u64 {
-        self.lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        lost_at(&self.lost, kubefim_common::LOST_RING_FULL)
+    }
+
+    /// Events dropped by the kernel side since load because their process was over budget.
+    pub fn lost_over_budget(&self) -> u64 {
+        lost_at(&self.lost, kubefim_common::LOST_OVER_BUDGET)
     }
 
     /// Watches an inode (`bits`: `WATCH_FILE` / `WATCH_DIR`). False when the map is full.
@@ -196,10 +222,20 @@ pub(crate) struct EventSource {
 }
 
 impl EventSource {
-    /// Events dropped by the kernel side since load.
+    /// Events dropped by the kernel side since load because the ring buffer was full.
     pub fn lost_total(&self) -> u64 {
-        self.lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        lost_at(&self.lost, kubefim_common::LOST_RING_FULL)
     }
+
+    /// Events dropped by the kernel side since load because their process was over budget.
+    pub fn lost_over_budget(&self) -> u64 {
+        lost_at(&self.lost, kubefim_common::LOST_OVER_BUDGET)
+    }
+}
+
+/// The sum over CPUs of one counter of the lost map.
+fn lost_at(lost: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    lost.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
 }
 
 fn load_tp(tp: &mut TracePoint, name: &str) -> Result<()> {

@@ -3,8 +3,9 @@
 //! does only what cannot wait: decode it, name its process (from /proc, before the process
 //! can exit) and look at a path event's paths as the process sees them (`resolve`). The
 //! result goes to the rest of the watcher through a bounded queue; when the queue is full the
-//! event is dropped and counted, and the count, like the kernel's own count of events its
-//! ring buffer had no room for, becomes a `lost` message (a rescan of everything follows).
+//! event is dropped and counted, and the count, like the kernel's own counts of events its
+//! ring buffer had no room for and of events over a process's budget, becomes a `lost`
+//! message (a rescan of everything follows).
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -118,6 +119,8 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
     let host_view = HostView::new(&parts.host);
     let mut kernel_seen = 0u64;
     let mut kernel_lost = 0u64;
+    let mut budget_seen = 0u64;
+    let mut budget_lost = 0u64;
     let mut dropped = 0u64;
     let mut dropped_total = 0u64;
     let mut checked = Instant::now();
@@ -161,13 +164,19 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
             let total = parts.source.lost_total();
             kernel_lost += total.saturating_sub(kernel_seen);
             kernel_seen = kernel_seen.max(total);
+            let total = parts.source.lost_over_budget();
+            budget_lost += total.saturating_sub(budget_seen);
+            budget_seen = budget_seen.max(total);
         }
-        for (count, by) in [(&mut kernel_lost, LostBy::Kernel), (&mut dropped, LostBy::Watcher)] {
+        let counts =
+            [(&mut kernel_lost, LostBy::Kernel), (&mut dropped, LostBy::Watcher), (&mut budget_lost, LostBy::Budget)];
+        for (count, by) in counts {
             if *count == 0 {
                 continue;
             }
             let total = match by {
                 LostBy::Kernel => kernel_seen,
+                LostBy::Budget => budget_seen,
                 LostBy::Watcher => dropped_total + *count,
             };
             let message = Message::Lost { events: *count, by, total };
@@ -256,6 +265,7 @@ mod tests {
                 Ok(Message::Event(_)) => {}
                 Ok(Message::Lost { events: n, by: LostBy::Watcher, .. }) => dropped += n,
                 Ok(Message::Lost { events: n, by: LostBy::Kernel, .. }) => kernel += n,
+                Ok(Message::Lost { by: LostBy::Budget, .. }) => {}
                 Err(_) => {
                     // Let the queue fill up before taking from it again, as a stuck loop would.
                     std::thread::sleep(Duration::from_millis(200));

@@ -11,6 +11,7 @@
 
 #[macro_use]
 mod kernel_harness;
+mod kernel_blind_spots;
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +19,7 @@ use std::path::Path;
 
 use io_uring::{IoUring, opcode, types};
 use kernel_harness::{AT_FDCWD, Actor, DEADLINE, Expect, Kernel, c, key_of};
-use kubefim_common::{EVENT_EXCHANGE, EVENT_IO_WORKER, EVENT_PATH_TRUNCATED, Op, PATH_CAP};
+use kubefim_common::{EVENT_EXCHANGE, EVENT_IO_WORKER, Op};
 
 /// `openat(AT_FDCWD, path, flags, 0o644)`.
 fn open(path: &Path, flags: i32) -> OwnedFd {
@@ -348,21 +349,6 @@ fn relative_paths_carry_their_dirfd_and_start_directory() {
     let want = Expect::path(Op::Chmod, "rel-cwd-file").start(0, AT_FDCWD, dir_key);
     let ev = k.next_event(DEADLINE, |ev| ev.header.tid == actor.tid && ev.op == Op::Chmod);
     k.check("chmod relative to the cwd", &ev, &want, &actor);
-}
-
-#[test]
-fn a_path_too_long_for_the_event_is_sent_truncated() {
-    let Some(mut k) = Kernel::load() else { return };
-    // Nothing watched, no name monitored: a path that does not fit bypasses the filter.
-    let deep = k.dir().join("d".repeat(120)).join("e".repeat(120));
-    std::fs::create_dir_all(&deep).expect("create the deep dirs");
-    let file = deep.join("long-path-file");
-    std::fs::write(&file, b"alpha\n").expect("write the deep file");
-    let full = bytes(&file);
-    assert!(full.len() >= PATH_CAP, "the path must not fit: {} bytes", full.len());
-    sys!(SYS_chmod, c(&file).as_ptr(), 0o600);
-    let want = Expect::path(Op::Chmod, &full[..PATH_CAP - 1]).with_flags(EVENT_PATH_TRUNCATED);
-    k.expect("chmod of a long path", want);
 }
 
 // ---- io_uring ----------------------------------------------------------------------------

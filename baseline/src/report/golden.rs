@@ -49,6 +49,7 @@ fn file(content: &[u8]) -> FileRecord {
         content_stored: true,
         rule: 0,
         error: None,
+        flags: None,
     }
 }
 
@@ -71,6 +72,7 @@ fn symlink(target: &[u8]) -> FileRecord {
         content_stored: false,
         rule: 1,
         error: None,
+        flags: None,
     }
 }
 
@@ -93,6 +95,7 @@ fn unreadable() -> FileRecord {
         content_stored: false,
         rule: 7,
         error: Some("cannot read directory: Permission denied (os error 13)".into()),
+        flags: None,
     }
 }
 
@@ -158,15 +161,15 @@ fn report() -> VerifyReport {
     }
 }
 
-const RECORD_FILE: &str = r#"{"type":"file","size":3,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"hash":"6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85","error":null,"rule":"/etc"}"#;
-const LINE_FILE: &str = r#"{"path":"/etc/hosts","type":"file","size":3,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"hash":"6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85","error":null,"rule":"/etc"}"#;
-const LINE_SYMLINK: &str = r#"{"path":"/usr/bin/odd\\xfe\\\\link","path_hex":"2f7573722f62696e2f6f6464fe5c6c696e6b","type":"symlink","size":4,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"tgt\\xfe","link_target_hex":"746774fe","xattrs":{},"hash":null,"error":null,"rule":"/usr/bin"}"#;
-const LINE_UNREADABLE: &str = r#"{"path":"/etc/ssh","type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}"#;
+const RECORD_FILE: &str = r#"{"type":"file","size":3,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"flags":null,"hash":"6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85","error":null,"rule":"/etc"}"#;
+const LINE_FILE: &str = r#"{"path":"/etc/hosts","type":"file","size":3,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"flags":null,"hash":"6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85","error":null,"rule":"/etc"}"#;
+const LINE_SYMLINK: &str = r#"{"path":"/usr/bin/odd\\xfe\\\\link","path_hex":"2f7573722f62696e2f6f6464fe5c6c696e6b","type":"symlink","size":4,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"tgt\\xfe","link_target_hex":"746774fe","xattrs":{},"flags":null,"hash":null,"error":null,"rule":"/usr/bin"}"#;
+const LINE_UNREADABLE: &str = r#"{"path":"/etc/ssh","type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"flags":null,"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}"#;
 
-const CHANGE_MODIFIED_WITH_DIFF: &str = r#"{"path":"/etc/hosts","kind":"modified","changed":["content","size","mtime","ctime"],"old":{"type":"file","size":23,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"hash":"4498c7c010197b814b54506400c4a9e0c5ea7f5a22ef02bea9a2d6a9b63f530a","error":null,"rule":"/etc"},"new":{"type":"file","size":29,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456799,"ctime":1700000001000000017,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"hash":"31bc107d7bb0192db61ac46207e04b6fb0fdf3033df6ac1e2019a1acc553db87","error":null,"rule":"/etc"},"diff":"--- /etc/hosts (baseline)\n+++ /etc/hosts (now)\n@@ -1,3 +1,3 @@\n header\n-old line\n+new \"line\"\tend\n footer\n","changed_ranges":[[0,65536],[131072,131080]]}"#;
-const CHANGE_ADDED_NON_UTF8: &str = r#"{"path":"/etc/new\\xff\\\\name","path_hex":"2f6574632f6e6577ff5c6e616d65","kind":"added","changed":[],"old":null,"new":{"type":"symlink","size":4,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"tgt\\xfe","link_target_hex":"746774fe","xattrs":{},"hash":null,"error":null,"rule":"/usr/bin"}}"#;
-const CHANGE_REMOVED: &str = r#"{"path":"/usr/bin/gone","kind":"removed","changed":[],"old":{"type":"symlink","size":13,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"/usr/bin/real","xattrs":{},"hash":null,"error":null,"rule":"/usr/bin"},"new":null}"#;
-const CHANGE_MODIFIED_UNREADABLE: &str = r#"{"path":"/etc/ssh","kind":"modified","changed":["mode"],"old":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null},"new":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}}"#;
+const CHANGE_MODIFIED_WITH_DIFF: &str = r#"{"path":"/etc/hosts","kind":"modified","changed":["content","size","mtime","ctime"],"old":{"type":"file","size":23,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456789,"ctime":1700000001000000007,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"flags":null,"hash":"4498c7c010197b814b54506400c4a9e0c5ea7f5a22ef02bea9a2d6a9b63f530a","error":null,"rule":"/etc"},"new":{"type":"file","size":29,"mode":420,"uid":0,"gid":0,"mtime":1700000000123456799,"ctime":1700000001000000017,"inode":1234,"nlink":1,"link_target":null,"xattrs":{"security.selinux":"system_u:object_r:etc_t:s0\u0000","user.bad\\xff":"v\\xfe\\\\x"},"flags":null,"hash":"31bc107d7bb0192db61ac46207e04b6fb0fdf3033df6ac1e2019a1acc553db87","error":null,"rule":"/etc"},"diff":"--- /etc/hosts (baseline)\n+++ /etc/hosts (now)\n@@ -1,3 +1,3 @@\n header\n-old line\n+new \"line\"\tend\n footer\n","changed_ranges":[[0,65536],[131072,131080]]}"#;
+const CHANGE_ADDED_NON_UTF8: &str = r#"{"path":"/etc/new\\xff\\\\name","path_hex":"2f6574632f6e6577ff5c6e616d65","kind":"added","changed":[],"old":null,"new":{"type":"symlink","size":4,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"tgt\\xfe","link_target_hex":"746774fe","xattrs":{},"flags":null,"hash":null,"error":null,"rule":"/usr/bin"}}"#;
+const CHANGE_REMOVED: &str = r#"{"path":"/usr/bin/gone","kind":"removed","changed":[],"old":{"type":"symlink","size":13,"mode":511,"uid":1000,"gid":100,"mtime":-5,"ctime":0,"inode":99,"nlink":1,"link_target":"/usr/bin/real","xattrs":{},"flags":null,"hash":null,"error":null,"rule":"/usr/bin"},"new":null}"#;
+const CHANGE_MODIFIED_UNREADABLE: &str = r#"{"path":"/etc/ssh","kind":"modified","changed":["mode"],"old":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"flags":null,"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null},"new":{"type":"dir","size":4096,"mode":448,"uid":65534,"gid":65534,"mtime":1,"ctime":2,"inode":2,"nlink":3,"link_target":null,"xattrs":{},"flags":null,"hash":null,"error":"cannot read directory: Permission denied (os error 13)","rule":null}}"#;
 
 const SUMMARY: &str = r#"{"summary":{"added":1,"removed":1,"modified":2,"hidden":0,"unverified":2,"scanned":42,"clean":false},"changes":["#;
 const ERRORS: &str = r#"],"errors":[{"path":"/etc/shadow","error":"cannot read: Permission denied (os error 13)"},{"path":"/etc/\\xe9t\\xe9","path_hex":"2f6574632fe974e9","error":"vanished"}]}"#;

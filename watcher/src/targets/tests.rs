@@ -119,6 +119,20 @@ fn a_write_to_a_known_inode_names_its_path_and_only_it() {
 }
 
 #[test]
+fn an_aio_write_a_fixed_file_write_and_a_chattr_name_the_path_of_their_inode() {
+    for op in [Op::Aio, Op::IoUring, Op::SetFlags] {
+        let t = targets(&inode_event(op, CONF), &[None, None], &Fake::new());
+        assert_eq!(t.paths, set(&["/m/conf"]), "{op:?}");
+        assert_eq!(t.inode, Some(CONF), "{op:?}");
+        assert!(t.full_rescan.is_none() && t.rescan.is_empty(), "{op:?}: {t:?}");
+    }
+    // file_setattr by path is a change of the entry, not of its directory.
+    let t = targets(&path_event(Op::SetFlags, [b"/anything/conf", b""]), &[seen(DIR), None], &Fake::new());
+    assert_eq!(t.paths, set(&["/m/conf"]));
+    assert!(t.dirs.is_empty());
+}
+
+#[test]
 fn a_create_marks_its_directory_and_keeps_the_new_inode_apart() {
     let mut ev = inode_event(Op::Create, NEW);
     ev.header.flags |= EVENT_HAS_PARENT;

@@ -419,7 +419,15 @@ impl Kernel {
     /// A child process then writes the watched sentinel: the operations under test finished
     /// before it started, so whatever they sent is in the ring buffer before its event, and
     /// the window is closed without guessing a delay. Events up to the sentinel's are consumed.
-    pub fn assert_no_event(&mut self, what: &str, mut pred: impl FnMut(&KernelEvent) -> bool) {
+    pub fn assert_no_event(&mut self, what: &str, pred: impl FnMut(&KernelEvent) -> bool) {
+        let unexpected = self.events_until_sentinel(what, pred);
+        assert!(unexpected.is_empty(), "{what}: unexpected events:\n  {}", unexpected.join("\n  "));
+        assert_eq!(self.programs.lost_total(), 0, "{what}: events were lost, so absence proves nothing");
+    }
+
+    /// The events for which `pred` holds among those sent by the operations done so far
+    /// (summed up), closed by the sentinel as in [`Kernel::assert_no_event`].
+    pub fn events_until_sentinel(&mut self, what: &str, mut pred: impl FnMut(&KernelEvent) -> bool) -> Vec<String> {
         let mut child = Command::new("sh")
             .args(["-c", "printf x >> \"$1\"", "sh"])
             .arg(&self.sentinel)
@@ -429,19 +437,23 @@ impl Kernel {
         let status = child.wait().expect("wait for sh");
         assert!(status.success(), "sh writing the sentinel: {status}");
         let sentinel = self.sentinel_key;
-        let mut unexpected = Vec::new();
+        let mut found = Vec::new();
         self.poll(DEADLINE, |ev| {
             if ev.header.pid == child_pid && ev.target() == Some(sentinel) {
                 return true;
             }
             if pred(ev) {
-                unexpected.push(summary(ev));
+                found.push(summary(ev));
             }
             false
         })
         .unwrap_or_else(|seen| panic!("{what}: the sentinel's event never came; {seen}"));
-        assert!(unexpected.is_empty(), "{what}: unexpected events:\n  {}", unexpected.join("\n  "));
-        assert_eq!(self.programs.lost_total(), 0, "{what}: events were lost, so absence proves nothing");
+        found
+    }
+
+    /// Events the programs dropped since load: (ring buffer full, over a process's budget).
+    pub fn lost(&self) -> (u64, u64) {
+        (self.programs.lost_total(), self.programs.lost_over_budget())
     }
 
     /// Whether an event came from this test's thread.
