@@ -13,7 +13,7 @@ use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
 use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView};
 use kubefim_baseline::root::HostRoot;
-use kubefim_baseline::scan::rehash;
+use kubefim_baseline::scan::{WarningKind, rehash};
 use kubefim_baseline::verify::{Change as Difference, ChangeKind, compare_with};
 use kubefim_common::{EVENT_IO_WORKER, InodeKey, Op};
 
@@ -89,17 +89,18 @@ impl View for Lookup<'_> {
 /// A directory's entries with the kernel key of each (`d_ino` and the directory's device:
 /// no stat per entry; an entry that is a mount point has another device, which costs a
 /// mismatch, never a wrong match).
-fn listed(dir: &Path) -> Vec<(std::fs::DirEntry, InodeKey)> {
-    let Ok(meta) = std::fs::symlink_metadata(dir) else { return Vec::new() };
+/// An error (a directory that cannot be opened: gone, or no descriptor left) is an error, not
+/// an empty directory: its known entries must not be concluded removed.
+fn listed(dir: &Path) -> std::io::Result<Vec<(std::fs::DirEntry, InodeKey)>> {
+    let meta = std::fs::symlink_metadata(dir)?;
     let dev = InodeKey::from_stat(meta.dev(), 0).dev;
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let key = InodeKey { dev, ino: e.ino() };
-            (e, key)
-        })
-        .collect()
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let e = entry?;
+        let key = InodeKey { dev, ino: e.ino() };
+        out.push((e, key));
+    }
+    Ok(out)
 }
 
 impl Reporter {
@@ -215,7 +216,18 @@ impl Reporter {
         // by listing (no process is known to have made them).
         let listed: Vec<PathBuf> = batch.iter().filter(|(_, p)| p.list_entries).map(|(d, _)| d.clone()).collect();
         for dir in listed {
-            for entry in self.dir_changes(&dir) {
+            let changes = match self.dir_changes(&dir) {
+                Ok(changes) => changes,
+                // Gone: its own rehash reports it. Anything else: nothing is concluded about
+                // its entries (the next event or rescan looks again).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => {
+                    let error = format!("cannot list the directory: {e}; its entries are looked at again later");
+                    self.print(Line::Error(PathError { path: EscapedPath::of_path(&dir), error }))?;
+                    Vec::new()
+                }
+            };
+            for entry in changes {
                 if !batch.contains_key(&entry) && !self.queue.contains(&entry) {
                     batch.insert(entry, Pending::unseen(now));
                 }
@@ -248,19 +260,19 @@ impl Reporter {
 
     /// The name an inode has in `dir` now (listing it: `d_ino` needs no stat per entry).
     fn name_of(&self, dir: &Path, key: InodeKey) -> Option<PathBuf> {
-        let (found, _) = listed(&self.host.disk(dir)).into_iter().find(|(_, k)| *k == key)?;
+        let (found, _) = listed(&self.host.disk(dir)).ok()?.into_iter().find(|(_, k)| *k == key)?;
         Some(dir.join(found.file_name()))
     }
 
     /// The entries of `dir` that differ from the state's: new on disk, or known and gone.
     /// New ones that are a pending new inode are left to it (it knows who made them).
-    fn dir_changes(&self, dir: &Path) -> Vec<PathBuf> {
+    fn dir_changes(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let policy = self.state.policy();
         // Sorted, searched by halves: a directory may hold a hundred thousand entries.
         let known = self.state.children(dir);
         let mut on_disk = Vec::new();
         let mut out = Vec::new();
-        for (e, key) in listed(&self.host.disk(dir)) {
+        for (e, key) in listed(&self.host.disk(dir))? {
             let path = dir.join(e.file_name());
             if known.binary_search(&path).is_err() && self.queue.unnamed_dir(&key).is_none() && covered(policy, &path) {
                 out.push(path.clone());
@@ -269,17 +281,31 @@ impl Reporter {
         }
         on_disk.sort_unstable();
         out.extend(known.into_iter().filter(|p| on_disk.binary_search(p).is_err() && covered(policy, p)));
-        out
+        Ok(out)
     }
 
     /// Rehashes `path` now; `None` when the policy does not cover it or it could not be read
     /// (an `error` line says why).
+    ///
+    /// A file whose content could not be read (no descriptor left, EIO, EACCES...) is recorded
+    /// by the scan without a hash, which would compare as a change of content: when its known
+    /// record has a hash, nothing is concluded instead (an `error` line; the state keeps the
+    /// last known record, so the next event or rescan looks again).
     fn rehash_now(&mut self, path: &Path) -> Result<Option<Option<Known>>> {
         let started = std::time::Instant::now();
         let Some(rehashed) = rehash(path, self.state.policy(), &self.host) else { return Ok(None) };
         self.metrics.rehash_seconds(started.elapsed());
         match rehashed {
-            Ok(r) => Ok(Some(Some(Known { record: r.record, content: r.content }))),
+            Ok(r) => {
+                if let Some((WarningKind::Unreadable, why)) = &r.warning
+                    && self.state.get(path)?.is_some_and(|known| known.record.hash().is_some())
+                {
+                    let error = format!("{why}; nothing is concluded until it can be read");
+                    self.print(Line::Error(PathError { path: EscapedPath::of_path(path), error }))?;
+                    return Ok(None);
+                }
+                Ok(Some(Some(Known { record: r.record, content: r.content })))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(None)),
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(Some(None)),
             Err(e) => {
