@@ -6,7 +6,8 @@
 //! loaded with `btf`'s offsets) and runs rescans off the loop (`rescan`). What is known of
 //! each path is `state`: a compact `index` in memory, records in the signed baseline and the
 //! journal. `lifecycle` gets to a trusted baseline without the private key on the node;
-//! `metrics` and `http` serve Prometheus metrics and the probes.
+//! `metrics` and `http` serve Prometheus metrics and the probes, within the descriptor budget
+//! `limits` sets.
 
 mod actor;
 mod btf;
@@ -18,6 +19,7 @@ mod fixture;
 pub mod http;
 mod index;
 mod lifecycle;
+mod limits;
 pub mod metrics;
 pub mod model;
 mod output;

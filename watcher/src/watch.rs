@@ -87,6 +87,15 @@ const HEALTH_STALE_AFTER: Duration = Duration::from_secs(120);
 /// Runs the watcher until SIGINT or SIGTERM.
 pub fn run(opts: WatchOptions) -> Result<()> {
     let key = PublicKey::load(&opts.pubkey)?;
+    let limit = crate::limits::raise_descriptor_limit();
+    tracing::debug!(was = ?limit.was, now = ?limit.now, "descriptor limit");
+    if !limit.leaves_reserve(crate::http::MAX_CONNECTIONS) {
+        tracing::warn!(
+            limit = ?limit.now,
+            "the descriptor limit is low: rehashes may fail while the HTTP endpoint is busy; raise the hard \
+             RLIMIT_NOFILE (the container runtime's ulimit)"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(HEALTH_STALE_AFTER));
     health.set_not_ready("starting: loading the baseline");

@@ -15,10 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 
-/// The endpoint's bounds: connections at once, and the time to send a request head.
-const MAX_CONNECTIONS: usize = 64;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How long any one wait may take before the test fails instead of hanging.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -327,7 +323,7 @@ async fn idle_half_sent_connections_are_capped_and_timed_out() {
     let addr = start(&Arc::new(Metrics::new()), &Arc::new(Health::default()));
     let half = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n");
     let mut idle = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
+    for _ in 0..http::MAX_CONNECTIONS {
         let mut stream = TcpStream::connect(addr).await.expect("connecting to the endpoint");
         stream.write_all(half.as_bytes()).await.expect("sending half a request");
         idle.push(stream);
@@ -344,11 +340,11 @@ async fn idle_half_sent_connections_are_capped_and_timed_out() {
     // The idle ones are closed once their time to send a request head is up.
     for stream in &mut idle {
         let mut answer = Vec::new();
-        let read = timeout(HEADER_TIMEOUT + Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+        let read = timeout(http::HEADER_TIMEOUT + Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
         assert!(read.is_ok(), "an idle half-sent request outlived the header timeout");
         assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "half a request was served");
     }
-    assert!(opened.elapsed() >= HEADER_TIMEOUT - Duration::from_secs(1), "closed before its time");
+    assert!(opened.elapsed() >= http::HEADER_TIMEOUT - Duration::from_secs(1), "closed before its time");
     // And the probes are answered again.
     assert_eq!(get(addr, "/healthz").await.status, 200);
 }
