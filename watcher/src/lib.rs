@@ -7,7 +7,7 @@
 //! each path is `state`: a compact `index` in memory, records in the signed baseline and the
 //! journal. `lifecycle` gets to a trusted baseline without the private key on the node;
 //! `metrics` and `http` serve Prometheus metrics and the probes, within the descriptor budget
-//! `limits` sets.
+//! `limits` sets; `selfcheck` makes sure the kernel side still sees what it should.
 
 mod actor;
 mod btf;
@@ -30,6 +30,7 @@ mod reader;
 mod report;
 mod rescan;
 mod resolve;
+mod selfcheck;
 mod state;
 mod targets;
 mod watch;

@@ -129,17 +129,21 @@ pub enum RescanReason {
     IoUring,
     /// A path too long to be sent whole: what it could name is rescanned.
     TruncatedPath,
+    /// The self-check found the kernel filter tampered with or the canary unseen: the
+    /// filter was refilled, and what changed meanwhile is found by this rescan.
+    SelfCheck,
 }
 
 impl RescanReason {
     /// Every reason, for metrics that must exist at zero.
-    pub const ALL: [RescanReason; 6] = [
+    pub const ALL: [RescanReason; 7] = [
         RescanReason::Startup,
         RescanReason::Interval,
         RescanReason::Verify,
         RescanReason::LostEvents,
         RescanReason::IoUring,
         RescanReason::TruncatedPath,
+        RescanReason::SelfCheck,
     ];
 
     /// The name in lines and metrics.
@@ -151,6 +155,7 @@ impl RescanReason {
             RescanReason::LostEvents => "lost_events",
             RescanReason::IoUring => "io_uring",
             RescanReason::TruncatedPath => "truncated_path",
+            RescanReason::SelfCheck => "self_check",
         }
     }
 }
@@ -440,6 +445,14 @@ pub enum DegradedReason {
     FilterFull,
     /// No Kubernetes API: changes are attributed to containers, not pods.
     NoKubernetesApi,
+    /// A write to the watcher's canary file by a helper process produced no event in time:
+    /// the programs or their filter no longer see writes (detached, or entries deleted).
+    /// Not ready until a canary is seen again.
+    CanaryMissed,
+    /// Entries the watcher put in the in-kernel filter are missing or changed (another root
+    /// process edited the maps): they were put back and a rescan follows. Not ready until
+    /// a canary is seen again.
+    FilterTampered,
 }
 
 /// The watcher sees less than it should.

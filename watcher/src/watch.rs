@@ -28,6 +28,7 @@ use crate::programs::{Attached, Programs};
 use crate::reader::{Message, Reader, ReaderParts};
 use crate::report::{Follow, Reporter};
 use crate::rescan::{Found, Request, Rescans, Setup};
+use crate::selfcheck::{self, Check, Outcome, SelfCheck};
 use crate::state::State;
 
 /// How `kubefim watch` was asked to run.
@@ -194,6 +195,10 @@ struct Session<'a> {
     _attached: Attached,
     /// When to rescan for io_uring path operations (which carry no paths).
     uring_rescan_at: Option<Instant>,
+    /// The canary and the checks of the kernel filter.
+    check: SelfCheck,
+    /// The names of the rules' roots, in the filter even before they exist (for a refill).
+    roots: Vec<Vec<u8>>,
 }
 
 impl<'a> Session<'a> {
@@ -241,9 +246,21 @@ impl<'a> Session<'a> {
             .collect();
         filter.fill(state.index(), roots.iter().map(Vec::as_slice));
         metrics.set_watched_inodes(filter.inodes());
+        // Beside the journal: a place the agent must be able to write anyway.
+        let canary = {
+            let mut p = journal_path.as_os_str().to_owned();
+            p.push(".canary");
+            PathBuf::from(p)
+        };
+        let check = SelfCheck::new(canary.clone(), &mut filter).map_err(|e| {
+            Error::io(
+                format!("creating the self-check's canary file {} (its directory must be writable)", canary.display()),
+                e,
+            )
+        })?;
         tracing::debug!(ms = started.elapsed().as_millis(), inodes = filter.inodes(), "kernel filter filled");
         metrics.set_programs(attached.attached as u64, attached.missing.len() as u64);
-        let mut skip = vec![opts.db.clone(), journal_path.to_owned()];
+        let mut skip = vec![opts.db.clone(), journal_path.to_owned(), check.canary_path().to_owned()];
         skip.extend(opts.ready_file.clone());
         let rescans = Rescans::new(policy, Setup { host: opts.host.clone(), skip }, metrics.clone());
         let mut reporter = Reporter::new(state, filter, printer, metrics.clone(), opts.host.clone());
@@ -268,6 +285,8 @@ impl<'a> Session<'a> {
             rx,
             _attached: attached,
             uring_rescan_at: None,
+            check,
+            roots,
         })
     }
 
@@ -280,6 +299,7 @@ impl<'a> Session<'a> {
             std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
         }
         self.health.set_ready(true);
+        self.metrics.set_self_check_ok(true);
         self.rescans.request(Request::all(RescanReason::Startup, Some(VerifyReason::Startup)));
         self.reporter.flush()
     }
@@ -295,6 +315,9 @@ impl<'a> Session<'a> {
         let verify_every = self.opts.verify_interval.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
         let mut verifies = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
         let mut signature_poll = tokio::time::interval(lifecycle::SIGNATURE_POLL);
+        let mut self_checks = tokio::time::interval(selfcheck::CHECK_EVERY);
+        // After a long turn, one check, not a burst of them (a canary needs time to be seen).
+        self_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let signature_file = lifecycle::signature_file(self.opts);
         let mut exit = Exit::Signal;
         loop {
@@ -330,6 +353,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 _ = journal_flush.tick() => self.reporter.state.flush_journal()?,
+                _ = self_checks.tick() => self.self_check()?,
                 _ = rescans.tick() => self.rescans.request(Request::all(RescanReason::Interval, None)),
                 _ = verifies.tick() => {
                     self.rescans.request(Request::all(RescanReason::Verify, Some(VerifyReason::Interval)));
@@ -357,6 +381,7 @@ impl<'a> Session<'a> {
     /// An observation or a loss from the reader.
     fn message(&mut self, message: Message) -> Result<()> {
         match message {
+            Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),
             Message::Event(observation) => match self.reporter.observe(&observation) {
                 Follow::Nothing => {}
                 Follow::Rescan(request) => self.rescans.request(request),
@@ -365,6 +390,7 @@ impl<'a> Session<'a> {
                 }
             },
             Message::Lost { events, by, total } => {
+                self.check.events_lost();
                 self.metrics.lost(events, by);
                 self.reporter.print(Line::Lost(Lost {
                     events,
@@ -375,6 +401,66 @@ impl<'a> Session<'a> {
                 self.rescans.request(Request::all(RescanReason::LostEvents, None));
             }
         }
+        Ok(())
+    }
+
+    /// The self-check: the last canary's event, a window of the kernel filter. A failure
+    /// makes the agent not ready, says so once a kind of failure (a `degraded` line), puts
+    /// the filter back and rescans; a canary seen after that and a clean pass make it ready
+    /// again. Then the next canary is written.
+    fn self_check(&mut self) -> Result<()> {
+        // What the reader already sent first: the canary's event may be queued behind a slow
+        // turn of the loop, and a check must not call it missed.
+        for _ in 0..QUEUE {
+            let Ok(message) = self.rx.try_recv() else { break };
+            self.message(message)?;
+        }
+        match self.check.run(&self.reporter.filter, self.reporter.state.index()) {
+            Outcome::Unchanged => {}
+            Outcome::Recovered => {
+                tracing::info!("the kernel side passes its self-check again: ready");
+                self.metrics.set_self_check_ok(true);
+                self.health.set_ready(true);
+            }
+            Outcome::Failed(failed) => {
+                for check in &failed.checks {
+                    self.metrics.self_check_failed(*check);
+                }
+                self.metrics.set_self_check_ok(false);
+                self.health.set_not_ready(
+                    "the kernel side failed its self-check (see the degraded line): its filter is put back and \
+                     everything rescanned; ready again once its canary is seen",
+                );
+                for failure in failed.new {
+                    let (reason, message) = match failure.check {
+                        Check::Canary => (
+                            DegradedReason::CanaryMissed,
+                            "the canary's write produced no event: the programs or their filter no longer see \
+                             writes; not ready, the filter is put back and everything rescanned",
+                        ),
+                        Check::Inodes | Check::Names => (
+                            DegradedReason::FilterTampered,
+                            "entries the watcher put in the in-kernel filter are missing or changed (another \
+                             process edited the maps); not ready, they are put back and everything rescanned",
+                        ),
+                    };
+                    self.reporter.print(Line::Degraded(Degraded {
+                        reason,
+                        message: message.into(),
+                        missing: Vec::new(),
+                        capacity: None,
+                        error: Some(failure.detail),
+                    }))?;
+                }
+                if failed.refill || failed.first {
+                    let index = self.reporter.state.index();
+                    self.reporter.filter.refill(index, self.roots.iter().map(Vec::as_slice));
+                    self.metrics.set_watched_inodes(self.reporter.filter.inodes());
+                    self.rescans.request(Request::all(RescanReason::SelfCheck, None));
+                }
+            }
+        }
+        self.check.write_canary(&mut self.reporter.filter);
         Ok(())
     }
 
