@@ -5,7 +5,11 @@
 //! pending scan across a restart, never rescanning over a tampered database), a host root
 //! mounted elsewhere (`--host-root`: policy paths in, policy paths out), the scheduled verify
 //! and its metrics on `--listen`, and pod attribution through a stand-in Kubernetes API that
-//! serves the pod of a real podman container. Every change is made by a real child process.
+//! serves the pod of a real podman container. And the agent under attack from the node: its
+//! kernel filter's entries deleted with bpftool (noticed, not ready, refilled, rescanned), its
+//! descriptors exhausted for a rehash (an `error` line, not a change) and its port flooded
+//! with idle half-sent requests (probes and reports go on). Every change is made by a real
+//! child process.
 //!
 //! Root only (CI runs as root); never skipped there. The tests of this file may run in
 //! parallel with each other: each has its own temp dirs, file names, ports and node name.
@@ -1125,6 +1129,326 @@ fn kubernetes_without_an_api_server_says_degraded_and_keeps_watching() {
     let pid = append(&file, "beta\n");
     let line = agent.change_from(&s(&file), REPORT_WITHIN, 0);
     assert_host_origin(&line, pid, &agent);
+    assert!(agent.stop().success(), "{}", agent.dump());
+    agent.assert_only_json();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6: the agent notices its kernel filter emptied, and a port flood leaves it its descriptors
+// ---------------------------------------------------------------------------------------------
+
+/// How long the agent may take to notice its kernel filter edited by another process: two
+/// self-checks (2 s apart: the canary's write, then its deadline) and slack for a busy machine.
+const TAMPER_SEEN_WITHIN: Duration = Duration::from_secs(10);
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent was stopped").id()
+    }
+}
+
+/// `bpftool ARGS -j`, parsed.
+#[track_caller]
+fn bpftool_json(args: &[&str]) -> Value {
+    let out = Command::new("bpftool").arg("-j").args(args).output().expect("bpftool (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?} printed no JSON ({e})"))
+}
+
+/// `bpftool ARGS`, which must succeed.
+#[track_caller]
+fn bpftool(args: &[&str]) {
+    let out = Command::new("bpftool").args(args).output().expect("bpftool (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The id of the BPF map named `name` that process `pid` holds (its descriptors' fdinfo give
+/// the ids; bpftool gives their names): another agent's map of the same name is not it.
+#[track_caller]
+fn map_of(pid: u32, name: &str) -> String {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = fs::read_to_string(entry.unwrap().path()) else { continue };
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            ids.push(id.trim().to_owned());
+        }
+    }
+    ids.into_iter()
+        .find(|id| bpftool_json(&["map", "show", "id", id.as_str()])["name"] == name)
+        .unwrap_or_else(|| panic!("process {pid} holds no BPF map named {name}"))
+}
+
+/// The key of `path`'s inode in the WATCHED map, as bpftool takes it: the kernel's device
+/// number (`MAJOR << 20 | MINOR`) and the inode number, little-endian u64s, in hex bytes.
+fn inode_key_hex(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).unwrap();
+    let dev = (u64::from(rustix::fs::major(meta.dev())) << 20) | u64::from(rustix::fs::minor(meta.dev()));
+    dev.to_le_bytes().iter().chain(meta.ino().to_le_bytes().iter()).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deletes `path`'s entry from the map `id` with bpftool, as another root process would.
+#[track_caller]
+fn delete_entry(id: &str, path: &Path) {
+    let key = inode_key_hex(path);
+    let mut args = vec!["map", "delete", "id", id, "key", "hex"];
+    args.extend(key.iter().map(String::as_str));
+    bpftool(&args);
+}
+
+/// A thread that asks `/readyz` every 20 ms and keeps every status it got, in order (a
+/// not-ready spell between two polls of the test would otherwise go unseen).
+struct ReadyzRecorder {
+    seen: Arc<Mutex<Vec<(u16, String)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReadyzRecorder {
+    fn start(addr: SocketAddr) -> ReadyzRecorder {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&seen), Arc::clone(&stop));
+        thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(got) = http_get(addr, "/readyz") {
+                    s.lock().unwrap().push(got);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        ReadyzRecorder { seen, stop }
+    }
+
+    /// The first not-ready answer seen, if any.
+    fn not_ready(&self) -> Option<(u16, String)> {
+        self.seen.lock().unwrap().iter().find(|(code, _)| *code != 200).cloned()
+    }
+}
+
+impl Drop for ReadyzRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn entries_deleted_from_the_kernel_filter_make_it_unready_refilled_and_rescanned() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let file = fx.t("guarded.conf");
+    fs::write(&file, "alpha\n").unwrap();
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree()).diff()]));
+    let ready = fx.path("ready");
+    let mut cmd = watch_cmd(&fx.db(), &fx.pubkey(), &ready);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let mut agent = Agent::spawn(cmd);
+    let addr = agent.endpoint();
+    agent.wait_ready(&ready);
+    agent.wait_kind("verify", REPORT_WITHIN, 0);
+    agent.wait_http(addr, "/readyz", 200, "ready");
+    let watched = map_of(agent.pid(), "WATCHED");
+
+    // Another root process deletes the file's entry: the kernel no longer sends its writes.
+    let recorder = ReadyzRecorder::start(addr);
+    let mark = agent.mark();
+    delete_entry(&watched, &file);
+    let tampered = Instant::now();
+    append(&file, "tampered\n");
+    let (at, degraded) = agent.wait_from("a degraded line for the tampered filter", TAMPER_SEEN_WITHIN, mark, |l| {
+        l["kind"] == "degraded" && l["reason"] == "filter_tampered"
+    });
+    assert!(tampered.elapsed() < TAMPER_SEEN_WITHIN, "{degraded:#}");
+    assert!(degraded["error"].as_str().is_some_and(|e| e.contains("missing from WATCHED")), "{degraded:#}");
+    // The write made meanwhile: found by the rescan that follows the refill.
+    let line = agent.change_from(&s(&file), Duration::from_secs(10), at);
+    assert_eq!(line["kind"], "modified", "{line:#}");
+    assert_eq!(line["detected_by"], "rescan", "{line:#}");
+    assert!(line["diff"].as_str().is_some_and(|d| d.contains("+tampered")), "{line:#}");
+    agent.wait_from("the self-check's rescan", Duration::from_secs(10), at, |l| {
+        l["kind"] == "rescan" && l["reason"] == "self_check"
+    });
+    // Not ready meanwhile, ready again once its canary was seen.
+    agent.wait_http(addr, "/readyz", 200, "ready");
+    let (code, reason) = recorder.not_ready().unwrap_or_else(|| panic!("/readyz never failed\n{}", agent.dump()));
+    assert_eq!(code, 503);
+    assert!(reason.contains("self-check"), "{reason}");
+    // The entry is back: a write is an event again.
+    let mark = agent.mark();
+    let pid = append(&file, "after\n");
+    let line = agent.change_from(&s(&file), REPORT_WITHIN, mark);
+    assert_host_origin(&line, pid, &agent);
+
+    // The canary's own entry deleted: its next write goes unseen.
+    drop(recorder);
+    let recorder = ReadyzRecorder::start(addr);
+    let mark = agent.mark();
+    let mut canary = fx.db().into_os_string();
+    canary.push(".journal.canary");
+    delete_entry(&watched, Path::new(&canary));
+    let (_, degraded) = agent.wait_from("a degraded line for the missed canary", TAMPER_SEEN_WITHIN, mark, |l| {
+        l["kind"] == "degraded" && l["reason"] == "canary_missed"
+    });
+    assert!(degraded["error"].as_str().is_some_and(|e| e.contains("missing")), "{degraded:#}");
+    agent.wait_http(addr, "/readyz", 200, "ready");
+    assert!(recorder.not_ready().is_some(), "/readyz never failed\n{}", agent.dump());
+    let text = agent.wait_http(addr, "/metrics", 200, "kubefim_self_check_ok 1");
+    let m = samples(&text);
+    assert!(sample(&m, "kubefim_self_check_failures_total{check=\"inodes\"}", &text) >= 1.0, "{text}");
+    assert!(sample(&m, "kubefim_self_check_failures_total{check=\"canary\"}", &text) >= 1.0, "{text}");
+    assert_eq!(sample(&m, "kubefim_self_check_failures_total{check=\"names\"}", &text), 0.0, "{text}");
+    assert!(sample(&m, "kubefim_rescans_total{reason=\"self_check\"}", &text) >= 2.0, "{text}");
+    assert!(agent.stop().success(), "{}", agent.dump());
+    agent.assert_only_json();
+}
+
+/// The lowest descriptor number process `pid` does not use: with its soft RLIMIT_NOFILE
+/// there, its next open fails with EMFILE.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let used: BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// Process `pid`'s soft RLIMIT_NOFILE, from /proc/PID/limits.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    line.trim_start_matches("Max open files").split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// `prlimit --pid PID --nofile=SOFT:` (the hard limit kept).
+#[track_caller]
+fn set_soft_nofile(pid: u32, soft: u64) {
+    let run = run_with_timeout(
+        {
+            let mut cmd = Command::new("prlimit");
+            cmd.arg("--pid").arg(pid.to_string()).arg(format!("--nofile={soft}:"));
+            cmd
+        },
+        Duration::from_secs(10),
+    );
+    run.expect_code(0);
+}
+
+#[test]
+fn a_rehash_that_cannot_open_the_file_is_an_error_line_not_a_change() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let file = fx.t("target.conf");
+    fs::write(&file, "alpha\n").unwrap();
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree()).diff()]));
+    let ready = fx.path("ready");
+    let mut agent = Agent::spawn(watch_cmd(&fx.db(), &fx.pubkey(), &ready));
+    agent.wait_ready(&ready);
+    agent.wait_kind("verify", REPORT_WITHIN, 0);
+
+    // The agent out of descriptors (a real EMFILE on its rehash's open), for one write.
+    let pid = agent.pid();
+    let mark = agent.mark();
+    let soft = soft_nofile(pid);
+    set_soft_nofile(pid, lowest_free_fd(pid));
+    append(&file, "beta\n");
+    let want = s(&file);
+    let (_, error) = agent.wait_from("an error line for the unreadable file", REPORT_WITHIN, mark, |l| {
+        l["kind"] == "error" && l["path"] == want.as_str()
+    });
+    set_soft_nofile(pid, soft);
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("Too many open files")), "{error:#}");
+    let changes: Vec<Value> = agent.lines().into_iter().skip(mark).filter(is_change).collect();
+    assert!(changes.is_empty(), "a failed rehash reported as a change: {changes:#?}\n{}", agent.dump());
+
+    // Descriptors back: the next write is reported, and with it the one that could not be
+    // read (nothing was concluded about it; a self-check's rescan may report it first).
+    append(&file, "gamma\n");
+    let has = |l: &Value, text: &str| {
+        is_change(l) && l["path"] == want.as_str() && l["diff"].as_str().is_some_and(|d| d.contains(text))
+    };
+    let (_, line) = agent.wait_from("the next write's report", REPORT_WITHIN, mark, |l| has(l, "+gamma"));
+    assert_eq!(line["kind"], "modified", "{line:#}");
+    assert!(
+        agent.lines().iter().skip(mark).any(|l| has(l, "+beta")),
+        "the unread write never reported\n{}",
+        agent.dump()
+    );
+    assert!(agent.stop().success(), "{}", agent.dump());
+    agent.assert_only_json();
+}
+
+#[test]
+fn idle_half_sent_requests_leave_the_probes_and_the_watcher_their_descriptors() {
+    if !root_or_skip() {
+        return;
+    }
+    // The test holds a thousand sockets: its own soft limit up to the hard one.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum },
+    )
+    .unwrap();
+    let fx = Fixture::on_disk();
+    let untouched = fx.t("untouched.conf");
+    fs::write(&untouched, "alpha\n").unwrap();
+    // No times: a verify counts the tree as clean whatever its entries do to its mtime.
+    let attrs = ["type", "content", "size", "mode", "uid", "gid"];
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree()).attributes(&attrs)]));
+    let ready = fx.path("ready");
+    // The agent with 1024 descriptors and no way to raise them (a container's usual ulimit),
+    // verifying (reading every file) every 2 s.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=1024:1024").arg("--").arg(common::BIN);
+    cmd.args(watch_cmd(&fx.db(), &fx.pubkey(), &ready).get_args());
+    cmd.args(["--listen", "127.0.0.1:0", "--verify-interval", "2s"]);
+    let mut agent = Agent::spawn(cmd);
+    let addr = agent.endpoint();
+    agent.wait_ready(&ready);
+    agent.wait_kind("verify", REPORT_WITHIN, 0);
+
+    // 1100 clients, each sending half a request head and then nothing.
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        // An agent that stopped accepting leaves the rest in the listen backlog, then unanswered.
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { break };
+        let _ = stream.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n").as_bytes());
+        idle.push(stream);
+    }
+    let mark = agent.mark();
+    let flooded = Instant::now();
+    // Probes are answered within a header timeout (the idle ones' slots free up by then).
+    let deadline = flooded + Duration::from_secs(15);
+    loop {
+        if let Ok((200, _)) = http_get(addr, "/healthz") {
+            break;
+        }
+        agent.assert_running();
+        assert!(Instant::now() < deadline, "/healthz unanswered 15 s into the flood\n{}", agent.dump());
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The watcher still opens what it must: a new file is reported.
+    let new = fx.t("new.conf");
+    let pid = python(&format!("f = open({:?}, 'w'); f.write('n\\n'); f.close()", s(&new)));
+    let line = agent.change_from(&s(&new), Duration::from_secs(5), mark);
+    assert_eq!(line["kind"], "added", "{line:#}");
+    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    // And a verify during the flood reads every file: the untouched one is not "modified".
+    let (_, verify) = agent.wait_from("a verify during the flood", Duration::from_secs(15), mark, |l| {
+        l["kind"] == "verify" && l["reason"] == "interval" && l["added"] == 1
+    });
+    assert_eq!((&verify["modified"], &verify["removed"], &verify["errors"]), (&json!(0), &json!(0), &json!(0)));
+    let wrong: Vec<Value> = agent
+        .lines()
+        .into_iter()
+        .skip(mark)
+        .filter(|l| l["path"] == s(&untouched).as_str() || l["kind"] == "error")
+        .collect();
+    assert!(wrong.is_empty(), "an untouched file reported, or errors: {wrong:#?}\n{}", agent.dump());
+    drop(idle);
     assert!(agent.stop().success(), "{}", agent.dump());
     agent.assert_only_json();
 }

@@ -37,7 +37,7 @@ fn rendered_manifests_validate_strictly_against_the_kubernetes_schema() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "strict validation failed:\n{text}");
     let kinds: BTreeSet<&str> =
-        ["namespace", "serviceaccount", "clusterrole", "clusterrolebinding", "configmap", "daemonset"]
+        ["namespace", "serviceaccount", "clusterrole", "clusterrolebinding", "configmap", "daemonset", "networkpolicy"]
             .into_iter()
             .collect();
     for kind in kinds {
@@ -228,6 +228,43 @@ fn the_probes_are_http_on_the_metrics_port() {
     let startup = &c["startupProbe"];
     let patience = startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
     assert!(patience >= 600, "the startup probe gives up after {patience} s");
+}
+
+/// The namespace whose pods may scrape the agent (deploy/networkpolicy.yaml).
+const MONITORING_NAMESPACE: &str = "monitoring";
+
+#[test]
+fn only_the_monitoring_namespace_reaches_the_metrics_port() {
+    let objects = rendered_objects();
+    let policy = one(&objects, "NetworkPolicy");
+    assert_eq!(policy["metadata"]["namespace"], "kubefim", "{policy:#}");
+    let spec = &policy["spec"];
+    // It selects the agent's pods: its selector is a subset of the pod template's labels.
+    let ds = one(&objects, "DaemonSet");
+    let pod_labels = ds["spec"]["template"]["metadata"]["labels"].as_object().unwrap();
+    let selector = spec["podSelector"]["matchLabels"].as_object().expect("a podSelector with matchLabels");
+    assert!(!selector.is_empty(), "an empty podSelector would select every pod of the namespace");
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k), Some(v), "the policy selects {k}={v}, the agent's pods have {pod_labels:?}");
+    }
+    assert!(spec.get("matchExpressions").is_none() && spec["podSelector"].get("matchExpressions").is_none());
+    assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]), "{spec:#}");
+    // One rule: from the monitoring namespace (any pod of it, no IP block), to the metrics port.
+    let rules = spec["ingress"].as_array().expect("ingress rules");
+    assert_eq!(rules.len(), 1, "{spec:#}");
+    let want_from = serde_json::json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
+    ]);
+    assert_eq!(rules[0]["from"], want_from, "{spec:#}");
+    let ports = rules[0]["ports"].as_array().expect("the rule names its ports");
+    assert_eq!(ports.len(), 1, "{spec:#}");
+    assert_eq!(ports[0]["protocol"], "TCP");
+    // The port is the container's `metrics` port, by name, which --listen serves.
+    let (c, _) = agent(&objects);
+    assert_eq!(ports[0]["port"], "metrics", "{spec:#}");
+    let named = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("a metrics port");
+    let listen = format!("--listen=0.0.0.0:{}", named["containerPort"]);
+    assert!(AGENT_ARGS.contains(&listen.as_str()), "the metrics port is not the one the agent listens on");
 }
 
 #[test]

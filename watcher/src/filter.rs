@@ -269,6 +269,83 @@ impl KernelFilter {
         }
     }
 
+    /// The bits the kernel's map holds for `key` now (`None`: not there), for the self-check.
+    pub fn bits_of(&self, key: &InodeKey) -> Option<u32> {
+        self.watched.get(key, 0).ok()
+    }
+
+    /// Whether the kernel's name map holds `name`, for the self-check.
+    pub fn has_name(&self, name: &[u8]) -> bool {
+        self.names.get(&name_hash(name), 0).is_ok()
+    }
+
+    /// Watches an inode that is no monitored path's (the self-check's canary): not counted
+    /// in [`KernelFilter::inodes`]. False when the map refused it.
+    pub fn watch_uncounted(&mut self, key: InodeKey) -> bool {
+        self.watched.insert(key, WATCH_FILE, 0).is_ok()
+    }
+
+    /// Puts everything back after the maps were found tampered with: every existing entry of
+    /// `index` (those made since it was built too), the names of `roots` and the rule roots'
+    /// `ancestors`, thousands to a syscall; inserting an entry that is there is harmless. The
+    /// count starts afresh.
+    pub fn refill<'a>(&mut self, index: &Index, roots: impl IntoIterator<Item = &'a [u8]>, ancestors: &Ancestors) {
+        let mut wanted: Vec<(InodeKey, u32)> =
+            index.with_flags(EXISTS).map(|(_, e)| (e.key, bits(e.is_dir()))).collect();
+        wanted.sort_unstable_by_key(|w| w.0);
+        // Hard links: one entry, every path's bits.
+        wanted.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 |= later.1;
+            }
+            same
+        });
+        let (keys, values): (Vec<InodeKey>, Vec<u32>) = wanted.into_iter().unzip();
+        let mut ok = true;
+        let mut sent = 0;
+        for (k, v) in keys.chunks(FILL_BATCH).zip(values.chunks(FILL_BATCH)) {
+            let n = fill_batch(&mut self.watched, k, v);
+            ok &= n == k.len();
+            sent += n as u64;
+        }
+        self.inodes = sent;
+        let mut names: Vec<u64> =
+            index.with_flags(EXISTS).map(|(id, _)| index.name(id)).filter(|n| !n.is_empty()).map(name_hash).collect();
+        names.extend(roots.into_iter().filter(|n| !n.is_empty()).map(name_hash));
+        names.sort_unstable();
+        names.dedup();
+        for chunk in names.chunks(FILL_BATCH) {
+            ok &= fill_batch(&mut self.names, chunk, &vec![NAME_ENTRY; chunk.len()]) == chunk.len();
+        }
+        // The ancestors' bits on top of what was just written (a name or an inode may be both
+        // an entry's and an ancestor's); an ancestor that is no entry counts as one more inode.
+        for name in ancestors.names() {
+            ok &= self.name(name, NAME_ANCESTOR);
+        }
+        for key in ancestors.keys() {
+            if keys.binary_search(&key).is_ok() {
+                ok &= self.watched.insert(key, self.watched.get(&key, 0).unwrap_or(0) | WATCH_ANCESTOR, 0).is_ok();
+            } else {
+                ok &= self.insert(key, WATCH_ANCESTOR);
+            }
+        }
+        if !ok {
+            self.full = true;
+        }
+    }
+
+    /// The bits an existing entry needs in the map.
+    pub fn wanted_bits(is_dir: bool) -> u32 {
+        bits(is_dir)
+    }
+
+    /// Whether a map ever refused an entry (then an entry missing from it may be one that
+    /// never fit).
+    pub fn was_full(&self) -> bool {
+        self.full
+    }
+
     /// How many inodes the map holds.
     pub fn inodes(&self) -> u64 {
         self.inodes

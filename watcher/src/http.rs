@@ -7,6 +7,13 @@
 //! Everything here runs on the watcher's current-thread runtime, next to the event loop, so
 //! no handler blocks: each one reads atomics or briefly locks a mutex nobody holds across an
 //! await, and encoding the metrics is a few microseconds of formatting.
+//!
+//! The port is reachable by whoever can reach the node, so it is bounded: at most
+//! [`MAX_CONNECTIONS`] connections at a time (one more is closed as soon as it is accepted,
+//! so idle sockets cannot take the descriptors the watcher needs to rehash files), each with
+//! [`HEADER_TIMEOUT`] to send its request head and [`CONNECTION_LIFETIME`] in all, one
+//! request per connection. hyper does the HTTP and enforces the header timeout; this module
+//! only accepts and counts.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,9 +26,25 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::metrics::{CONTENT_TYPE, Metrics};
+
+/// Connections served at once. Probes (three), a scraper or two and some slack: far more than
+/// a node's legitimate clients, far fewer than the descriptors the watcher keeps for itself
+/// (`limits::DESCRIPTOR_RESERVE`).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request line and headers: a probe or a scraper sends
+/// them at once, a client that trickles them is holding a slot.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may last in all (its request, and a response it may be slow to read).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long the accept loop waits after a failed accept (out of descriptors, say) before it
+/// tries again, rather than spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +187,44 @@ pub fn serve(
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(Endpoint { metrics, health });
-    let task = runtime.spawn(async move {
-        // axum retries failed accepts itself, so this only ends on a bug; say so rather than
-        // let the probes fail with no trace.
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(%bound, "the HTTP endpoint stopped: {e}");
-        }
-    });
+    let task = runtime.spawn(accept_loop(listener, app));
     tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     Ok((bound, task))
+}
+
+/// Accepts connections and serves each on a task of its own, at most [`MAX_CONNECTIONS`] at a
+/// time: one beyond is closed at once (dropping the accepted socket), so the descriptors it
+/// holds stay bounded whatever a client does. Never ends: a failed accept is retried.
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer is what makes hyper enforce the header timeout; one request a connection,
+    // so the timeout bounds every connection's idle time, not only its first request's.
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(false);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: the descriptors or memory will come back; a
+                // connection reset before it was accepted (ECONNABORTED) is nothing.
+                tracing::debug!("accepting a connection on the HTTP endpoint failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: this one is closed now, not queued (a queue would hold its descriptor).
+            drop(stream);
+            continue;
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            // A connection that ends in error (a client gone, a header timeout) is the
+            // client's business; nothing to report.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
+        });
+    }
 }
 
 fn bind_error(addr: SocketAddr, source: io::Error) -> Error {

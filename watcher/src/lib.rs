@@ -5,8 +5,10 @@
 //! `output`), keeps the kernel's filter in step (`filter`, over the programs of `programs`
 //! loaded with `btf`'s offsets, and the rule roots' `ancestors` in it) and runs rescans off the
 //! loop (`rescan`). What is known of each path is `state`: a compact `index` in memory,
-//! records in the signed baseline and the journal. `lifecycle` gets to a trusted baseline without the private key on the node;
-//! `metrics` and `http` serve Prometheus metrics and the probes.
+//! records in the signed baseline and the journal. `lifecycle` gets to a trusted baseline
+//! without the private key on the node; `metrics` and `http` serve Prometheus metrics and the
+//! probes, within the descriptor budget `limits` sets; `selfcheck` makes sure the kernel side
+//! still sees what it should.
 
 mod actor;
 mod ancestors;
@@ -19,6 +21,7 @@ mod fixture;
 pub mod http;
 mod index;
 mod lifecycle;
+mod limits;
 pub mod metrics;
 pub mod model;
 mod output;
@@ -29,6 +32,7 @@ mod reader;
 mod report;
 mod rescan;
 mod resolve;
+mod selfcheck;
 mod state;
 mod targets;
 mod watch;

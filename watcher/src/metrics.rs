@@ -1,7 +1,8 @@
 //! The agent's Prometheus metrics: one [`Metrics`] value owns a `prometheus_client` registry and
 //! every counter, gauge and histogram in it, and offers one method per thing the watch loop
-//! reports (a kernel event, a change, a rescan, a verify run...). It only counts and encodes;
-//! serving the text over HTTP is `http`'s job, and deciding what to count is the watch loop's.
+//! reports (a kernel event, a change, a rescan, a verify run, a self-check...). It only counts
+//! and encodes; serving the text over HTTP is `http`'s job, and deciding what to count is the
+//! watch loop's.
 //!
 //! Label values come from small fixed sets compiled into the program (op names, change kinds,
 //! rescan reasons, verify results): never a path, a pid or a pod name, both because every label
@@ -22,6 +23,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::{LostBy, RescanReason, VerifyResult};
+use crate::selfcheck::Check;
 
 /// The media type of [`Metrics::encode`]'s output: `prometheus_client::encoding::text` writes
 /// OpenMetrics 1.0 text (counters with `_total`, `# UNIT` lines, a closing `# EOF`), which
@@ -72,6 +74,12 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// `check="..."`: canary, inodes or names (the self-check that failed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabel {
+    check: &'static str,
+}
+
 /// `version="..."` of `kubefim_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
@@ -105,6 +113,8 @@ pub struct Metrics {
     programs_attached: CountGauge,
     programs_degraded: CountGauge,
     watched_inodes: CountGauge,
+    self_check_failures: Family<CheckLabel, Counter>,
+    self_check_ok: CountGauge,
     pods: PodMetrics,
 }
 
@@ -146,6 +156,8 @@ impl Metrics {
             programs_attached: Gauge::default(),
             programs_degraded: Gauge::default(),
             watched_inodes: Gauge::default(),
+            self_check_failures: Family::default(),
+            self_check_ok: Gauge::default(),
             pods: PodMetrics::default(),
         };
         // Looking a series up creates it at zero; the read guard that comes back is not needed.
@@ -163,6 +175,9 @@ impl Metrics {
         }
         for reason in RescanReason::ALL {
             drop(metrics.rescans.get_or_create(&ReasonLabel { reason: reason.as_str() }));
+        }
+        for check in Check::ALL {
+            drop(metrics.self_check_failures.get_or_create(&CheckLabel { check: check.as_str() }));
         }
         metrics.register()
     }
@@ -257,6 +272,20 @@ impl Metrics {
         );
         // kubefim_watched_inodes
         r.register("kubefim_watched_inodes", "Inodes in the kernel's filter map", self.watched_inodes.clone());
+        // kubefim_self_check_failures_total{check}
+        r.register(
+            "kubefim_self_check_failures",
+            "Self-checks of the kernel side that failed, by check: the canary's write unseen, inodes or names \
+             missing from the kernel filter",
+            self.self_check_failures.clone(),
+        );
+        // kubefim_self_check_ok
+        r.register(
+            "kubefim_self_check_ok",
+            "1 while the kernel side passes its self-checks (canary seen, filter intact), 0 from a failure until \
+             a canary is seen again",
+            self.self_check_ok.clone(),
+        );
         // kubefim_pod_cache_events_total
         r.register(
             "kubefim_pod_cache_events",
@@ -332,6 +361,16 @@ impl Metrics {
     /// How many inodes the kernel's filter map holds.
     pub fn set_watched_inodes(&self, n: u64) {
         self.watched_inodes.set(n);
+    }
+
+    /// A self-check failed.
+    pub(crate) fn self_check_failed(&self, check: Check) {
+        self.self_check_failures.get_or_create(&CheckLabel { check: check.as_str() }).inc();
+    }
+
+    /// Whether the kernel side passes its self-checks.
+    pub fn set_self_check_ok(&self, ok: bool) {
+        self.self_check_ok.set(u64::from(ok));
     }
 
     /// The pod index's metrics, for its watch task to update.

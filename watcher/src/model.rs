@@ -160,6 +160,9 @@ pub enum RescanReason {
     /// A rule root or a directory above it was renamed, removed or mounted over, or a mount
     /// was made in a monitored tree: what the paths lead to now is rescanned and watched.
     Moved,
+    /// The self-check found the kernel filter tampered with or the canary unseen: the
+    /// filter was refilled, and what changed meanwhile is found by this rescan.
+    SelfCheck,
 }
 
 impl RescanReason {
@@ -172,6 +175,7 @@ impl RescanReason {
         RescanReason::IoUring,
         RescanReason::TruncatedPath,
         RescanReason::Moved,
+        RescanReason::SelfCheck,
     ];
 
     /// The name in lines and metrics.
@@ -184,6 +188,7 @@ impl RescanReason {
             RescanReason::IoUring => "io_uring",
             RescanReason::TruncatedPath => "truncated_path",
             RescanReason::Moved => "moved",
+            RescanReason::SelfCheck => "self_check",
         }
     }
 }
@@ -479,6 +484,14 @@ pub enum DegradedReason {
     FilterFull,
     /// No Kubernetes API: changes are attributed to containers, not pods.
     NoKubernetesApi,
+    /// A write to the watcher's canary file by a helper process produced no event in time:
+    /// the programs or their filter no longer see writes (detached, or entries deleted).
+    /// Not ready until a canary is seen again.
+    CanaryMissed,
+    /// Entries the watcher put in the in-kernel filter are missing or changed (another root
+    /// process edited the maps): they were put back and a rescan follows. Not ready until
+    /// a canary is seen again.
+    FilterTampered,
 }
 
 /// The watcher sees less than it should.

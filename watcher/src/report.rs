@@ -19,7 +19,7 @@ use kubefim_baseline::policy::{Attribute, AttributeSet, Policy, path_bytes};
 use kubefim_baseline::record::{FileKind, FileRecord};
 use kubefim_baseline::report::{EscapedField, EscapedPath, RecordView, display_path, escape_bytes};
 use kubefim_baseline::root::HostRoot;
-use kubefim_baseline::scan::rehash;
+use kubefim_baseline::scan::{WarningKind, rehash};
 use kubefim_baseline::verify::{Change as Difference, ChangeKind, compare_with};
 use kubefim_common::{EVENT_IO_WORKER, InodeKey, Op};
 
@@ -76,7 +76,7 @@ pub(crate) struct Reporter {
     printer: Printer,
     metrics: Arc<Metrics>,
     host: HostRoot,
-    ancestors: Ancestors,
+    pub ancestors: Ancestors,
 }
 
 /// The mapping's view of the state and the queue.
@@ -119,14 +119,21 @@ impl View for Lookup<'_> {
 /// A directory's entries (their paths) with the kernel key of each (`d_ino` and the
 /// directory's device: no stat per entry; an entry that is a mount point has another device,
 /// which costs a mismatch, never a wrong match). The directory is opened beneath its rule
-/// root: one that is now a symlink lists nothing (its own record says what it is).
-fn listed(policy: &Policy, host: &HostRoot, dir: &Path) -> Vec<(PathBuf, InodeKey)> {
-    let Ok((stat, entries)) = beneath::list(policy, host, dir) else { return Vec::new() };
+/// root: one that is now a symlink or no directory at all has no entries (its own record says
+/// what it is, and what was known below it is gone from that path). Any other error (no
+/// descriptor left, EIO) is an error, not an empty directory: its known entries must not be
+/// concluded removed.
+fn listed(policy: &Policy, host: &HostRoot, dir: &Path) -> std::io::Result<Vec<(PathBuf, InodeKey)>> {
+    let (stat, entries) = match beneath::list(policy, host, dir) {
+        Ok(listed) => listed,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
     let dev = InodeKey::from_stat(stat.st_dev, 0).dev;
-    entries
+    Ok(entries
         .into_iter()
         .map(|e| (dir.join(OsStr::from_bytes(e.name.to_bytes())), InodeKey { dev, ino: e.ino }))
-        .collect()
+        .collect())
 }
 
 impl Reporter {
@@ -298,7 +305,18 @@ impl Reporter {
         // by listing (no process is known to have made them).
         let listed: Vec<PathBuf> = batch.iter().filter(|(_, p)| p.list_entries).map(|(d, _)| d.clone()).collect();
         for dir in listed {
-            for entry in self.dir_changes(&dir) {
+            let changes = match self.dir_changes(&dir) {
+                Ok(changes) => changes,
+                // Gone: its own rehash reports it. Anything else: nothing is concluded about
+                // its entries (the next event or rescan looks again).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => {
+                    let error = format!("cannot list the directory: {e}; its entries are looked at again later");
+                    self.print(Line::Error(PathError { path: EscapedPath::of_path(&dir), error }))?;
+                    Vec::new()
+                }
+            };
+            for entry in changes {
                 if !batch.contains_key(&entry) && !self.queue.contains(&entry) {
                     batch.insert(entry, Pending::unseen(now));
                 }
@@ -331,19 +349,19 @@ impl Reporter {
 
     /// The name an inode has in `dir` now (listing it: `d_ino` needs no stat per entry).
     fn name_of(&self, dir: &Path, key: InodeKey) -> Option<PathBuf> {
-        let (found, _) = listed(self.state.policy(), &self.host, dir).into_iter().find(|(_, k)| *k == key)?;
+        let (found, _) = listed(self.state.policy(), &self.host, dir).ok()?.into_iter().find(|(_, k)| *k == key)?;
         Some(found)
     }
 
     /// The entries of `dir` that differ from the state's: new on disk, or known and gone.
     /// New ones that are a pending new inode are left to it (it knows who made them).
-    fn dir_changes(&self, dir: &Path) -> Vec<PathBuf> {
+    fn dir_changes(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let policy = self.state.policy();
         // Sorted, searched by halves: a directory may hold a hundred thousand entries.
         let known = self.state.children(dir);
         let mut on_disk = Vec::new();
         let mut out = Vec::new();
-        for (path, key) in listed(policy, &self.host, dir) {
+        for (path, key) in listed(policy, &self.host, dir)? {
             if known.binary_search(&path).is_err() && self.queue.unnamed_dir(&key).is_none() && covered(policy, &path) {
                 out.push(path.clone());
             }
@@ -351,17 +369,31 @@ impl Reporter {
         }
         on_disk.sort_unstable();
         out.extend(known.into_iter().filter(|p| on_disk.binary_search(p).is_err() && covered(policy, p)));
-        out
+        Ok(out)
     }
 
     /// Rehashes `path` now; `None` when the policy does not cover it or it could not be read
     /// (an `error` line says why).
+    ///
+    /// A file whose content could not be read (no descriptor left, EIO, EACCES...) is recorded
+    /// by the scan without a hash, which would compare as a change of content: when its known
+    /// record has a hash, nothing is concluded instead (an `error` line; the state keeps the
+    /// last known record, so the next event or rescan looks again).
     fn rehash_now(&mut self, path: &Path) -> Result<Option<Option<Known>>> {
         let started = std::time::Instant::now();
         let Some(rehashed) = rehash(path, self.state.policy(), &self.host) else { return Ok(None) };
         self.metrics.rehash_seconds(started.elapsed());
         match rehashed {
-            Ok(r) => Ok(Some(Some(Known { record: r.record, content: r.content }))),
+            Ok(r) => {
+                if let Some((WarningKind::Unreadable, why)) = &r.warning
+                    && self.state.get(path)?.is_some_and(|known| known.record.hash().is_some())
+                {
+                    let error = format!("{why}; nothing is concluded until it can be read");
+                    self.print(Line::Error(PathError { path: EscapedPath::of_path(path), error }))?;
+                    return Ok(None);
+                }
+                Ok(Some(Some(Known { record: r.record, content: r.content })))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(None)),
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(Some(None)),
             Err(e) => {
@@ -455,7 +487,15 @@ impl Reporter {
             // A new directory may have been filled before the kernel's filter knew it (tar -x,
             // mkdir -p): its entries are compared with the state in a moment.
             let policy = self.state.policy();
-            let entries: Vec<PathBuf> = listed(policy, &self.host, path).into_iter().map(|(p, _)| p).collect();
+            let entries: Vec<PathBuf> = match listed(policy, &self.host, path) {
+                Ok(entries) => entries.into_iter().map(|(p, _)| p).collect(),
+                Err(e) => {
+                    let error = format!("cannot list the new directory: {e}; its entries are looked at again later");
+                    self.print(Line::Error(PathError { path: EscapedPath::of_path(path), error }))?;
+                    Vec::new()
+                }
+            };
+            let policy = self.state.policy();
             let time = SystemTime::now();
             for entry in entries.into_iter().filter(|e| covered(policy, e) && !self.state.exists(e)) {
                 self.queue.found(&entry, time);

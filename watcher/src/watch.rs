@@ -29,6 +29,7 @@ use crate::programs::{Attached, Programs};
 use crate::reader::{Message, Reader, ReaderParts};
 use crate::report::{Follow, Reporter, Reroot};
 use crate::rescan::{Found, Request, Rescans, Setup};
+use crate::selfcheck::{self, Check, Outcome, SelfCheck};
 use crate::state::State;
 
 /// How `kubefim watch` was asked to run.
@@ -92,6 +93,15 @@ const HEALTH_STALE_AFTER: Duration = Duration::from_secs(120);
 /// Runs the watcher until SIGINT or SIGTERM.
 pub fn run(opts: WatchOptions) -> Result<()> {
     let key = PublicKey::load(&opts.pubkey)?;
+    let limit = crate::limits::raise_descriptor_limit();
+    tracing::debug!(was = ?limit.was, now = ?limit.now, "descriptor limit");
+    if !limit.leaves_reserve(crate::http::MAX_CONNECTIONS) {
+        tracing::warn!(
+            limit = ?limit.now,
+            "the descriptor limit is low: rehashes may fail while the HTTP endpoint is busy; raise the hard \
+             RLIMIT_NOFILE (the container runtime's ulimit)"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(HEALTH_STALE_AFTER));
     health.set_not_ready("starting: loading the baseline");
@@ -194,6 +204,10 @@ struct Session<'a> {
     reroots: Vec<Reroot>,
     /// When they are due.
     reroot_at: Option<Instant>,
+    /// The canary and the checks of the kernel filter.
+    check: SelfCheck,
+    /// The names of the rules' roots, in the filter even before they exist (for a refill).
+    roots: Vec<Vec<u8>>,
 }
 
 impl<'a> Session<'a> {
@@ -243,9 +257,21 @@ impl<'a> Session<'a> {
         ancestors.refresh(&opts.host);
         filter.fill(state.index(), roots.iter().map(Vec::as_slice), &ancestors);
         metrics.set_watched_inodes(filter.inodes());
+        // Beside the journal: a place the agent must be able to write anyway.
+        let canary = {
+            let mut p = journal_path.as_os_str().to_owned();
+            p.push(".canary");
+            PathBuf::from(p)
+        };
+        let check = SelfCheck::new(canary.clone(), &mut filter).map_err(|e| {
+            Error::io(
+                format!("creating the self-check's canary file {} (its directory must be writable)", canary.display()),
+                e,
+            )
+        })?;
         tracing::debug!(ms = started.elapsed().as_millis(), inodes = filter.inodes(), "kernel filter filled");
         metrics.set_programs(attached.attached as u64, attached.missing.len() as u64);
-        let mut skip = vec![opts.db.clone(), journal_path.to_owned()];
+        let mut skip = vec![opts.db.clone(), journal_path.to_owned(), check.canary_path().to_owned()];
         skip.extend(opts.ready_file.clone());
         let rescans = Rescans::new(policy, Setup { host: opts.host.clone(), skip }, metrics.clone());
         let mut reporter = Reporter::new(state, filter, ancestors, printer, metrics.clone(), opts.host.clone());
@@ -272,6 +298,8 @@ impl<'a> Session<'a> {
             uring_rescan_at: None,
             reroots: Vec::new(),
             reroot_at: None,
+            check,
+            roots,
         })
     }
 
@@ -284,6 +312,7 @@ impl<'a> Session<'a> {
             std::fs::write(ready, b"ready\n").map_err(|e| Error::io(format!("writing {}", ready.display()), e))?;
         }
         self.health.set_ready(true);
+        self.metrics.set_self_check_ok(true);
         self.rescans.request(Request::all(RescanReason::Startup, Some(VerifyReason::Startup)));
         self.reporter.flush()
     }
@@ -299,6 +328,9 @@ impl<'a> Session<'a> {
         let verify_every = self.opts.verify_interval.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
         let mut verifies = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
         let mut signature_poll = tokio::time::interval(lifecycle::SIGNATURE_POLL);
+        let mut self_checks = tokio::time::interval(selfcheck::CHECK_EVERY);
+        // After a long turn, one check, not a burst of them (a canary needs time to be seen).
+        self_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let signature_file = lifecycle::signature_file(self.opts);
         let mut exit = Exit::Signal;
         loop {
@@ -340,6 +372,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 _ = journal_flush.tick() => self.reporter.state.flush_journal()?,
+                _ = self_checks.tick() => self.self_check()?,
                 _ = rescans.tick() => self.rescans.request(Request::all(RescanReason::Interval, None)),
                 _ = verifies.tick() => {
                     self.rescans.request(Request::all(RescanReason::Verify, Some(VerifyReason::Interval)));
@@ -367,6 +400,7 @@ impl<'a> Session<'a> {
     /// An observation or a loss from the reader.
     fn message(&mut self, message: Message) -> Result<()> {
         match message {
+            Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),
             Message::Event(observation) => match self.reporter.observe(&observation) {
                 Follow::Nothing => {}
                 Follow::Rescan(request) => self.rescans.request(request),
@@ -379,6 +413,7 @@ impl<'a> Session<'a> {
                 }
             },
             Message::Lost { events, by, total } => {
+                self.check.events_lost();
                 self.metrics.lost(events, by);
                 self.reporter.print(Line::Lost(Lost {
                     events,
@@ -389,6 +424,67 @@ impl<'a> Session<'a> {
                 self.rescans.request(Request::all(RescanReason::LostEvents, None));
             }
         }
+        Ok(())
+    }
+
+    /// The self-check: the last canary's event, a window of the kernel filter. A failure
+    /// makes the agent not ready, says so once a kind of failure (a `degraded` line), puts
+    /// the filter back and rescans; a canary seen after that and a clean pass make it ready
+    /// again. Then the next canary is written.
+    fn self_check(&mut self) -> Result<()> {
+        // What the reader already sent first: the canary's event may be queued behind a slow
+        // turn of the loop, and a check must not call it missed.
+        for _ in 0..QUEUE {
+            let Ok(message) = self.rx.try_recv() else { break };
+            self.message(message)?;
+        }
+        match self.check.run(&self.reporter.filter, self.reporter.state.index()) {
+            Outcome::Unchanged => {}
+            Outcome::Recovered => {
+                tracing::info!("the kernel side passes its self-check again: ready");
+                self.metrics.set_self_check_ok(true);
+                self.health.set_ready(true);
+            }
+            Outcome::Failed(failed) => {
+                for check in &failed.checks {
+                    self.metrics.self_check_failed(*check);
+                }
+                self.metrics.set_self_check_ok(false);
+                self.health.set_not_ready(
+                    "the kernel side failed its self-check (see the degraded line): its filter is put back and \
+                     everything rescanned; ready again once its canary is seen",
+                );
+                for failure in failed.new {
+                    let (reason, message) = match failure.check {
+                        Check::Canary => (
+                            DegradedReason::CanaryMissed,
+                            "the canary's write produced no event: the programs or their filter no longer see \
+                             writes; not ready, the filter is put back and everything rescanned",
+                        ),
+                        Check::Inodes | Check::Names => (
+                            DegradedReason::FilterTampered,
+                            "entries the watcher put in the in-kernel filter are missing or changed (another \
+                             process edited the maps); not ready, they are put back and everything rescanned",
+                        ),
+                    };
+                    self.reporter.print(Line::Degraded(Degraded {
+                        reason,
+                        message: message.into(),
+                        missing: Vec::new(),
+                        capacity: None,
+                        error: Some(failure.detail),
+                    }))?;
+                }
+                if failed.refill || failed.first {
+                    let index = self.reporter.state.index();
+                    let ancestors = &self.reporter.ancestors;
+                    self.reporter.filter.refill(index, self.roots.iter().map(Vec::as_slice), ancestors);
+                    self.metrics.set_watched_inodes(self.reporter.filter.inodes());
+                    self.rescans.request(Request::all(RescanReason::SelfCheck, None));
+                }
+            }
+        }
+        self.check.write_canary(&mut self.reporter.filter);
         Ok(())
     }
 

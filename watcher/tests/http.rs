@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoint over real TCP: `serve` on 127.0.0.1:0 inside a current-thread
 //! runtime (the watcher's kind), plain HTTP/1.1 requests written on a socket, and the answers
-//! checked as Prometheus and the kubelet would read them.
+//! checked as Prometheus and the kubelet would read them; and clients that connect and send
+//! half a request, which may hold neither the descriptors nor the probes' turn for long.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -315,6 +316,37 @@ async fn other_paths_and_methods_are_refused() {
     assert_eq!(reply.header("content-type"), Some(CONTENT_TYPE));
     assert!(reply.body.is_empty(), "HEAD sent a body: {:?}", reply.body);
     assert_eq!(request(addr, "HEAD", "/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn idle_half_sent_connections_are_capped_and_timed_out() {
+    let addr = start(&Arc::new(Metrics::new()), &Arc::new(Health::default()));
+    let half = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n");
+    let mut idle = Vec::new();
+    for _ in 0..http::MAX_CONNECTIONS {
+        let mut stream = TcpStream::connect(addr).await.expect("connecting to the endpoint");
+        stream.write_all(half.as_bytes()).await.expect("sending half a request");
+        idle.push(stream);
+    }
+    let opened = Instant::now();
+    // Time for the server to take them all.
+    sleep(Duration::from_millis(300)).await;
+    // One more is closed at once: not served, not queued with a descriptor held for it.
+    let mut extra = TcpStream::connect(addr).await.expect("connecting to the endpoint");
+    let mut rest = Vec::new();
+    let read = timeout(Duration::from_secs(2), extra.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a connection beyond the cap was held open");
+    assert!(rest.is_empty(), "a connection beyond the cap was answered: {:?}", String::from_utf8_lossy(&rest));
+    // The idle ones are closed once their time to send a request head is up.
+    for stream in &mut idle {
+        let mut answer = Vec::new();
+        let read = timeout(http::HEADER_TIMEOUT + Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "an idle half-sent request outlived the header timeout");
+        assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "half a request was served");
+    }
+    assert!(opened.elapsed() >= http::HEADER_TIMEOUT - Duration::from_secs(1), "closed before its time");
+    // And the probes are answered again.
+    assert_eq!(get(addr, "/healthz").await.status, 200);
 }
 
 #[tokio::test]
