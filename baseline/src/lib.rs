@@ -7,6 +7,7 @@ pub mod baseline;
 pub mod error;
 pub mod hash;
 pub mod journal;
+pub mod lock;
 mod mapped;
 pub mod policy;
 pub mod record;
