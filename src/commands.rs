@@ -172,7 +172,7 @@ pub fn sign(key: &Path, expect_policy: Option<&Path>, out: Option<&Path>, files:
     }
     let mut failed = 0;
     for req in &requests {
-        let signature = match request::sign(req, &key, expected.as_deref()) {
+        let signed = match request::sign(req, &key, expected.as_deref()) {
             Ok(s) => s,
             Err(e) => {
                 output::error(&anyhow::Error::from(e));
@@ -180,15 +180,9 @@ pub fn sign(key: &Path, expect_policy: Option<&Path>, out: Option<&Path>, files:
                 continue;
             }
         };
-        output::status(&format!(
-            "signed node {}: policy {:?}, {} entries, {} incomplete, scanned {}s after the epoch, digest {}",
-            req.node,
-            req.policy_name,
-            req.records,
-            req.incomplete.len(),
-            req.created_unix_ns / 1_000_000_000,
-            req.digest
-        ));
+        // Only what the signature covers: the request's own fields are the node's say.
+        output::signed(&signed);
+        let signature = signed.signature;
         match out {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

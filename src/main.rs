@@ -19,6 +19,9 @@ pub mod exit {
     pub const ERROR: u8 = 2;
     /// The baseline cannot be trusted.
     pub const UNTRUSTED: u8 = 3;
+    /// Another kubefim holds the database or journal (a second watcher, a concurrent
+    /// accept): nothing was done.
+    pub const IN_USE: u8 = 4;
 }
 
 /// File integrity monitoring for Linux and Kubernetes nodes: signed BLAKE3 baselines.
@@ -385,9 +388,16 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             output::error(&e);
-            let untrusted =
-                e.chain().any(|c| c.downcast_ref::<kubefim_baseline::Error>().is_some_and(|e| e.is_untrusted()));
-            ExitCode::from(if untrusted { exit::UNTRUSTED } else { exit::ERROR })
+            let ours = |test: fn(&kubefim_baseline::Error) -> bool| {
+                e.chain().any(|c| c.downcast_ref::<kubefim_baseline::Error>().is_some_and(test))
+            };
+            ExitCode::from(if ours(kubefim_baseline::Error::is_untrusted) {
+                exit::UNTRUSTED
+            } else if ours(kubefim_baseline::Error::is_locked) {
+                exit::IN_USE
+            } else {
+                exit::ERROR
+            })
         }
     }
 }

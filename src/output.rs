@@ -1,6 +1,8 @@
 //! Everything the binary prints: human output (colored on a terminal, plain otherwise),
 //! JSON lines, warnings, the progress spinner on long scans (only when stderr is a
-//! terminal), and the one place errors are printed.
+//! terminal), and the one place errors are printed. Every path and field that reaches human
+//! output goes through `human_path` / `human_text`: a control character in a file name, a
+//! node name or an error would otherwise print raw and could forge a line.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -11,7 +13,7 @@ use anstyle::{AnsiColor, Style};
 use kubefim_baseline::baseline::TrustedBaseline;
 use kubefim_baseline::error::chain;
 use kubefim_baseline::record::FileRecord;
-use kubefim_baseline::report::display_path;
+use kubefim_baseline::report::{human_path, human_text};
 use kubefim_baseline::scan::{ScanProgress, ScanWarning};
 use kubefim_baseline::verify::{ChangeKind, VerifyReport};
 
@@ -35,20 +37,21 @@ pub fn init_logging() {
 /// Prints an error with its causes, each once (as the watcher's JSON `error` fields do, through
 /// the same [`chain`]: a dependency's error that repeats its cause is said once there too).
 pub fn error(e: &anyhow::Error) {
-    let line = chain(&**e);
+    // One line whatever the paths in it hold.
+    let line = human_text(&chain(&**e)).into_owned();
     let _ = writeln!(anstream::stderr(), "{}kubefim: error:{} {line}", REMOVED.bold(), REMOVED.bold().render_reset());
 }
 
 /// A status line on stderr.
 pub fn status(msg: &str) {
-    let _ = writeln!(anstream::stderr(), "{DIM}kubefim:{DIM:#} {msg}");
+    let _ = writeln!(anstream::stderr(), "{DIM}kubefim:{DIM:#} {}", human_text(msg));
 }
 
 /// Scan warnings on stderr.
 pub fn warnings(list: &[ScanWarning]) {
     let mut err = anstream::stderr().lock();
     for w in list {
-        let _ = writeln!(err, "{WARN}warning:{WARN:#} {}: {}", display_path(&w.path), w.message);
+        let _ = writeln!(err, "{WARN}warning:{WARN:#} {}: {}", human_path(&w.path), human_text(&w.message));
     }
 }
 
@@ -68,12 +71,32 @@ pub fn baseline_header(b: &TrustedBaseline) -> String {
     let created = Duration::from_nanos(u64::try_from(b.manifest.created_unix_ns).unwrap_or(u64::MAX));
     format!(
         "baseline {} (policy {:?}, {} records, signed on host {} at unix time {}s): signature OK",
-        b.path().display(),
+        human_path(b.path()),
         b.policy.name,
         b.len(),
-        b.manifest.host,
+        human_text(&b.manifest.host),
         created.as_secs()
     )
+}
+
+/// What `baseline sign` signed, as its signed body says it (never the request's own fields):
+/// node, policy, record count, scan time, digest, and every incomplete path with why.
+pub fn signed(signed: &kubefim_baseline::request::Signed) {
+    let m = &signed.manifest;
+    let created = Duration::from_nanos(u64::try_from(m.created_unix_ns).unwrap_or(u64::MAX));
+    let created = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + created);
+    status(&format!(
+        "signed node {}: policy {:?}, {} entries, {} incomplete, scanned {created}, digest {}",
+        human_text(&m.host),
+        signed.policy_name,
+        m.records,
+        m.incomplete.len(),
+        signed.signature.digest
+    ));
+    let mut err = anstream::stderr().lock();
+    for (path, why) in &m.incomplete {
+        let _ = writeln!(err, "{WARN}  incomplete:{WARN:#} {}: {}", human_text(path), human_text(why));
+    }
 }
 
 /// One record for `baseline show`.
@@ -87,8 +110,8 @@ pub fn record_human(out: &mut impl Write, path: &Path, r: &FileRecord) -> std::i
         r.uid,
         r.gid,
         r.size,
-        display_path(path),
-        r.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
+        human_path(path),
+        r.error.as_ref().map(|e| format!("  ({})", human_text(e))).unwrap_or_default()
     )
 }
 
@@ -103,10 +126,11 @@ pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
             ChangeKind::Hidden => (REMOVED, "hidden  "),
         };
         let attrs: Vec<_> = c.changed.iter().map(|a| a.name()).collect();
-        writeln!(out, "{style}{mark}{style:#} {} {DIM}{}{DIM:#}", display_path(&c.path), attrs.join(", "))?;
+        writeln!(out, "{style}{mark}{style:#} {} {DIM}{}{DIM:#}", human_path(&c.path), attrs.join(", "))?;
         if let Some(m) = &c.mount {
             let how = if c.kind == ChangeKind::Hidden { "hidden by a mount" } else { "mounted over" };
-            writeln!(out, "         {how}: {} ({}, source {})", m.target, m.fs_type, m.source)?;
+            let (target, fs_type, source) = (human_text(&m.target), human_text(&m.fs_type), human_text(&m.source));
+            writeln!(out, "         {how}: {target} ({fs_type}, source {source})")?;
         }
         if let Some(ranges) = &c.changed_ranges {
             let shown: Vec<String> = ranges.iter().take(8).map(|[a, b]| format!("{a}..{b}")).collect();
@@ -119,12 +143,12 @@ pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
                     Some(b'-') => REMOVED,
                     _ => DIM,
                 };
-                writeln!(out, "         {style}{line}{style:#}")?;
+                writeln!(out, "         {style}{}{style:#}", human_content(line))?;
             }
         }
     }
     for e in &report.errors {
-        writeln!(out, "{WARN}unverified{WARN:#} {}: {}", display_path(&e.path), e.message)?;
+        writeln!(out, "{WARN}unverified{WARN:#} {}: {}", human_path(&e.path), human_text(&e.message))?;
     }
     let summary = format!(
         "{} added, {} removed, {} modified, {} hidden by mounts, {} unverified ({} entries scanned)",
@@ -140,6 +164,15 @@ pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
     } else {
         writeln!(out, "{MODIFIED}differences:{MODIFIED:#} {summary}")
     }
+}
+
+/// A line of a diff (file content) for people: control characters escaped but tabs, which
+/// text files hold and which cannot start a line.
+fn human_content(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.contains('\t') {
+        return std::borrow::Cow::Owned(line.split('\t').map(human_text).collect::<Vec<_>>().join("\t"));
+    }
+    human_text(line)
 }
 
 /// A spinner with live counts while `work` runs, when stderr is a terminal.

@@ -1703,4 +1703,287 @@ fn verify_says_entries_under_a_new_mount_are_hidden_not_removed() {
         run.dump()
     );
     assert!(run.stdout.contains("hidden by a mount"), "{}", run.dump());
+// ---------------------------------------------------------------------------------------------
+// The tools refuse what they must: keys, signatures, requests, locks, names, policies
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn keygen_never_overwrites_a_public_key_nor_follows_a_symlink_at_its_name() {
+    let fx = Fixture::bare();
+    let out = fx.path("keys");
+    mkdir(&out);
+    write(&out.join("kubefim.pub"), "mine\n");
+    let run = kubefim([OsStr::new("keygen"), OsStr::new("--out"), out.as_os_str()]);
+    run.expect_code(2);
+    assert_eq!(fs::read_to_string(out.join("kubefim.pub")).unwrap(), "mine\n", "overwritten\n{}", run.dump());
+    assert!(!out.join("kubefim.key").exists(), "a private key without its public half was left\n{}", run.dump());
+    assert!(run.stderr.contains("never overwritten"), "{}", run.dump());
+
+    let other = fx.path("other");
+    mkdir(&other);
+    let target = fx.path("planted.pub");
+    symlink(&target, other.join("kubefim.pub")).unwrap();
+    kubefim([OsStr::new("keygen"), OsStr::new("--out"), other.as_os_str()]).expect_code(2);
+    assert!(!target.exists(), "keygen wrote through a symlink at kubefim.pub");
+    assert!(!other.join("kubefim.key").exists());
+}
+
+#[test]
+fn a_private_key_others_can_read_is_refused_with_the_chmod_to_run() {
+    let fx = Fixture::new();
+    write(&fx.t("a.txt"), "alpha\n");
+    fs::set_permissions(fx.key(), fs::Permissions::from_mode(0o644)).unwrap();
+    let run = fx.create_run(&fx.default_policy(), &fx.db());
+    run.expect_code(2);
+    let chmod = format!("chmod 600 {}", fx.key().display());
+    assert!(run.stderr.contains(&chmod), "no `{chmod}` in the error\n{}", run.dump());
+    assert!(!fx.db().exists(), "a baseline was signed with an exposed key");
+}
+
+/// `baseline scan` of the fixture's tree into `db` for `node`; returns the request line.
+#[track_caller]
+fn scan_request(fx: &Fixture, db: &Path, node: &str) -> String {
+    let policy = fx.default_policy();
+    let run = kubefim(args(&[
+        "baseline".as_ref(),
+        "scan".as_ref(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--node-name".as_ref(),
+        node.as_ref(),
+    ]));
+    run.expect_code(0);
+    run.stdout.trim().to_owned()
+}
+
+/// `baseline sign` of `request` (a file) with the fixture's key into `out`.
+fn sign_request(fx: &Fixture, request: &Path, out: &Path) -> Run {
+    kubefim(args(&[
+        "baseline".as_ref(),
+        "sign".as_ref(),
+        "--key".as_ref(),
+        fx.key().as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        request.as_os_str(),
+    ]))
+}
+
+/// `baseline attach` of `signature` to `db`, within `timeout`.
+fn attach_run(fx: &Fixture, db: &Path, signature: &Path, timeout: Duration) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["baseline", "attach", "--db"]).arg(db).arg("--pubkey").arg(fx.pubkey()).arg("--signature").arg(signature);
+    run_with_timeout(cmd, timeout)
+}
+
+#[test]
+fn attach_reads_a_bounded_regular_file_and_refuses_another_nodes_signature() {
+    let fx = Fixture::new();
+    write(&fx.t("a.txt"), "alpha\n");
+    let db = fx.path("db");
+    let request = fx.path("request.json");
+    write(&request, scan_request(&fx, &db, "node-a"));
+    let signatures = fx.path("signatures");
+    sign_request(&fx, &request, &signatures).expect_code(0);
+    let good = signatures.join("node-a");
+
+    // /dev/zero: refused at once (it was read without bound, 2.1 GB in 4 s).
+    let started = Instant::now();
+    let run = attach_run(&fx, &db, Path::new("/dev/zero"), Duration::from_secs(20));
+    run.expect_code(2);
+    assert!(run.stderr.contains("a device"), "{}", run.dump());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // A FIFO nobody writes: refused, not waited on.
+    let fifo = fx.path("signature.fifo");
+    tool("mkfifo", [fifo.as_os_str()]);
+    let run = attach_run(&fx, &db, &fifo, Duration::from_secs(20));
+    run.expect_code(2);
+    assert!(run.stderr.contains("a FIFO"), "{}", run.dump());
+    // A regular file far larger than any signature.
+    let big = fx.path("big.json");
+    write(&big, vec![b' '; 1 << 20]);
+    let run = attach_run(&fx, &db, &big, Duration::from_secs(20));
+    run.expect_code(2);
+    assert!(run.stderr.contains("larger than 64 KiB"), "{}", run.dump());
+    // A symbolic link to the good signature: the path given must be the file itself.
+    let link = fx.path("link.json");
+    symlink(&good, &link).unwrap();
+    let run = attach_run(&fx, &db, &link, Duration::from_secs(20));
+    run.expect_code(2);
+    assert!(run.stderr.contains("a symbolic link"), "{}", run.dump());
+
+    // The right digest and signature, but the signature says it is another node's.
+    let mut other: Value = serde_json::from_str(&fs::read_to_string(&good).unwrap()).unwrap();
+    other["node"] = "node-b".into();
+    let foreign = fx.path("node-b.json");
+    write(&foreign, other.to_string());
+    let run = attach_run(&fx, &db, &foreign, Duration::from_secs(60));
+    run.expect_code(3);
+    assert!(run.stderr.contains("\"node-b\"") && run.stderr.contains("\"node-a\""), "{}", run.dump());
+    assert!(!db.exists(), "another node's signature installed the baseline");
+
+    let run = attach_run(&fx, &db, &good, Duration::from_secs(60));
+    run.expect_code(0);
+    assert!(run.stderr.contains("installed for node node-a"), "{}", run.dump());
+}
+
+#[test]
+fn sign_shows_only_what_the_signed_body_says_lists_incomplete_paths_and_escapes_them() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI runs as root");
+        eprintln!("skipped: needs root (an unreadable file, scanned as nobody)");
+        return;
+    }
+    let fx = Fixture::new();
+    fs::set_permissions(fx.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    write(&fx.t("readable.txt"), "fine\n");
+    let unreadable = fx.t("unreadable\rsecret.key");
+    write(&unreadable, "no peeking\n");
+    fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
+    let state = fx.path("state");
+    mkdir(&state);
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    let policy = fx.default_policy();
+    fs::set_permissions(&policy, fs::Permissions::from_mode(0o644)).unwrap();
+    let db = state.join("db");
+    let scan = kubefim_as_nobody(args(&[
+        "baseline".as_ref(),
+        "scan".as_ref(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--node-name".as_ref(),
+        "worker\r\nsigned node forged".as_ref(),
+    ]));
+    scan.expect_code(0);
+    let request: Value = serde_json::from_str(scan.stdout.trim()).unwrap();
+    let records = request["records"].as_u64().unwrap();
+
+    // Unedited: the count, one incomplete path listed with why, control characters escaped.
+    let file = fx.path("request.json");
+    write(&file, request.to_string());
+    let run = sign_request(&fx, &file, &fx.path("signatures"));
+    run.expect_code(0);
+    assert!(run.stderr.contains(&format!("{records} entries, 1 incomplete")), "{}", run.dump());
+    assert!(run.stderr.contains("unreadable\\rsecret.key"), "the incomplete path is not listed\n{}", run.dump());
+    assert!(run.stderr.contains("signed node worker\\r\\nsigned node forged"), "{}", run.dump());
+    assert!(!run.stderr.contains('\r') && !run.stderr.contains("\nsigned node forged"), "{:?}", run.stderr);
+
+    // Edited on its way: counts, time and incomplete paths are the node's unsigned say.
+    let mut edited = request.clone();
+    edited["records"] = 48213.into();
+    edited["incomplete"] = Value::Array(Vec::new());
+    write(&file, edited.to_string());
+    let out = fx.path("edited-signatures");
+    let run = sign_request(&fx, &file, &out);
+    run.expect_code(2);
+    assert!(!run.stderr.contains("48213 entries"), "the request's own count was shown\n{}", run.dump());
+    assert!(run.stderr.contains("altered"), "{}", run.dump());
+    assert!(!out.exists() || fs::read_dir(&out).unwrap().next().is_none(), "an altered request was signed");
+}
+
+/// Holds `DB.lock` the way kubefim does (flock, pid inside) until dropped.
+fn hold_lock(db: &Path) -> File {
+    let mut lock = db.as_os_str().to_owned();
+    lock.push(".lock");
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(lock).unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    std::io::Write::write_all(&mut file, format!("{} test\n", std::process::id()).as_bytes()).unwrap();
+    file
+}
+
+#[test]
+fn accept_refuses_while_another_holds_the_database_and_concurrent_accepts_lose_nothing() {
+    let fx = Fixture::new();
+    let files: Vec<_> = (0..4).map(|i| fx.t(format!("f{i}.txt"))).collect();
+    for f in &files {
+        write(f, "before\n");
+    }
+    fx.create_default();
+    for f in &files {
+        write(f, "after\n");
+    }
+
+    let held = hold_lock(&fx.db());
+    let run = fx.accept(&[&files[0]]);
+    run.expect_code(4);
+    assert!(run.stderr.contains(&format!("(pid {})", std::process::id())), "the holder is not named\n{}", run.dump());
+    drop(held);
+
+    // Four at once, one path each: every one that says "accepted" must have its path in the
+    // baseline that is left (they all said so, and only one survived).
+    let children: Vec<_> = files
+        .iter()
+        .map(|f| {
+            Command::new(BIN)
+                .args(["baseline", "accept", "--db"])
+                .arg(fx.db())
+                .arg("--key")
+                .arg(fx.key())
+                .arg("--pubkey")
+                .arg(fx.pubkey())
+                .arg(f)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let codes: Vec<i32> = children.into_iter().map(|c| c.wait_with_output().unwrap().status.code().unwrap()).collect();
+    assert!(codes.iter().all(|c| [0, 4].contains(c)), "exit codes {codes:?}");
+    let report = fx.verify_run().json();
+    let still: Vec<&str> = changes(&report).iter().filter_map(|c| c["path"].as_str()).collect();
+    for (f, code) in files.iter().zip(&codes) {
+        let reported = still.contains(&f.to_str().unwrap());
+        assert_eq!(reported, *code != 0, "{} (accept exit {code}) in {still:?}", f.display());
+    }
+}
+
+#[test]
+fn control_characters_in_file_names_cannot_forge_a_line_of_human_output() {
+    let fx = Fixture::new();
+    write(&fx.t("a.txt"), "alpha\n");
+    fx.create_default();
+    // A name can hold anything but '/' and NUL: here a line break, a terminal escape that
+    // erases the line, and a carriage return.
+    let forged = fx.t("x\nmodified  kubelet.conf \u{1b}[2K\r");
+    write(&forged, "new\n");
+    let escaped = "x\\nmodified  kubelet.conf \\x1b[2K\\r";
+    let run = fx.verify_human();
+    run.expect_code(1);
+    assert!(run.stdout.lines().all(|l| !l.starts_with("modified  kubelet.conf")), "a forged line\n{}", run.dump());
+    assert!(!run.stdout.contains('\u{1b}') && !run.stdout.contains('\r'), "{:?}", run.stdout);
+    assert!(run.stdout.contains(escaped), "{}", run.dump());
+
+    // `show` of a baseline that holds the name.
+    fs::remove_dir_all(fx.db()).unwrap();
+    fx.create_default();
+    let run = fx.show_human();
+    run.expect_code(0);
+    assert!(run.stdout.lines().all(|l| !l.starts_with("modified  kubelet.conf")), "{}", run.dump());
+    assert!(run.stdout.contains(escaped), "{}", run.dump());
+}
+
+#[test]
+fn policies_with_no_attributes_a_nul_byte_or_over_4_mib_are_refused_saying_why() {
+    let fx = Fixture::new();
+    write(&fx.t("a.txt"), "alpha\n");
+    let tree = fx.tree().display().to_string();
+    let cases = [
+        (format!("    - path: {tree}\n      attributes: []\n"), "`attributes: []` monitors nothing"),
+        (format!("    - path: \"{tree}/a\\0b\"\n"), "contains a NUL byte"),
+        (format!("    - path: {tree}\n# {}\n", "x".repeat(5 << 20)), "larger than 4 MiB"),
+    ];
+    for (rules, why) in cases {
+        let policy = fx.write_policy_text(&format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {{name: t}}\nspec:\n  rules:\n{rules}"
+        ));
+        let run = fx.create_run(&policy, &fx.db());
+        run.expect_code(2);
+        assert!(run.stderr.contains(why), "no {why:?} in\n{}", run.dump().chars().take(2000).collect::<String>());
+        assert!(!fx.db().exists());
+    }
 }

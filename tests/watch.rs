@@ -937,3 +937,76 @@ fn a_change_at_a_path_over_1000_bytes_is_found_by_a_rescan_of_what_the_cut_path_
     assert_eq!(line["attribution"], "exact", "{line:#}");
     assert!(w.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The journal is unsigned: it never hides a deviation, and one watcher uses it at a time
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_change_absorbed_into_the_journal_by_another_watcher_is_reported_at_the_next_start() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let conf = fx.t("absorbed.conf");
+    put(&conf, ORIGINAL);
+    let agent = Watcher::start(&fx, None);
+    assert!(agent.stop().success());
+
+    // The attacker, with the agent down: change the file, then run a watcher of one's own on
+    // the same database (the public key is all it needs) until it has journaled the change.
+    fs::write(&conf, "alpha\nbeta\nbackdoor\n").unwrap();
+    let attacker = Watcher::start_on(&fx, &[]);
+    attacker.change_for(&conf);
+    attacker.wait_for("the attacker's startup rescan", REPORT_WITHIN, |l| l["kind"] == "rescan");
+    assert!(attacker.stop().success());
+
+    // The agent restarts: the deviation from the signed baseline is reported all the same,
+    // marked as one the journal already had.
+    let agent = Watcher::start_on(&fx, &[]);
+    let line = agent.change_for(&conf);
+    assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &[]);
+    assert_eq!(line["detected_by"], "rescan", "{line:#}");
+    assert_eq!(line["baseline_match"], false, "{line:#}");
+    assert_eq!(line["already_known"], true, "{line:#}");
+    assert!(diff_of(&line).lines().any(|l| l == "+backdoor"), "diff against the signed content: {line:#}");
+    let verify = agent.wait_for("the startup verify", REPORT_WITHIN, |l| l["kind"] == "verify");
+    assert_eq!(verify["modified"], 1, "{verify:#}\n{}", agent.dump());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_second_watcher_on_the_same_journal_exits_4_naming_the_first_ones_pid() {
+    if !root_or_skip() {
+        return;
+    }
+    let (fx, first, path) = one_file("locked.conf");
+    let mut second = common::watch::watch_cmd(&fx.db(), &fx.pubkey(), &fx.path("ready-2"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn a second kubefim watch");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline || fx.path("ready-2").exists() {
+            let _ = second.kill();
+            let out = second.wait_with_output().unwrap();
+            panic!(
+                "a second watcher ran on the same database and journal\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "exit code of the second watcher\n{stderr}");
+    assert!(stderr.contains(&format!("kubefim watch (pid {})", first.pid())), "the holder is not named: {stderr}");
+    assert!(stderr.contains(&s(&fx.path("db.journal.lock"))), "the lock file is not named: {stderr}");
+    // The first one is untouched, and nothing of the second's lock shows as a change.
+    let pid = python(&format!("f = open({}, 'a'); f.write('x\\n'); f.close()", lit(&path)));
+    assert_actor(&first.change_for(&path), pid, "python3");
+    assert!(first.stop().success());
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
+use crate::lock::lock_path;
 use crate::policy::{Policy, path_bytes};
 use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, RecordLoc, decode_chunk, encode_chunk};
 use crate::root::HostRoot;
@@ -185,7 +186,7 @@ pub fn create(
     progress: &ScanProgress,
 ) -> Result<ScanSummary> {
     write_baseline(db, key, |store| {
-        let scan = Scan::whole_policy(policy).under(host).skip(db).skip(store.path());
+        let scan = Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).skip(store.path());
         let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress)?;
         Ok((manifest(policy, summary.entries, &summary, Vec::new()), summary))
     })
@@ -262,6 +263,14 @@ impl TrustedBaseline {
                     )));
                 }
             }
+        }
+        if let Some(sealed) = &seal.manifest
+            && manifest_bytes.as_ref() != Some(sealed)
+        {
+            // The signer was shown the sealed manifest (node, time, counts, incomplete paths).
+            return Err(untrusted(
+                "its manifest is not the one its seal was signed for (the database was modified)".into(),
+            ));
         }
         let manifest: Manifest = manifest_bytes
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -393,6 +402,9 @@ pub fn accept(
     paths: &[PathBuf],
     progress: &ScanProgress,
 ) -> Result<ScanSummary> {
+    // Held until the new baseline is installed: two accepts at once would each start from the
+    // same baseline and the second to finish would drop what the first accepted.
+    let _lock = crate::lock::Lock::for_rewrite(db, "accept")?;
     let trusted = TrustedBaseline::open(db, public)?;
     if paths.is_empty() {
         let policy = trusted.policy.clone();
@@ -432,7 +444,8 @@ pub fn accept(
             kept += 1;
             Ok(())
         })?;
-        let scan = Scan::paths(&trusted.policy, roots.clone()).under(host).skip(db).skip(store.path());
+        let scan =
+            Scan::paths(&trusted.policy, roots.clone()).under(host).skip(db).skip(&lock_path(db)).skip(store.path());
         let summary = scan_into(&mut writer, &scan, progress)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
         Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))

@@ -63,6 +63,20 @@ pub enum Error {
         /// Why not: the I/O error, or what is wrong with the path.
         source: std::io::Error,
     },
+    /// Another process holds the lock of a database or journal (see `lock`): two watchers on
+    /// one journal, or two rewrites of one database, would each undo what the other did.
+    #[error(
+        "{path} is in use by {holder} (it holds {lock}); wait for it to finish or stop it, then run \
+         this again"
+    )]
+    Locked {
+        /// The database or journal.
+        path: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+        /// Who holds it, as far as it said.
+        holder: crate::lock::Holder,
+    },
     /// A file system operation failed on a path.
     #[error("cannot {action} {path}")]
     Io {
@@ -84,6 +98,11 @@ impl Error {
     /// True when the error means the baseline must not be trusted (exit code 3).
     pub fn is_untrusted(&self) -> bool {
         matches!(self, Error::Untrusted { .. })
+    }
+
+    /// True when another process holds the lock of what this one needed (exit code 4).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, Error::Locked { .. })
     }
 }
 

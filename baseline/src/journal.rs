@@ -1,8 +1,10 @@
 //! The watcher's journal: the last state it observed of every path whose state differs from
-//! the signed baseline, so a restart does not forget a deviation. It is a sled database of
+//! the signed baseline, and that state's content for the next diff. It is a sled database of
 //! its own (the signed baseline is never written by the watcher), keyed by path bytes, tied
 //! to one baseline by that baseline's creation stamp: a journal of another baseline is
-//! cleared, not trusted. Unsigned on purpose: it only ever makes the watcher report more.
+//! cleared. It is unsigned, and anything with the public key can write it (a `kubefim watch`
+//! of one's own), so it is never believed: a restarted watcher starts from the signed
+//! baseline and reports every deviation again; the journal only marks those already seen.
 
 use std::path::{Path, PathBuf};
 

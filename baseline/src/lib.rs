@@ -8,6 +8,7 @@ pub mod beneath;
 pub mod error;
 pub mod hash;
 pub mod journal;
+pub mod lock;
 mod mapped;
 pub mod mounts;
 pub mod policy;

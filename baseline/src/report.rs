@@ -17,7 +17,9 @@ use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use self::escaped::{EscapedBytes, EscapedField, EscapedPath, FieldKeys, PathKeys, display_path, escape_bytes};
+pub use self::escaped::{
+    EscapedBytes, EscapedField, EscapedPath, FieldKeys, PathKeys, display_path, escape_bytes, human_path, human_text,
+};
 use crate::policy::{Attribute, Policy};
 use crate::record::{FileKind, FileRecord};
 use crate::verify::{Change, ChangeKind, MountedAt, VerifyError, VerifyReport};

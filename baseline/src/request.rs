@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{ChunkWriter, MANIFEST_KEY, TrustedBaseline, canonical_digest, manifest, scan_into};
+use crate::baseline::{ChunkWriter, MANIFEST_KEY, Manifest, TrustedBaseline, canonical_digest, manifest, scan_into};
 use crate::error::{Error, Result};
+use crate::lock::{Lock, lock_path};
 use crate::policy::Policy;
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSummary};
@@ -75,30 +76,125 @@ impl SigningRequest {
         serde_json::from_value(value).ok().filter(|r: &SigningRequest| r.kind == REQUEST_KIND)
     }
 
-    /// The policy text and records digest of the body, once the body is checked against
-    /// the request's digest.
-    fn checked(&self) -> Result<String> {
-        let (policy, _) = seal::parse_unsigned_body(self.body.as_bytes())
-            .ok_or_else(|| bad_request(format!("the request of node {} has no valid seal body", self.node)))?;
+    /// The policy text and manifest of the body, once the body is checked against the
+    /// request's digest. Only these are signed: the request's other fields (node, counts,
+    /// time, incomplete paths) are the node's unauthenticated say, so they must match them.
+    fn checked(&self) -> Result<(String, Manifest)> {
+        // The node name as the request gives it is only for the messages: escaped, and
+        // labelled as a claim.
+        let claimed = format!("the request claiming node {:?}", self.node);
+        let body = seal::parse_unsigned_body(self.body.as_bytes())
+            .ok_or_else(|| bad_request(format!("{claimed} has no valid seal body")))?;
         if hex::encode(seal_digest(self.body.as_bytes())) != self.digest {
+            return Err(bad_request(format!("{claimed} was altered: its body does not have the digest it names")));
+        }
+        let manifest: Manifest = body
+            .manifest
+            .as_deref()
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "{claimed} was made by an older kubefim, whose body does not carry its manifest (node, \
+                     counts, incomplete paths): rescan the node with this version"
+                ))
+            })
+            .and_then(|bytes| {
+                serde_json::from_slice(bytes).map_err(|e| bad_request(format!("{claimed}: unreadable manifest ({e})")))
+            })?;
+        let agrees = manifest.host == self.node
+            && manifest.records == self.records
+            && u64::try_from(manifest.created_unix_ns).ok() == Some(self.created_unix_ns)
+            && manifest.incomplete == self.incomplete
+            && manifest.policy == body.policy;
+        if !agrees {
             return Err(bad_request(format!(
-                "the request of node {} was altered: its body does not have the digest it names",
-                self.node
+                "{claimed} was altered: its node, counts, time or incomplete paths are not those of its signed \
+                 body (node {:?}, {} records, {} incomplete); not signed",
+                manifest.host,
+                manifest.records,
+                manifest.incomplete.len()
             )));
         }
-        Ok(policy)
+        Ok((body.policy, manifest))
     }
 }
 
+/// The largest signature file read: one is about 300 bytes, so anything near this is not one
+/// (and `/dev/zero` must not be read until memory runs out).
+pub const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
+
 impl Signature {
-    /// Reads a signature file.
+    /// Reads a signature file given on the command line: a regular file, not a symbolic
+    /// link, at most [`MAX_SIGNATURE_BYTES`].
     pub fn load(path: &Path) -> Result<Signature> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read the signature", path, e))?;
-        serde_json::from_str::<Signature>(&text).ok().filter(|s| s.kind == SIGNATURE_KIND).ok_or_else(|| Error::Store {
-            path: path.to_owned(),
-            message: "not a kubefim signature (make one with `kubefim baseline sign`)".into(),
+        Signature::parse(&read_signature_file(path, false)?, path)
+    }
+
+    /// A signature from the bytes of `path`.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Signature> {
+        serde_json::from_slice::<Signature>(bytes).ok().filter(|s| s.kind == SIGNATURE_KIND).ok_or_else(|| {
+            Error::Store {
+                path: path.to_owned(),
+                message: "not a kubefim signature (make one with `kubefim baseline sign`)".into(),
+            }
         })
     }
+}
+
+/// The bytes of a signature file, read without ever blocking or reading without bound: opened
+/// with `O_NONBLOCK` (a FIFO does not wait for a writer), refused unless `fstat` says it is a
+/// regular file (a FIFO, a device such as `/dev/zero`, a directory), and refused when larger
+/// than [`MAX_SIGNATURE_BYTES`]. `follow` allows a symbolic link (a ConfigMap volume's files
+/// are links into its current data directory); otherwise a link is refused (`O_NOFOLLOW`).
+pub fn read_signature_file(path: &Path, follow: bool) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let refuse = |what: &str| Error::Store {
+        path: path.to_owned(),
+        message: format!("{what}, not a signature file; pass the regular file `kubefim baseline sign` wrote"),
+    };
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY | nofollow)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) if !follow => refuse("a symbolic link"),
+            _ => Error::io("read the signature", path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io("read the signature", path, e))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(refuse(what));
+    }
+    let too_big = || Error::Store {
+        path: path.to_owned(),
+        message: format!(
+            "larger than {} KiB, so not a signature (one is a few hundred bytes); pass the file `kubefim baseline sign` wrote",
+            MAX_SIGNATURE_BYTES >> 10
+        ),
+    };
+    if meta.len() > MAX_SIGNATURE_BYTES {
+        return Err(too_big());
+    }
+    // Bounded whatever fstat said: a file may grow while it is read.
+    let mut bytes = Vec::new();
+    file.take(MAX_SIGNATURE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| Error::io("read the signature", path, e))?;
+    if bytes.len() as u64 > MAX_SIGNATURE_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
 }
 
 /// Where the unsigned baseline for `db` waits for its signature.
@@ -138,14 +234,16 @@ pub fn scan(
     let pending = pending_path(db);
     let store = Store::create_beside(&pending)?;
     let filled = (|| {
-        let scan = Scan::whole_policy(policy).under(host).skip(db).skip(&pending).skip(store.path());
+        let scan =
+            Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).skip(&pending).skip(store.path());
         let summary = scan_into(&mut ChunkWriter::new(&store), &scan, progress)?;
         let mut manifest = manifest(policy, summary.entries, &summary, Vec::new());
         manifest.host = node.to_owned();
-        store.put(TreeKind::Meta, MANIFEST_KEY, &serde_json::to_vec(&manifest).expect("a manifest serialises"))?;
-        Ok((summary, manifest, canonical_digest(&store)?))
+        let manifest_bytes = serde_json::to_vec(&manifest).expect("a manifest serialises");
+        store.put(TreeKind::Meta, MANIFEST_KEY, &manifest_bytes)?;
+        Ok((summary, manifest, manifest_bytes, canonical_digest(&store)?))
     })();
-    let (summary, manifest, records) = match filled {
+    let (summary, manifest, manifest_bytes, records) = match filled {
         Ok(done) => done,
         Err(e) => {
             store.discard();
@@ -154,7 +252,7 @@ pub fn scan(
     };
     let dir = store.close()?;
     let written = (|| {
-        let body = seal::unsigned_body(&dir, &manifest.policy, &records)?;
+        let body = seal::unsigned_body(&dir, &manifest.policy, &records, &manifest_bytes)?;
         let body = String::from_utf8(body).map_err(|_| bad_request("the seal body is not UTF-8".into()))?;
         let request = SigningRequest {
             kind: REQUEST_KIND.into(),
@@ -194,30 +292,45 @@ pub fn pending_request(db: &Path) -> Result<Option<SigningRequest>> {
     }
 }
 
+/// What was signed: the signature, and what the signed body says (all a signer may show).
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The signature, for the node the body names.
+    pub signature: Signature,
+    /// The manifest the body carries: node (`host`), time, record count, incomplete paths.
+    pub manifest: Manifest,
+    /// The policy's `metadata.name`, from the body's policy.
+    pub policy_name: String,
+}
+
 /// Checks `request` and signs it. With `expect_policy`, the node must have scanned with
 /// exactly that policy text (a node cannot narrow what it is monitored for).
-pub fn sign(request: &SigningRequest, key: &SigningKey, expect_policy: Option<&str>) -> Result<Signature> {
-    check_node(&request.node)?;
-    let policy = request.checked()?;
+pub fn sign(request: &SigningRequest, key: &SigningKey, expect_policy: Option<&str>) -> Result<Signed> {
+    let (policy, manifest) = request.checked()?;
+    check_node(&manifest.host)?;
     if let Some(expected) = expect_policy
         && expected != policy
     {
         return Err(bad_request(format!(
-            "node {} scanned with a policy other than the expected one; not signed (if the policy \
+            "node {:?} scanned with a policy other than the expected one; not signed (if the policy \
              changed on purpose, sign with the new one)",
-            request.node
+            manifest.host
         )));
     }
     let parsed = Policy::from_yaml(&policy, "the request's policy")?;
     if parsed.name != request.policy_name {
-        return Err(bad_request(format!("the request of node {} misnames its policy", request.node)));
+        return Err(bad_request(format!("the request of node {:?} misnames its policy", manifest.host)));
     }
     let signature = key.sign(&seal_digest(request.body.as_bytes()));
-    Ok(Signature {
-        kind: SIGNATURE_KIND.into(),
-        node: request.node.clone(),
-        digest: request.digest.clone(),
-        signature: hex::encode(signature),
+    Ok(Signed {
+        signature: Signature {
+            kind: SIGNATURE_KIND.into(),
+            node: manifest.host.clone(),
+            digest: request.digest.clone(),
+            signature: hex::encode(signature),
+        },
+        manifest,
+        policy_name: parsed.name,
     })
 }
 
@@ -231,12 +344,20 @@ pub fn is_for_pending(db: &Path, signature: &Signature) -> Result<bool> {
 /// installs it at `db` (replacing the previous baseline), then opens it as any baseline is
 /// opened. Nothing is installed unless every check passes.
 pub fn attach(db: &Path, public: &PublicKey, signature: &Signature) -> Result<()> {
+    // Held until installed: an `accept` meanwhile would be replaced without a word.
+    let _lock = Lock::for_rewrite(db, "attach")?;
     let pending = pending_path(db);
     let untrusted = |reason: String| Error::Untrusted { path: pending.clone(), reason };
     let request = pending_request(db)?.ok_or_else(|| Error::Store {
         path: pending.clone(),
         message: "no baseline is waiting for a signature here (scan one with `kubefim baseline scan`)".into(),
     })?;
+    if signature.node != request.node {
+        return Err(untrusted(format!(
+            "the signature is for node {:?}, the pending baseline was scanned on node {:?}: use this node's signature",
+            signature.node, request.node
+        )));
+    }
     if signature.digest != request.digest {
         return Err(untrusted(format!(
             "the signature is for digest {}, the pending baseline has digest {}: sign its current request",
@@ -248,6 +369,19 @@ pub fn attach(db: &Path, public: &PublicKey, signature: &Signature) -> Result<()
         return Err(untrusted(format!(
             "the signature does not verify with public key {} (signed with another key?)",
             public.fingerprint()
+        )));
+    }
+    // The node as the operator signed it (the sealed manifest), not as the files on the node
+    // say: the signature's label must be that node.
+    let sealed_node = seal::parse_unsigned_body(request.body.as_bytes())
+        .and_then(|b| b.manifest)
+        .and_then(|m| serde_json::from_slice::<Manifest>(&m).ok())
+        .map(|m| m.host);
+    if sealed_node.as_deref().is_some_and(|host| host != signature.node) {
+        return Err(untrusted(format!(
+            "the signature is labelled for node {:?}, but what was signed is a scan of node {:?}",
+            signature.node,
+            sealed_node.unwrap_or_default()
         )));
     }
     seal::write_signed(&pending, request.body.into_bytes(), &bytes)?;
@@ -302,7 +436,7 @@ mod tests {
         let line = serde_json::json!({"state": "awaiting-signature", "request": request}).to_string();
         let found = SigningRequest::find_in(&line).unwrap();
         assert_eq!(found, request);
-        let signature = sign(&found, &key, Some(policy.source())).unwrap();
+        let signature = sign(&found, &key, Some(policy.source())).unwrap().signature;
         attach(&db, &public, &signature).unwrap();
         let trusted = TrustedBaseline::open(&db, &public).unwrap();
         assert_eq!(trusted.len(), 2);
@@ -326,11 +460,11 @@ mod tests {
         let e = sign(&request, &key, Some("kind: FimPolicy")).unwrap_err().to_string();
         assert!(e.contains("other than the expected"), "{e}");
 
-        let foreign = sign(&request, &other, None).unwrap();
+        let foreign = sign(&request, &other, None).unwrap().signature;
         let e = attach(&db, &public, &foreign).unwrap_err();
         assert!(e.is_untrusted() && e.to_string().contains("does not verify"), "{e}");
 
-        let stale = sign(&request, &key, None).unwrap();
+        let stale = sign(&request, &key, None).unwrap().signature;
         std::fs::write(tree.join("b"), "beta\n").unwrap();
         scan(&policy, &host, &db, "node-a", &ScanProgress::default()).unwrap();
         assert!(!is_for_pending(&db, &stale).unwrap());
@@ -344,7 +478,7 @@ mod tests {
         let Node { dir, policy, key, public, .. } = node();
         let db = dir.path().join("db");
         let (_, request) = scan(&policy, &HostRoot::identity(), &db, "n", &ScanProgress::default()).unwrap();
-        let signature = sign(&request, &key, None).unwrap();
+        let signature = sign(&request, &key, None).unwrap().signature;
         // The node edits its pending database (say, to hide a file) after the request left.
         let file = pending_path(&db).join("db");
         let mut bytes = std::fs::read(&file).unwrap();

@@ -17,6 +17,9 @@ const HEADER: &[u8] = b"kubefim baseline seal v1\n";
 /// First line of a seal that also carries the records' canonical digest, so that one
 /// signature covers everything: a baseline scanned on a node and signed elsewhere (see
 /// `request`), where a second round trip for an inner signature would be needed otherwise.
+/// Such a body also carries the manifest's bytes (node, time, record count, incomplete paths),
+/// so what the signer is shown is what it signs; opening the baseline checks they are the
+/// manifest's.
 const HEADER_V2: &[u8] = b"kubefim baseline seal v2\n";
 
 /// A seal whose signature has been checked.
@@ -26,6 +29,9 @@ pub struct Seal {
     pub policy: String,
     /// The canonical digest of the records, for seals that carry it (v2).
     pub records: Option<Hash>,
+    /// The manifest's bytes, for v2 seals that carry them (the baseline's manifest must be
+    /// exactly these).
+    pub manifest: Option<Vec<u8>>,
     listing: Vec<u8>,
 }
 
@@ -34,13 +40,16 @@ fn untrusted(shown: &Path, reason: String) -> Error {
 }
 
 /// The signed part of a seal of the closed store directory `dir`.
-fn body(dir: &Path, policy: &str, records: Option<&Hash>) -> Result<Vec<u8>> {
+fn body(dir: &Path, policy: &str, records: Option<(&Hash, &[u8])>) -> Result<Vec<u8>> {
     let mut body = if records.is_some() { HEADER_V2 } else { HEADER }.to_vec();
     body.extend_from_slice(format!("policy {}\n", policy.len()).as_bytes());
     body.extend_from_slice(policy.as_bytes());
     body.push(b'\n');
-    if let Some(records) = records {
+    if let Some((records, manifest)) = records {
         body.extend_from_slice(format!("records {}\n", hex::encode(records)).as_bytes());
+        body.extend_from_slice(format!("manifest {}\n", manifest.len()).as_bytes());
+        body.extend_from_slice(manifest);
+        body.push(b'\n');
     }
     body.extend(store::file_listing(dir).map_err(|e| Error::io("list the files of", dir, e))?);
     Ok(body)
@@ -53,10 +62,22 @@ pub fn write(dir: &Path, key: &SigningKey, policy: &str) -> Result<()> {
     write_signed(dir, body, &signature)
 }
 
-/// The body of a v2 seal of `dir`, whose records have the canonical digest `records`: what
-/// a signer elsewhere signs (through [`sign::seal_digest`]).
-pub fn unsigned_body(dir: &Path, policy: &str, records: &Hash) -> Result<Vec<u8>> {
-    body(dir, policy, Some(records))
+/// The body of a v2 seal of `dir`, whose records have the canonical digest `records` and
+/// whose manifest is `manifest` (its stored bytes): what a signer elsewhere signs (through
+/// [`sign::seal_digest`]).
+pub fn unsigned_body(dir: &Path, policy: &str, records: &Hash, manifest: &[u8]) -> Result<Vec<u8>> {
+    body(dir, policy, Some((records, manifest)))
+}
+
+/// What a v2 seal body says, for a signer to check and show before signing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsignedBody {
+    /// The policy YAML.
+    pub policy: String,
+    /// The records' canonical digest.
+    pub records: Hash,
+    /// The manifest's bytes; `None` in a body made by a kubefim that did not seal them.
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// Completes a seal body with its signature and writes it into `dir`, durably.
@@ -70,31 +91,44 @@ pub fn write_signed(dir: &Path, mut body: Vec<u8>, signature: &[u8]) -> Result<(
         .map_err(|e| Error::io("write the seal", &path, e))
 }
 
-/// The policy and records digest a v2 seal body names; `None` if it is not one.
-pub fn parse_unsigned_body(body: &[u8]) -> Option<(String, Hash)> {
-    let (policy, records, _) = parse_body(body)?;
-    Some((policy, records?))
+/// What a v2 seal body names; `None` if it is not one.
+pub fn parse_unsigned_body(body: &[u8]) -> Option<UnsignedBody> {
+    let (policy, records, manifest, _) = parse_body(body)?;
+    Some(UnsignedBody { policy, records: records?, manifest })
 }
 
-/// Splits a seal body into policy, records digest (v2) and file listing.
-fn parse_body(body: &[u8]) -> Option<(String, Option<Hash>, &[u8])> {
+/// A `NAME LEN\n` line followed by LEN bytes and `\n`: the bytes and what follows.
+fn framed<'a>(rest: &'a [u8], name: &str) -> Option<(&'a [u8], &'a [u8])> {
+    let line_end = rest.iter().position(|&b| b == b'\n')?;
+    let len: usize =
+        std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()?;
+    let rest = &rest[line_end + 1..];
+    let bytes = rest.get(..len)?;
+    Some((bytes, rest.get(len..)?.strip_prefix(b"\n")?))
+}
+
+/// Splits a seal body into policy, records digest (v2), manifest (v2, when sealed) and file
+/// listing. File listing lines start with a hex hash, so a `manifest` line cannot be one.
+fn parse_body(body: &[u8]) -> Option<(String, Option<Hash>, Option<Vec<u8>>, &[u8])> {
     let (v2, rest) = match body.strip_prefix(HEADER) {
         Some(rest) => (false, rest),
         None => (true, body.strip_prefix(HEADER_V2)?),
     };
-    let line_end = rest.iter().position(|&b| b == b'\n')?;
-    let len: usize = std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix("policy ")?.parse().ok()?;
-    let rest = &rest[line_end + 1..];
-    let policy = String::from_utf8(rest.get(..len)?.to_vec()).ok()?;
-    let mut rest = rest.get(len..)?.strip_prefix(b"\n")?;
-    let mut records = None;
+    let (policy, mut rest) = framed(rest, "policy")?;
+    let policy = String::from_utf8(policy.to_vec()).ok()?;
+    let (mut records, mut manifest) = (None, None);
     if v2 {
         let line_end = rest.iter().position(|&b| b == b'\n')?;
         let hex_digest = std::str::from_utf8(&rest[..line_end]).ok()?.strip_prefix("records ")?;
         records = Some(hex::decode(hex_digest).ok()?.try_into().ok()?);
         rest = &rest[line_end + 1..];
+        if rest.starts_with(b"manifest ") {
+            let (bytes, after) = framed(rest, "manifest")?;
+            manifest = Some(bytes.to_vec());
+            rest = after;
+        }
     }
-    Some((policy, records, rest))
+    Some((policy, records, manifest, rest))
 }
 
 /// The parts of a seal file.
@@ -103,6 +137,7 @@ struct Parsed<'a> {
     body: &'a [u8],
     policy: String,
     records: Option<Hash>,
+    manifest: Option<Vec<u8>>,
     listing: &'a [u8],
     signature: Vec<u8>,
 }
@@ -112,8 +147,8 @@ fn parse(file: &[u8]) -> Option<Parsed<'_>> {
     let body_end = file[..file.len().checked_sub(1)?].iter().rposition(|&b| b == b'\n')? + 1;
     let (body, last) = file.split_at(body_end);
     let signature = hex::decode(std::str::from_utf8(last).ok()?.trim_end().strip_prefix("ed25519 ")?).ok()?;
-    let (policy, records, listing) = parse_body(body)?;
-    Some(Parsed { body, policy, records, listing, signature })
+    let (policy, records, manifest, listing) = parse_body(body)?;
+    Some(Parsed { body, policy, records, manifest, listing, signature })
 }
 
 impl Seal {
@@ -131,7 +166,7 @@ impl Seal {
             };
             untrusted(db, reason)
         })?;
-        let Parsed { body, policy, records, listing, signature } =
+        let Parsed { body, policy, records, manifest, listing, signature } =
             parse(&file).ok_or_else(|| untrusted(db, "its seal file is malformed".into()))?;
         if !key.verifies(&sign::seal_digest(body), &signature) {
             return Err(untrusted(
@@ -142,7 +177,7 @@ impl Seal {
                 ),
             ));
         }
-        Ok(Seal { policy, records, listing: listing.to_vec() })
+        Ok(Seal { policy, records, manifest, listing: listing.to_vec() })
     }
 
     /// Checks that `dir` (a copy of the baseline `shown`) holds exactly the sealed files,

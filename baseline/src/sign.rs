@@ -4,8 +4,8 @@
 //! deleted entry anywhere, in any tree, changes it. Verification always uses a public key
 //! the caller supplies, never one found in the database.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::rand::SystemRandom;
@@ -44,13 +44,29 @@ pub struct SigningKey {
 
 impl SigningKey {
     /// Loads a PKCS#8 Ed25519 key, PEM or DER (v1 as written by OpenSSL, or v2).
+    /// Refuses a key file that its group or others may read or write (as ssh does): a key
+    /// someone else could have read cannot be trusted to sign baselines.
     pub fn load(path: &Path) -> Result<SigningKey> {
-        let raw = std::fs::read(path).map_err(|e| {
+        let cannot_read = |e: std::io::Error| {
             key_err(
                 path,
                 format!("cannot read the private key ({e}); pass the kubefim.key that `kubefim keygen` wrote"),
             )
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+        let mode = file.metadata().map_err(cannot_read)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(key_err(
+                path,
+                format!(
+                    "the private key is accessible by group or others (mode {mode:04o}); anyone who read it can \
+                     sign baselines: run `chmod 600 {}` (and make a new key pair if others could have read it)",
+                    path.display()
+                ),
+            ));
+        }
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw).map_err(cannot_read)?;
         let der = unarmor(&raw, "PRIVATE KEY").map_err(|m| key_err(path, m))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
             key_err(path, format!("not a PKCS#8 Ed25519 private key ({e}); make one with `kubefim keygen`"))
@@ -138,24 +154,50 @@ fn unarmor(raw: &[u8], tag: &str) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// Writes a new key pair into `dir` (`kubefim.key`, mode 0600, and `kubefim.pub`) and
-/// returns their paths. Refuses to overwrite an existing key.
+/// returns their paths. Never overwrites anything: both files are created new (`O_EXCL`, which
+/// also refuses a symbolic link at either name, dangling or not), and when either exists
+/// neither is written.
 pub fn generate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("create the key directory", dir, e))?;
     let (key_path, pub_path) = (dir.join(PRIVATE_KEY_FILE), dir.join(PUBLIC_KEY_FILE));
+    let create = |path: &Path, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                key_err(
+                    path,
+                    format!(
+                        "cannot create ({e}); an existing key (or anything else at that name) is never \
+                         overwritten: move it away, or pass another --out"
+                    ),
+                )
+            })
+    };
+    let mut key_file = create(&key_path, 0o600)?;
+    let mut pub_file = match create(&pub_path, 0o644) {
+        Ok(f) => f,
+        Err(e) => {
+            // Ours, created a moment ago and still empty: a key without its public half is
+            // of no use, and would stop the next keygen here.
+            let _ = std::fs::remove_file(&key_path);
+            return Err(e);
+        }
+    };
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .map_err(|_| key_err(&key_path, "the system random generator failed"))?;
     let key = SigningKey::load_der(pkcs8.as_ref()).ok_or_else(|| key_err(&key_path, "generated key is invalid"))?;
     let private_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(|e| key_err(&key_path, format!("cannot create ({e}); an existing key is never overwritten")))?;
-    file.write_all(private_pem.as_bytes())
-        .and_then(|()| file.sync_all())
+    key_file
+        .write_all(private_pem.as_bytes())
+        .and_then(|()| key_file.sync_all())
         .map_err(|e| Error::io("write the private key", &key_path, e))?;
-    std::fs::write(&pub_path, key.public_key().to_pem())
+    pub_file
+        .write_all(key.public_key().to_pem().as_bytes())
+        .and_then(|()| pub_file.sync_all())
         .map_err(|e| Error::io("write the public key", &pub_path, e))?;
     Ok((key_path, pub_path))
 }

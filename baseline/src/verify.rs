@@ -16,6 +16,7 @@ use crate::baseline::TrustedBaseline;
 use crate::error::Result;
 use crate::hash::changed_ranges;
 use crate::mounts::{Mount, MountTable, hiding};
+use crate::lock::lock_path;
 use crate::policy::{Attribute, Policy, path_bytes, path_from_bytes};
 use crate::record::FileRecord;
 use crate::report::{display_path, escape_bytes};
@@ -204,7 +205,7 @@ impl ScanSink for Collect {
 
 fn rescan(policy: &Policy, host: &HostRoot, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
     let sink = Collect::default();
-    let summary = Scan::whole_policy(policy).under(host).skip(db).run(&sink, progress);
+    let summary = Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).run(&sink, progress);
     (sink.0.into_inner().expect("no panics while holding"), summary)
 }
 

@@ -1,6 +1,7 @@
 //! Criterion benchmarks of kubefim's hot paths: the subtree-keeping BLAKE3 digest against
-//! plain BLAKE3 (its overhead must stay near zero), the record chunk codec, and a whole scan of a
-//! generated tree (per-file overhead: open, fstat, xattrs, read, hash).
+//! plain BLAKE3 (its overhead must stay near zero), the record chunk codec, a whole scan of a
+//! generated tree (per-file overhead: open, fstat, xattrs, read, hash), and loading a policy of
+//! many rules (must grow linearly: a duplicate check once compared every pair of rules).
 
 use std::hint::black_box;
 
@@ -78,5 +79,28 @@ fn scan(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, digest, codec, scan);
+/// A policy of `n` rules, one path each, as big policies are written (one line per rule).
+fn policy_of(n: usize) -> String {
+    let mut yaml =
+        String::from("apiVersion: kubefim.io/v1alpha1\nkind: FimPolicy\nmetadata: {name: big}\nspec:\n  rules:\n");
+    for i in 0..n {
+        yaml.push_str(&format!("    - path: /srv/app-{:03}/conf-{i}\n", i % 997));
+    }
+    yaml
+}
+
+fn policy_load(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy_load");
+    g.sample_size(10);
+    for n in [8_000, 80_000] {
+        let yaml = policy_of(n);
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &yaml, |b, yaml| {
+            b.iter(|| Policy::from_yaml(black_box(yaml), "bench").expect("policy"))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, digest, codec, scan, policy_load);
 criterion_main!(benches);

@@ -144,6 +144,11 @@ impl Watcher {
         w
     }
 
+    /// The watcher's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Everything printed so far, for failure messages.
     pub fn dump(&self) -> String {
         format!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kubefim_baseline::baseline::TrustedBaseline;
 use kubefim_baseline::error::chain;
 use kubefim_baseline::policy::Policy;
-use kubefim_baseline::request::{self, Signature, SigningRequest};
+use kubefim_baseline::request::{self, Signature, SigningRequest, read_signature_file};
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::seal;
 use kubefim_baseline::sign::PublicKey;
@@ -45,12 +45,23 @@ pub(crate) struct SignatureWatch {
 impl SignatureWatch {
     /// The signature in `path` if its content is new since the last call.
     pub fn new_signature(&mut self, path: &Path) -> Option<std::result::Result<Signature, String>> {
-        let bytes = std::fs::read(path).ok()?;
-        if self.seen.as_ref() == Some(&bytes) {
+        // Bounded, never blocking, a regular file only: whoever can write the signature
+        // directory must not be able to hang or exhaust the agent. The link is followed: a
+        // ConfigMap volume's files are links into its current data.
+        let read = read_signature_file(path, true);
+        let seen = match &read {
+            Ok(bytes) => bytes.clone(),
+            Err(kubefim_baseline::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return None;
+            }
+            // An unusable file is said once, as a bad signature is, until it changes.
+            Err(e) => chain(e).into_bytes(),
+        };
+        if self.seen.as_ref() == Some(&seen) {
             return None;
         }
-        self.seen = Some(bytes);
-        Some(Signature::load(path).map_err(|e| chain(&e)))
+        self.seen = Some(seen);
+        Some(read.and_then(|bytes| Signature::parse(&bytes, path)).map_err(|e| chain(&e)))
     }
 }
 
@@ -63,10 +74,12 @@ fn rejected(opts: &WatchOptions, digest: Option<String>, error: String) -> Line 
 }
 
 /// A pending baseline's request, if it was scanned with exactly `policy` (a changed policy
-/// means a new scan).
+/// means a new scan, and so does a request from a kubefim that did not seal its manifest).
 fn usable_pending(db: &Path, policy: &Policy) -> Result<Option<SigningRequest>> {
-    Ok(request::pending_request(db)?
-        .filter(|r| seal::parse_unsigned_body(r.body.as_bytes()).is_some_and(|(text, _)| text == policy.source())))
+    Ok(request::pending_request(db)?.filter(|r| {
+        seal::parse_unsigned_body(r.body.as_bytes())
+            .is_some_and(|b| b.policy == policy.source() && b.manifest.is_some())
+    }))
 }
 
 /// Tries `signature` on the pending baseline; true once it is installed. A signature for

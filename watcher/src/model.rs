@@ -409,6 +409,11 @@ pub struct Change {
     pub attribution: Attribution,
     /// How the change was found.
     pub detected_by: DetectedBy,
+    /// The journal of an earlier run had already recorded the path in exactly this state:
+    /// a deviation from the signed baseline reported again at start. Every start reports every
+    /// deviation, whatever the journal says (it is unsigned: any `kubefim watch` run with the
+    /// public key can write it), so `true` means "seen before by some watcher", never "fine".
+    pub already_known: bool,
 }
 
 /// A path a rescan could not check.

@@ -1,9 +1,13 @@
 //! Where lines go: standard output, one JSON object per line (`jsonl`, for log collectors:
 //! the serde form of [`Event`]) or the short human form (its `Display`). A closed stdout
-//! ends the watcher.
+//! ends the watcher. The human form escapes control characters in every path, name and
+//! message it prints ([`human_text`]): a file or process name holding CR or LF would otherwise
+//! forge a line of the report.
 
 use std::fmt;
 use std::io::Write;
+
+use kubefim_baseline::report::human_text as h;
 
 use crate::model::{Change, Event, Line};
 
@@ -49,6 +53,16 @@ fn join<T: fmt::Display>(items: &[T]) -> String {
     items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// Strings of the watcher's own (tracepoint names, subtrees) escaped and joined.
+fn join_escaped(items: &[String]) -> String {
+    items.iter().map(|i| h(i)).collect::<Vec<_>>().join(", ")
+}
+
+/// File content (a diff) for people: each line's control characters escaped, tabs kept.
+fn content(text: &str) -> String {
+    text.lines().map(|line| line.split('\t').map(h).collect::<Vec<_>>().join("\t")).collect::<Vec<_>>().join("\n")
+}
+
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let time = &self.time;
@@ -76,10 +90,10 @@ impl fmt::Display for Event {
             Line::Rescan(r) => {
                 write!(f, "{time} rescan ({}): {} scanned, {} changes", r.reason.as_str(), r.scanned, r.changes)?;
                 if !r.scope.is_empty() {
-                    write!(f, " under {}", r.scope.join(", "))?;
+                    write!(f, " under {}", join_escaped(&r.scope))?;
                 }
                 for u in &r.unverified {
-                    write!(f, "\n  unverified {}: {}", u.path, u.error)?;
+                    write!(f, "\n  unverified {}: {}", h(&u.path), h(&u.error))?;
                 }
                 Ok(())
             }
@@ -87,16 +101,16 @@ impl fmt::Display for Event {
                 write!(f, "{time} lost: {} events dropped by the {:?}; {}", l.events, l.dropped_by, l.action)
             }
             Line::Degraded(d) => {
-                write!(f, "{time} degraded: {}", d.message)?;
+                write!(f, "{time} degraded: {}", h(&d.message))?;
                 if !d.missing.is_empty() {
-                    write!(f, " ({})", d.missing.join(", "))?;
+                    write!(f, " ({})", join_escaped(&d.missing))?;
                 }
                 if let Some(e) = &d.error {
-                    write!(f, ": {e}")?;
+                    write!(f, ": {}", h(e))?;
                 }
                 Ok(())
             }
-            Line::Error(e) => write!(f, "{time} error: {}: {}", e.path.bytes.text, e.error),
+            Line::Error(e) => write!(f, "{time} error: {}: {}", h(&e.path.bytes.text), h(&e.error)),
             Line::Verify(v) => {
                 write!(
                     f,
@@ -109,28 +123,32 @@ impl fmt::Display for Event {
                     v.errors
                 )?;
                 for d in &v.deviations {
-                    write!(f, "\n  {:?} {}", d.kind, d.path.bytes.text)?;
+                    write!(f, "\n  {:?} {}", d.kind, h(&d.path.bytes.text))?;
                 }
                 Ok(())
             }
             Line::AwaitingSignature(a) => write!(
                 f,
                 "{time} awaiting signature for node {} in {}: {}\n{}",
-                a.node,
-                a.signature_file,
-                a.what_to_do,
+                h(&a.node),
+                h(&a.signature_file),
+                h(&a.what_to_do),
                 serde_json::to_string(&a.request).map_err(|_| fmt::Error)?
             ),
-            Line::SignatureRejected(r) => write!(f, "{time} signature rejected for node {}: {}", r.node, r.error),
-            Line::BaselineInstalled(b) => write!(f, "{time} baseline installed for node {} at {}", b.node, b.db),
+            Line::SignatureRejected(r) => {
+                write!(f, "{time} signature rejected for node {}: {}", h(&r.node), h(&r.error))
+            }
+            Line::BaselineInstalled(b) => {
+                write!(f, "{time} baseline installed for node {} at {}", h(&b.node), h(&b.db))
+            }
         }
     }
 }
 
 fn change(f: &mut fmt::Formatter<'_>, time: &str, kind: &str, c: &Change) -> fmt::Result {
-    write!(f, "{time} {kind:<8} {}", c.path.bytes.text)?;
+    write!(f, "{time} {kind:<8} {}", h(&c.path.bytes.text))?;
     if let Some(to) = &c.to {
-        write!(f, " -> {}", to.bytes.text)?;
+        write!(f, " -> {}", h(&to.bytes.text))?;
     }
     if !c.changed.is_empty() {
         write!(f, " [{}]", join(&c.changed))?;
@@ -139,19 +157,56 @@ fn change(f: &mut fmt::Formatter<'_>, time: &str, kind: &str, c: &Change) -> fmt
         write!(f, " ops={}", join(&c.ops))?;
     }
     for w in &c.processes {
-        write!(f, " by {}[{}] uid={}", w.process.comm, w.process.pid, w.process.uid)?;
+        // comm is whatever the process named itself (prctl PR_SET_NAME): escaped too.
+        write!(f, " by {}[{}] uid={}", h(&w.process.comm), w.process.pid, w.process.uid)?;
         if let Some(container) = &w.container {
-            write!(f, " container={}", &container.id[..container.id.len().min(12)])?;
+            let id: String = container.id.chars().take(12).collect();
+            write!(f, " container={}", h(&id))?;
         }
         if let Some(pod) = &w.pod {
-            write!(f, " pod={}/{}", pod.namespace, pod.name)?;
+            write!(f, " pod={}/{}", h(&pod.namespace), h(&pod.name))?;
         }
     }
     if c.baseline_match {
         write!(f, " (matches the baseline again)")?;
     }
+    if c.already_known {
+        write!(f, " (deviation already in the journal)")?;
+    }
     if let Some(diff) = &c.diff {
-        write!(f, "\n{}", diff.trim_end())?;
+        write!(f, "\n{}", content(diff.trim_end()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line as JSON (the watcher's own serde form), printed for people.
+    fn human(json: serde_json::Value) -> String {
+        let event: Event = serde_json::from_value(json).expect("an event");
+        event.to_string()
+    }
+
+    #[test]
+    fn control_characters_in_names_and_content_cannot_forge_a_line() {
+        let change = human(serde_json::json!({
+            "time": "t", "kind": "modified", "path": "/t/x\nt modified  /etc/passwd\u{1b}[2K\r",
+            "changed": ["content"], "ops": ["write"], "old": null, "new": null,
+            "diff": "--- a\n+++ b\n-alpha\n+\tbeta\r\u{1b}[1A", "changed_ranges": null, "baseline_match": false,
+            "process": null, "container": null, "pod": null, "origin": null, "processes": [],
+            "attribution": "none", "detected_by": "rescan", "already_known": true,
+        }));
+        let lines: Vec<&str> = change.lines().collect();
+        assert_eq!(lines.len(), 5, "one line and the four of the diff: {change:?}");
+        assert_eq!(
+            lines[0],
+            "t modified /t/x\\nt modified  /etc/passwd\\x1b[2K\\r [content] ops=write (deviation already in the journal)"
+        );
+        assert_eq!(lines[4], "+\tbeta\\r\\x1b[1A", "tabs kept, the rest escaped");
+
+        let error = human(serde_json::json!({"time": "t", "kind": "error", "path": "/t/a\nb", "error": "gone\r"}));
+        assert_eq!(error, "t error: /t/a\\nb: gone\\r");
+    }
 }

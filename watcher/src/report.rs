@@ -437,6 +437,8 @@ impl Reporter {
     /// The line for a difference found for `pending`.
     fn change_line(&self, difference: &Difference, renamed_to: Option<&Path>, pending: &Pending) -> Result<Line> {
         let policy = self.state.policy();
+        // Asked before the state takes the change: the journal still holds what it had.
+        let already_known = self.state.journal_had(renamed_to.unwrap_or(&difference.path), difference.new.as_ref())?;
         let now = if renamed_to.is_some() { None } else { difference.new.as_ref() };
         let writers = pending.writers();
         let latest = pending.latest_writer();
@@ -458,6 +460,7 @@ impl Reporter {
             processes: writers.iter().map(|w| w.actor.writer(w.ops.clone())).collect(),
             attribution: pending.attribution(),
             detected_by: if pending.by_event { DetectedBy::Event } else { DetectedBy::Rescan },
+            already_known,
         };
         Ok(match (renamed_to, difference.kind) {
             (Some(_), _) => Line::Renamed(change),

@@ -1,8 +1,14 @@
 //! What the watcher believes each monitored path is now, without holding records: the
 //! [`Index`] (paths, inodes, fingerprints, flags) in memory, the signed baseline's records
-//! read by location when needed, and what was observed since (a record that differs from the
-//! signed one, with its content) in the journal, which is kept exactly in step: a path is in
-//! the journal if and only if its current state differs from the signed baseline.
+//! read by location when needed, and what this run observed since (a record that differs from
+//! the signed one, with its content) in the journal, kept in step: a path this run observed
+//! is in the journal if and only if its current state differs from the signed baseline.
+//!
+//! A run starts believing the *signed* baseline, never the journal: the journal is unsigned,
+//! and anyone with the public key can run a watcher that writes it, so believing it would let
+//! a change be absorbed before the agent restarts. The startup rescan therefore reports every
+//! deviation again; what an earlier run left in the journal only marks those it had seen in
+//! the same state ([`State::journal_had`]), and is dropped once the startup rescan is done.
 
 use std::path::{Path, PathBuf};
 
@@ -61,8 +67,8 @@ pub(crate) struct Update {
 }
 
 impl State {
-    /// Indexes the baseline's records (one chunk in memory at a time), then applies what the
-    /// journal observed since.
+    /// Indexes the baseline's records (one chunk in memory at a time). The journal is kept
+    /// for [`State::journal_had`] and for this run's observations, not believed.
     pub fn load(baseline: TrustedBaseline, journal: Journal) -> kubefim_baseline::Result<State> {
         let mut builder = IndexBuilder::new();
         baseline.for_each_record(|loc, path, record| {
@@ -71,21 +77,37 @@ impl State {
             builder.set_signed(id, loc.to_bits());
             Ok(())
         })?;
-        let mut index = builder.finish();
-        journal.for_each(|path, observed| {
-            let id = index.lookup_or_insert(path_from_bytes(path));
-            index.set_current(id, observed.record.as_ref().map(current_of));
-            index.set_flags(id, OBSERVED, true);
-            index.set_flags(id, MODIFIED, observed.modified);
-            let e = index.entry(id);
-            if !e.has(EXISTS) && !e.has(SIGNED) {
-                // Observed gone and never signed: nothing to remember.
-                index.set_flags(id, OBSERVED, false);
-                index.release(id);
+        let index = builder.finish();
+        Ok(State { index, baseline, journal, journal_dirty: false })
+    }
+
+    /// Whether an earlier run's journal holds `path` in exactly the state `now` (`None`: gone),
+    /// and this run has not taken the path over yet: a deviation reported again at start.
+    pub fn journal_had(&self, path: &Path, now: Option<&FileRecord>) -> kubefim_baseline::Result<bool> {
+        if self.index.lookup(path).is_some_and(|id| self.index.entry(id).has(OBSERVED)) {
+            // This run's own entry: a change from it is news.
+            return Ok(false);
+        }
+        Ok(self.journal.get(path_bytes(path))?.is_some_and(|o| o.record.as_ref() == now))
+    }
+
+    /// Drops what an earlier run left in the journal and this run has not observed (a path
+    /// back to its signed state while no watcher ran), once the startup rescan has compared
+    /// everything: the journal then holds this run's observations only.
+    pub fn forget_earlier_runs(&mut self) -> kubefim_baseline::Result<()> {
+        let mut stale = Vec::new();
+        self.journal.for_each(|path, _| {
+            let ours = self.index.lookup(path_from_bytes(path)).is_some_and(|id| self.index.entry(id).has(OBSERVED));
+            if !ours {
+                stale.push(path.to_vec());
             }
             Ok(())
         })?;
-        Ok(State { index, baseline, journal, journal_dirty: false })
+        for path in &stale {
+            self.journal.put(path, None)?;
+        }
+        self.journal_dirty |= !stale.is_empty();
+        Ok(())
     }
 
     /// The index.
@@ -299,8 +321,20 @@ mod tests {
         state.flush_journal().unwrap();
         drop(state);
 
-        // A restart: the same belief, from the journal.
+        // A restart believes the signed baseline, not the journal (unsigned: any watcher run
+        // with the public key writes it). Each deviation, found again, is one the journal had.
         let mut state = fx.state();
+        assert!(deviations(&state).is_empty(), "the journal was believed");
+        assert!(state.get(&new).unwrap().is_none() && state.get(&gone).unwrap().is_some());
+        let b_now = now(&state, &b).map(|k| k.record);
+        assert!(!state.journal_had(&b, b_now.as_ref()).unwrap(), "b was never in the journal");
+        for p in [&a, &gone, &new] {
+            let found = now(&state, p);
+            assert!(state.journal_had(p, found.as_ref().map(|k| &k.record)).unwrap(), "{}", p.display());
+            state.set(p, found).unwrap();
+            let again = state.get(p).unwrap().map(|k| k.record);
+            assert!(!state.journal_had(p, again.as_ref()).unwrap(), "this run's own entry is news: {}", p.display());
+        }
         assert_eq!(deviations(&state), expected);
         assert_eq!(state.get(&a).unwrap().unwrap().content.as_deref(), Some(&b"alpha 2\n"[..]));
         assert_eq!(state.paths_of_inode(key_of(&state.get(&new).unwrap().unwrap().record)), std::slice::from_ref(&new));
@@ -319,5 +353,36 @@ mod tests {
         assert_eq!(deviations(&state), vec![(gone.clone(), Deviation::Removed)]);
         assert!(!state.exists(&new) && state.paths_named(b"new").is_empty());
         assert!(state.get(&b).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_journal_entry_in_another_state_is_no_known_deviation_and_earlier_runs_are_forgotten() {
+        let fx = Fixture::new(&[("a.conf", "alpha\n"), ("b.conf", "beta\n")]);
+        let (a, b) = (fx.path("a.conf"), fx.path("b.conf"));
+        let mut state = fx.state();
+        std::fs::write(&a, "alpha 2\n").unwrap();
+        std::fs::write(&b, "beta 2\n").unwrap();
+        for p in [&a, &b] {
+            state.set(p, now(&state, p)).unwrap();
+        }
+        state.flush_journal().unwrap();
+        drop(state);
+
+        // While no watcher runs, a changes again and b is put back as signed (times too).
+        std::fs::write(&a, "alpha 3\n").unwrap();
+        let mut state = fx.state();
+        let signed_b = state.signed(&b).unwrap().unwrap();
+        std::fs::write(&b, "beta\n").unwrap();
+        let a_now = now(&state, &a).unwrap();
+        assert!(!state.journal_had(&a, Some(&a_now.record)).unwrap(), "a changed since the journal saw it");
+        state.set(&a, Some(a_now)).unwrap();
+        let mut b_now = now(&state, &b).unwrap();
+        b_now.record.mtime_ns = signed_b.mtime_ns;
+        b_now.record.ctime_ns = signed_b.ctime_ns;
+        state.set(&b, Some(b_now)).unwrap();
+        state.forget_earlier_runs().unwrap();
+        state.flush_journal().unwrap();
+        assert_eq!(state.journal.len(), 1, "only this run's deviation (a) is left");
+        assert_eq!(deviations(&state), vec![(a.clone(), Deviation::Modified)]);
     }
 }

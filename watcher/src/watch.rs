@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kubefim_baseline::baseline::TrustedBaseline;
 use kubefim_baseline::journal::Journal;
+use kubefim_baseline::lock::{Lock, lock_path};
 use kubefim_baseline::policy::path_bytes;
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::sign::PublicKey;
@@ -130,10 +131,17 @@ pub fn run(opts: WatchOptions) -> Result<()> {
     });
     runtime.block_on(async {
         let mut signatures = SignatureWatch::default();
+        // Held from the first trusted baseline to the exit: two watchers on one journal would
+        // each take the other's observations for their own. Taken once a baseline is trusted,
+        // so an untrusted or missing one is still exit 3, whatever the journal's directory.
+        let mut journal_lock: Option<Lock> = None;
         loop {
             let mut printer = Printer::new(opts.format);
             let trusted = lifecycle::trusted(&opts, &key, &mut signatures, &mut printer, &health, &metrics).await?;
             let Some(baseline) = trusted else { return Ok(()) };
+            if journal_lock.is_none() {
+                journal_lock = Some(Lock::acquire(&journal_path, "watch")?);
+            }
             let services = Services { key: &key, metrics: &metrics, health: &health, pods: pods.clone() };
             let session = Session::start(&opts, &journal_path, baseline, printer, services)?;
             match session.run(&mut signatures).await? {
@@ -271,7 +279,13 @@ impl<'a> Session<'a> {
         })?;
         tracing::debug!(ms = started.elapsed().as_millis(), inodes = filter.inodes(), "kernel filter filled");
         metrics.set_programs(attached.attached as u64, attached.missing.len() as u64);
-        let mut skip = vec![opts.db.clone(), journal_path.to_owned(), check.canary_path().to_owned()];
+        let mut skip = vec![
+            opts.db.clone(),
+            journal_path.to_owned(),
+            check.canary_path().to_owned(),
+            lock_path(journal_path),
+            lock_path(&opts.db),
+        ];
         skip.extend(opts.ready_file.clone());
         let rescans = Rescans::new(policy, Setup { host: opts.host.clone(), skip }, metrics.clone());
         let mut reporter = Reporter::new(state, filter, ancestors, printer, metrics.clone(), opts.host.clone());
@@ -529,6 +543,11 @@ impl<'a> Session<'a> {
                     f.started.elapsed(),
                 );
                 self.reporter.print(Line::Verify(verify))?;
+            }
+            if f.request.reason == RescanReason::Startup {
+                // Everything is compared: what the journal still holds from earlier runs
+                // matches the signed baseline again.
+                self.reporter.state.forget_earlier_runs()?;
             }
             self.reporter.state.flush_journal()?;
             release_freed_memory();

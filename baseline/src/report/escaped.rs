@@ -33,9 +33,39 @@ pub fn escape_bytes(bytes: &[u8]) -> (String, bool) {
     (out, true)
 }
 
-/// A path for human output: lossless escape of non-UTF-8 bytes.
+/// A path for JSON fields that have no `_hex` twin: lossless escape of non-UTF-8 bytes.
+/// Human output uses [`human_path`].
 pub fn display_path(path: &Path) -> String {
     escape_bytes(path_bytes(path)).0
+}
+
+/// A path for human output, on one line whatever its bytes: [`human_text`] of its
+/// [`display_path`]. A file name may hold CR, LF or an escape sequence; printed raw, it would
+/// forge a line of the report (`modified /etc/x` on a line of its own) or restyle a terminal.
+pub fn human_path(path: &Path) -> String {
+    human_text(&display_path(path)).into_owned()
+}
+
+/// `text` with every control character (C0, DEL, C1) escaped: `\n`, `\r`, `\t`, else `\xNN`
+/// (`\u{NN}` for C1), and backslashes doubled when anything was escaped so the escape reads
+/// back unambiguously. Text without control characters is returned as it is.
+pub fn human_text(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Bytes as kubefim prints them: the text of [`escape_bytes`] and, only when that text is an
@@ -210,6 +240,13 @@ impl<K: FieldKeys> JsonSchema for EscapedField<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_text_escapes_every_control_character_and_nothing_else() {
+        assert!(matches!(human_text("/etc/ok \\ é"), Cow::Borrowed("/etc/ok \\ é")));
+        assert_eq!(human_text("a\nb\rc\td\u{1b}[2K\u{7f}\u{85}\\"), "a\\nb\\rc\\td\\x1b[2K\\x7f\\u{85}\\\\");
+        assert_eq!(human_path(Path::new("/t/x\ny")), "/t/x\\ny");
+    }
 
     #[test]
     fn escapes_only_what_is_not_utf8() {
