@@ -72,13 +72,13 @@ impl fmt::Display for Event {
             Line::Modified(c) => change(f, time, "modified", c),
             Line::Renamed(c) => change(f, time, "renamed", c),
             Line::MountedOver(m) => {
-                write!(f, "{time} mounted-over {} ops={}", m.target.bytes.text, m.op)?;
+                write!(f, "{time} mounted-over {} ops={}", h(&m.target.bytes.text), m.op)?;
                 match (&m.fs_type, &m.source) {
-                    (Some(fs_type), Some(source)) => write!(f, " ({fs_type} from {source})")?,
+                    (Some(fs_type), Some(source)) => write!(f, " ({} from {})", h(fs_type), h(source))?,
                     _ if !m.mounted => write!(f, " (nothing mounted there now)")?,
                     _ => {}
                 }
-                write!(f, " by {}[{}] uid={}", m.process.comm, m.process.pid, m.process.uid)?;
+                write!(f, " by {}[{}] uid={}", h(&m.process.comm), m.process.pid, m.process.uid)?;
                 if let Some(container) = &m.container {
                     write!(f, " container={}", &container.id[..container.id.len().min(12)])?;
                 }
