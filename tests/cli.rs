@@ -1703,6 +1703,8 @@ fn verify_says_entries_under_a_new_mount_are_hidden_not_removed() {
         run.dump()
     );
     assert!(run.stdout.contains("hidden by a mount"), "{}", run.dump());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tools refuse what they must: keys, signatures, requests, locks, names, policies
 // ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ pub fn write_signed(dir: &Path, mut body: Vec<u8>, signature: &[u8]) -> Result<(
 
 /// What a v2 seal body names; `None` if it is not one.
 pub fn parse_unsigned_body(body: &[u8]) -> Option<UnsignedBody> {
-    let (policy, records, manifest, _) = parse_body(body)?;
+    let BodyParts { policy, records, manifest, .. } = parse_body(body)?;
     Some(UnsignedBody { policy, records: records?, manifest })
 }
 
@@ -107,9 +107,20 @@ fn framed<'a>(rest: &'a [u8], name: &str) -> Option<(&'a [u8], &'a [u8])> {
     Some((bytes, rest.get(len..)?.strip_prefix(b"\n")?))
 }
 
-/// Splits a seal body into policy, records digest (v2), manifest (v2, when sealed) and file
-/// listing. File listing lines start with a hex hash, so a `manifest` line cannot be one.
-fn parse_body(body: &[u8]) -> Option<(String, Option<Hash>, Option<Vec<u8>>, &[u8])> {
+/// The parts of a seal body.
+struct BodyParts<'a> {
+    policy: String,
+    /// The records' digest (v2).
+    records: Option<Hash>,
+    /// The manifest (v2, when sealed).
+    manifest: Option<Vec<u8>>,
+    /// The file listing.
+    listing: &'a [u8],
+}
+
+/// Splits a seal body into its parts. File listing lines start with a hex hash, so a
+/// `manifest` line cannot be one.
+fn parse_body(body: &[u8]) -> Option<BodyParts<'_>> {
     let (v2, rest) = match body.strip_prefix(HEADER) {
         Some(rest) => (false, rest),
         None => (true, body.strip_prefix(HEADER_V2)?),
@@ -128,7 +139,7 @@ fn parse_body(body: &[u8]) -> Option<(String, Option<Hash>, Option<Vec<u8>>, &[u
             rest = after;
         }
     }
-    Some((policy, records, manifest, rest))
+    Some(BodyParts { policy, records, manifest, listing: rest })
 }
 
 /// The parts of a seal file.
@@ -147,7 +158,7 @@ fn parse(file: &[u8]) -> Option<Parsed<'_>> {
     let body_end = file[..file.len().checked_sub(1)?].iter().rposition(|&b| b == b'\n')? + 1;
     let (body, last) = file.split_at(body_end);
     let signature = hex::decode(std::str::from_utf8(last).ok()?.trim_end().strip_prefix("ed25519 ")?).ok()?;
-    let (policy, records, manifest, listing) = parse_body(body)?;
+    let BodyParts { policy, records, manifest, listing } = parse_body(body)?;
     Some(Parsed { body, policy, records, manifest, listing, signature })
 }
 

@@ -167,7 +167,7 @@ pub enum RescanReason {
 
 impl RescanReason {
     /// Every reason, for metrics that must exist at zero.
-    pub const ALL: [RescanReason; 7] = [
+    pub const ALL: [RescanReason; 8] = [
         RescanReason::Startup,
         RescanReason::Interval,
         RescanReason::Verify,
