@@ -116,6 +116,12 @@ impl View for Lookup<'_> {
     }
 }
 
+/// Whether an error opening or statting a path says nothing is there (as opposed to "cannot
+/// tell": no descriptor left, EIO, EACCES).
+fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP))
+}
+
 /// A directory's entries (their paths) with the kernel key of each (`d_ino` and the
 /// directory's device: no stat per entry; an entry that is a mount point has another device,
 /// which costs a mismatch, never a wrong match). The directory is opened beneath its rule
@@ -186,14 +192,16 @@ impl Reporter {
             // reused at once by a file anywhere on the file system. A stat says so once a
             // window; after that only an unlink or a rename of the path (an event on it) can
             // change it, so a storm of writes costs one stat, not one an event.
+            // A stat that cannot tell (no descriptor left, EIO) concludes nothing either way:
+            // the path is noted unconfirmed, and its rehash says what it can.
             let confirm = match t.inode {
                 Some(key) if !self.queue.inode_confirmed(path, key) => {
-                    let is_it = beneath::lstat(self.state.policy(), &self.host, path)
-                        .is_ok_and(|m| InodeKey::from_stat(m.st_dev, m.st_ino) == key);
-                    if !is_it {
-                        continue;
+                    match beneath::lstat(self.state.policy(), &self.host, path) {
+                        Ok(m) if InodeKey::from_stat(m.st_dev, m.st_ino) == key => Some(key),
+                        Ok(_) => continue,
+                        Err(e) if gone(&e) => continue,
+                        Err(_) => None,
                     }
-                    Some(key)
                 }
                 _ => None,
             };

@@ -243,10 +243,15 @@ impl SelfCheck {
         Outcome::Unchanged
     }
 
-    /// Puts the canary back in the filter (after a refill) and has a helper process write it,
-    /// unless the last write is still within its grace period.
-    pub fn write_canary(&mut self, filter: &mut KernelFilter) {
+    /// Puts the canary back in the filter, after a refill (never before each write: a canary
+    /// whose entry was deleted must go unseen, or the check could not fail).
+    pub fn rewatch_canary(&self, filter: &mut KernelFilter) {
         filter.watch_uncounted(self.canary.key);
+    }
+
+    /// Has a helper process write the canary, unless the last write is still within its
+    /// grace period.
+    pub fn write_canary(&mut self) {
         let c = &mut self.canary;
         if c.written.is_some_and(|at| !c.seen && at.elapsed() < CANARY_GRACE) {
             return;

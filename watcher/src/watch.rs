@@ -493,12 +493,13 @@ impl<'a> Session<'a> {
                     let index = self.reporter.state.index();
                     let ancestors = &self.reporter.ancestors;
                     self.reporter.filter.refill(index, self.roots.iter().map(Vec::as_slice), ancestors);
+                    self.check.rewatch_canary(&mut self.reporter.filter);
                     self.metrics.set_watched_inodes(self.reporter.filter.inodes());
                     self.rescans.request(Request::all(RescanReason::SelfCheck, None));
                 }
             }
         }
-        self.check.write_canary(&mut self.reporter.filter);
+        self.check.write_canary();
         Ok(())
     }
 
