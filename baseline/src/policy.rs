@@ -154,7 +154,7 @@ pub struct Rule {
 /// 100 MB file took 4.1 GB.
 pub const MAX_POLICY_BYTES: u64 = 4 << 20;
 
-fn too_big() -> String {
+pub(crate) fn too_big() -> String {
     format!(
         "the policy is larger than {} MiB, the most kubefim reads; cover the paths with fewer rules \
          (a rule covers its whole subtree)",
@@ -207,39 +207,7 @@ impl Policy {
             return Err(bad(too_big()));
         }
         let doc: PolicyDoc = serde_norway::from_str(source).map_err(|e| bad(e.to_string()))?;
-        let mut rules = Vec::with_capacity(doc.spec.rules.len());
-        // Roots seen so far, for the duplicate check: a set, so that a policy of n rules loads
-        // in O(n), not O(n^2) comparisons of paths (8,000 rules took 12 s).
-        let mut roots = HashMap::with_capacity(doc.spec.rules.len());
-        for raw in doc.spec.rules {
-            let (name_globs, path_globs) =
-                raw.exclude.iter().fold((GlobSetBuilder::new(), GlobSetBuilder::new()), |(mut names, mut paths), p| {
-                    if p.0.contains('/') {
-                        paths.add(p.1.clone());
-                    } else {
-                        names.add(p.1.clone());
-                    }
-                    (names, paths)
-                });
-            let build = |b: GlobSetBuilder| b.build().map_err(|e| bad(format!("rule {}: {e}", raw.path.0.display())));
-            let rule = Rule {
-                attributes: match &raw.attributes {
-                    Some(list) => list.0.iter().copied().collect(),
-                    None => AttributeSet::all(),
-                },
-                diff: raw.diff,
-                secret: raw.secret,
-                exclude_patterns: raw.exclude.iter().map(|p| p.0.clone()).collect(),
-                name_globs: build(name_globs)?,
-                path_globs: build(path_globs)?,
-                path: raw.path.0,
-            };
-            if roots.insert(rule.path.clone(), rules.len()).is_some() {
-                return Err(bad(format!("spec.rules: path {} appears in two rules; merge them", rule.path.display())));
-            }
-            rules.push(rule);
-        }
-        Ok(Policy { name: doc.metadata.name, rules, roots, source: source.to_owned() })
+        build(doc.metadata.name, doc.spec.rules, source, bad)
     }
 
     /// Reads and validates a policy file.
@@ -280,6 +248,51 @@ impl Policy {
     }
 }
 
+/// Builds a policy from rules already validated while deserialising: compiles the exclude
+/// globs and refuses two rules with one root. Shared with the workload policies (whose rules
+/// are paths inside a container), so both kinds validate rules alike and say so in the same
+/// words. `bad` turns a message into the caller's error, naming where the policy came from.
+pub(crate) fn build(
+    name: String,
+    raw_rules: Vec<RawRule>,
+    source: &str,
+    bad: impl Fn(String) -> Error,
+) -> Result<Policy> {
+    let mut rules = Vec::with_capacity(raw_rules.len());
+    // Roots seen so far, for the duplicate check: a set, so that a policy of n rules loads
+    // in O(n), not O(n^2) comparisons of paths (8,000 rules took 12 s).
+    let mut roots = HashMap::with_capacity(raw_rules.len());
+    for raw in raw_rules {
+        let (name_globs, path_globs) =
+            raw.exclude.iter().fold((GlobSetBuilder::new(), GlobSetBuilder::new()), |(mut names, mut paths), p| {
+                if p.0.contains('/') {
+                    paths.add(p.1.clone());
+                } else {
+                    names.add(p.1.clone());
+                }
+                (names, paths)
+            });
+        let compile = |b: GlobSetBuilder| b.build().map_err(|e| bad(format!("rule {}: {e}", raw.path.0.display())));
+        let rule = Rule {
+            attributes: match &raw.attributes {
+                Some(list) => list.0.iter().copied().collect(),
+                None => AttributeSet::all(),
+            },
+            diff: raw.diff,
+            secret: raw.secret,
+            exclude_patterns: raw.exclude.iter().map(|p| p.0.clone()).collect(),
+            name_globs: compile(name_globs)?,
+            path_globs: compile(path_globs)?,
+            path: raw.path.0,
+        };
+        if roots.insert(rule.path.clone(), rules.len()).is_some() {
+            return Err(bad(format!("spec.rules: path {} appears in two rules; merge them", rule.path.display())));
+        }
+        rules.push(rule);
+    }
+    Ok(Policy { name, rules, roots, source: source.to_owned() })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyDoc {
@@ -293,7 +306,7 @@ struct PolicyDoc {
 }
 
 #[derive(Deserialize)]
-enum ApiVersion {
+pub(crate) enum ApiVersion {
     #[serde(rename = "kubefim.io/v1alpha1")]
     V1Alpha1,
 }
@@ -325,9 +338,11 @@ struct Spec {
     rules: Vec<RawRule>,
 }
 
+/// A rule as written, its path, globs and attributes validated while deserialising (so an
+/// error names the line); [`build`] makes it a [`Rule`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRule {
+pub(crate) struct RawRule {
     path: RulePath,
     #[serde(default)]
     exclude: Vec<ExcludePattern>,
@@ -340,7 +355,7 @@ struct RawRule {
 }
 
 /// An absolute, normalised path; validated while deserialising so the error has a line.
-struct RulePath(PathBuf);
+pub(crate) struct RulePath(pub(crate) PathBuf);
 
 impl<'de> Deserialize<'de> for RulePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
