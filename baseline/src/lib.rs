@@ -5,6 +5,7 @@
 
 pub mod baseline;
 pub mod beneath;
+pub mod container;
 pub mod error;
 pub mod hash;
 pub mod journal;
@@ -22,5 +23,6 @@ pub mod sign;
 pub mod store;
 pub mod verify;
 mod walk;
+pub mod workload;
 
 pub use error::{Error, Result};

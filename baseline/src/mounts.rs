@@ -19,6 +19,9 @@ pub struct Mount {
     pub source: String,
     /// `st_dev` of what is mounted (mountinfo's `major:minor`).
     pub dev: u64,
+    /// The file system's own options as mountinfo shows them (escaped: see [`unescape`]);
+    /// an overlay's layers are there.
+    pub super_options: String,
 }
 
 /// The mounts of this process's mount namespace, in mount order (a later one is on top).
@@ -27,8 +30,9 @@ pub struct MountTable {
     mounts: Vec<Mount>,
 }
 
-/// mountinfo's `\ooo` escapes (space, tab, newline, backslash) taken back to bytes.
-fn unescape(field: &str) -> PathBuf {
+/// mountinfo's `\ooo` escapes (space, tab, newline, backslash, and in options comma and
+/// colon) taken back to bytes.
+pub(crate) fn unescape(field: &str) -> PathBuf {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -65,6 +69,7 @@ impl MountTable {
                     fs_type: fields.get(dash + 1)?.to_string(),
                     source: unescape(fields.get(dash + 2)?).to_string_lossy().into_owned(),
                     dev: libc::makedev(major.parse().ok()?, minor.parse().ok()?),
+                    super_options: fields.get(dash + 3).map(|s| s.to_string()).unwrap_or_default(),
                 })
             })
             .collect();

@@ -273,7 +273,7 @@ thread_local! {
 /// for a FIFO is never read. `may_map` lets large files be hashed through a mapping (the
 /// scan) or not (the watcher, whose files are the ones being changed: a truncation under a
 /// mapping is a SIGBUS, a read is just a short read).
-fn record_entry(
+pub(crate) fn record_entry(
     dir: BorrowedFd<'_>,
     name: &CStr,
     looks_like_file: bool,

@@ -243,23 +243,7 @@ pub struct Process {
     pub cmdline: Option<String>,
 }
 
-/// The container runtime a cgroup path's format belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Runtime {
-    /// containerd (`cri-containerd-<id>.scope`).
-    Containerd,
-    /// CRI-O (`crio-<id>.scope`).
-    CriO,
-    /// Docker (`docker-<id>.scope`, `/docker/<id>`).
-    Docker,
-    /// podman (`libpod-<id>`).
-    Podman,
-    /// A kubelet-managed cgroup whose runtime the path does not say (`/kubepods/.../<id>`).
-    Kubernetes,
-    /// A 64-hex-digit id in a path of no known format.
-    Unknown,
-}
+pub use kubefim_baseline::container::cgroup::Runtime;
 
 /// The container a process runs in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

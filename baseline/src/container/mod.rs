@@ -1,0 +1,12 @@
+//! Containers checked against their images: the image is the container's baseline (no
+//! per-container signing: containers live for seconds; trust is anchored in the image's
+//! content-addressed layers). `discover` finds the running containers and their roots,
+//! `overlay` reads a root's layers and overlay's markers, `image` is the merged view of the
+//! image's layers, `drift` compares the container's own layer with it, and `cgroup` tells
+//! which container a process is in.
+
+pub mod cgroup;
+pub mod discover;
+pub mod drift;
+pub mod image;
+pub mod overlay;
