@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
+use kubefim_baseline::container::image::Image;
+use kubefim_baseline::container::{discover, drift};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
-use kubefim_baseline::report::{self, RecordLine, VerifyReportView};
+use kubefim_baseline::report::{self, ContainerReportView, ContainersReportView, RecordLine, VerifyReportView};
 use kubefim_baseline::request::{self, Signature, SigningRequest};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
 use kubefim_baseline::verify as verifier;
+use kubefim_baseline::workload::{Workload, WorkloadPolicies};
 
 use crate::exit;
 use crate::output::{self, Progress};
@@ -88,6 +91,51 @@ pub fn verify(db: &Path, pubkey: &Path, host: &HostRoot, json: bool) -> Result<u
         output::verify_human(&report)?;
     }
     Ok(if report.is_clean() { exit::CLEAN } else { exit::DIFFERENCES })
+}
+
+/// `verify --containers`: every running container a workload policy selects, against its
+/// image. Exit 1 on drift or on a container that could not be checked whole.
+pub fn verify_containers(policy_paths: &[PathBuf], host: &HostRoot, json: bool) -> Result<u8> {
+    let policies = WorkloadPolicies::load(policy_paths)?;
+    let running = discover::running(Path::new("/proc"), host);
+    let mut checked = Vec::new();
+    // The comparisons, beside their views, for the human form.
+    let mut reports = Vec::new();
+    for c in &running {
+        let workload = Workload {
+            labels: &c.labels,
+            container_name: c.name.as_deref().unwrap_or(""),
+            image: c.image.as_deref().unwrap_or(""),
+            namespace: c.pod.as_ref().map(|p| p.namespace.as_str()),
+        };
+        for wp in policies.for_workload(&workload) {
+            let report = c.root.as_ref().map(|root| {
+                let image = Image { layers: root.lower.clone() };
+                drift::compare(root, &image, &wp.policy, &|path| wp.exempt(path, workload.image))
+            });
+            let outcome = report.as_ref().map_err(|e| e.as_str());
+            checked.push(ContainerReportView::new(c, &wp.qualified_name(), &wp.policy, outcome));
+            reports.push(report);
+        }
+    }
+    let doc = ContainersReportView::new(running.len(), checked);
+    if json {
+        output::json_line(&mut anstream::stdout().lock(), &doc)?;
+    } else {
+        for (view, report) in doc.containers.iter().zip(&reports) {
+            output::container_header(view)?;
+            match report {
+                Ok(r) => output::verify_human(r)?,
+                Err(e) => output::status(&format!("cannot check container {}: {e}", view.container.id)),
+            }
+        }
+        output::status(&format!(
+            "{} running containers, {} checked against their images, {} drifted, {} not checked whole",
+            doc.summary.running, doc.summary.checked, doc.summary.drifted, doc.summary.unverified
+        ));
+    }
+    let clean = doc.summary.clean;
+    Ok(if clean { exit::CLEAN } else { exit::DIFFERENCES })
 }
 
 pub fn accept(host: &HostRoot, db: &Path, key: &Path, pubkey: &Path, paths: &[PathBuf]) -> Result<u8> {
@@ -217,6 +265,8 @@ pub enum SchemaOutput {
     Verify,
     /// One line of `baseline show --format jsonl`.
     Record,
+    /// The document `verify --containers --format json` prints.
+    Containers,
 }
 
 /// `kubefim schema OUTPUT`: the JSON Schema (draft 2020-12) of that output, generated from
@@ -226,6 +276,7 @@ pub fn schema(output: SchemaOutput) -> Result<u8> {
         SchemaOutput::Events => report::output_schema::<kubefim_watcher::model::Event>(),
         SchemaOutput::Verify => report::output_schema::<VerifyReportView>(),
         SchemaOutput::Record => report::output_schema::<RecordLine>(),
+        SchemaOutput::Containers => report::output_schema::<ContainersReportView>(),
     };
     let mut out = anstream::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &schema)?;

@@ -46,11 +46,18 @@ enum Command {
     /// Rescan and report what was added, removed or modified since the baseline.
     Verify {
         /// The baseline database.
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "containers", conflicts_with = "containers")]
+        db: Option<PathBuf>,
         /// The public key the baseline must be signed with.
-        #[arg(long)]
-        pubkey: PathBuf,
+        #[arg(long, required_unless_present = "containers", conflicts_with = "containers")]
+        pubkey: Option<PathBuf>,
+        /// Check every running container a workload policy selects against its image
+        /// instead of the node against its baseline.
+        #[arg(long, requires = "workload_policy")]
+        containers: bool,
+        /// A WorkloadFimPolicy file, or a directory of them (repeatable).
+        #[arg(long, requires = "containers")]
+        workload_policy: Vec<PathBuf>,
         #[command(flatten)]
         host: HostRootArg,
         /// Output format.
@@ -317,9 +324,13 @@ fn main() -> ExitCode {
         Command::Baseline(BaselineCommand::Accept { db, key, pubkey, host, paths }) => {
             host.resolve().and_then(|host| commands::accept(&host, &db, &key, &pubkey, &paths))
         }
-        Command::Verify { db, pubkey, host, format } => {
+        Command::Verify { containers: true, workload_policy, host, format, .. } => host
+            .resolve()
+            .and_then(|host| commands::verify_containers(&workload_policy, &host, format == VerifyFormat::Json)),
+        Command::Verify { db: Some(db), pubkey: Some(pubkey), host, format, .. } => {
             host.resolve().and_then(|host| commands::verify(&db, &pubkey, &host, format == VerifyFormat::Json))
         }
+        Command::Verify { .. } => unreachable!("clap requires --db and --pubkey without --containers"),
         Command::Run { state_dir, policy, format } => {
             commands::run(&state_dir, policy.as_deref(), format == VerifyFormat::Json)
         }

@@ -13,7 +13,7 @@ use anstyle::{AnsiColor, Style};
 use kubefim_baseline::baseline::TrustedBaseline;
 use kubefim_baseline::error::chain;
 use kubefim_baseline::record::FileRecord;
-use kubefim_baseline::report::{human_path, human_text};
+use kubefim_baseline::report::{ContainerReportView, human_path, human_text};
 use kubefim_baseline::scan::{ScanProgress, ScanWarning};
 use kubefim_baseline::verify::{ChangeKind, VerifyReport};
 
@@ -116,6 +116,23 @@ pub fn record_human(out: &mut impl Write, path: &Path, r: &FileRecord) -> std::i
 }
 
 /// The verify report for people.
+/// The line that opens a container's part of `verify --containers`.
+pub fn container_header(view: &ContainerReportView) -> std::io::Result<()> {
+    let c = &view.container;
+    let mut line = format!("container {}", &c.id[..c.id.len().min(12)]);
+    if let Some(name) = &c.name {
+        line.push_str(&format!(" {}", human_text(name)));
+    }
+    if let Some(image) = &c.image {
+        line.push_str(&format!(" image {}", human_text(image)));
+    }
+    if let Some(pod) = &view.pod {
+        line.push_str(&format!(" pod {}/{}", human_text(&pod.namespace), human_text(&pod.name)));
+    }
+    line.push_str(&format!(" policy {}", human_text(&view.policy)));
+    writeln!(anstream::stdout().lock(), "{DIM}{line}{DIM:#}")
+}
+
 pub fn verify_human(report: &VerifyReport) -> std::io::Result<()> {
     let mut out = anstream::stdout().lock();
     for c in &report.changes {

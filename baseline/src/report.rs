@@ -7,6 +7,7 @@
 //! comments are the schema's descriptions. Bytes that are not UTF-8 are escaped reversibly
 //! and also given as hex ([`EscapedField`]), so no byte is lost.
 
+mod containers;
 mod escaped;
 
 use std::path::Path;
@@ -17,6 +18,9 @@ use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use self::containers::{
+    ContainerRefView, ContainerReportView, ContainersReportView, ContainersSummary, PodRefView,
+};
 pub use self::escaped::{
     EscapedBytes, EscapedField, EscapedPath, FieldKeys, PathKeys, display_path, escape_bytes, human_path, human_text,
 };

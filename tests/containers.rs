@@ -1,0 +1,226 @@
+//! Containers checked against their images, with real podman containers (runc, overlay
+//! storage) from a local two-layer image built from Debian's static busybox: `kubefim verify
+//! --containers` must report what each selected container changed in its own layer, against
+//! the image's files, and nothing of an unselected container or of a copy-up that changed
+//! nothing.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::podman::{IMAGE, ensure_image, podman};
+use common::{BIN, run_with_timeout};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The image the tests check against: the busybox image and a second layer of files.
+const DRIFT_IMAGE: &str = "localhost/kubefim-drift:latest";
+
+fn root_or_skip() -> bool {
+    if !common::is_root() {
+        assert!(std::env::var_os("CI").is_none(), "container tests need root and CI runs as root");
+        eprintln!("skipped: needs root");
+        return false;
+    }
+    true
+}
+
+#[track_caller]
+fn podman_ok(args: &[&str]) -> String {
+    let mut cmd = podman();
+    cmd.args(args);
+    let run = run_with_timeout(cmd, TIMEOUT);
+    run.expect_code(0);
+    run.stdout.trim().to_owned()
+}
+
+/// Builds the drift image once: a layer over the busybox image with config files, a site
+/// directory and a file to delete (`podman commit` of a container that made them).
+fn ensure_drift_image() {
+    ensure_image();
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("kubefim-drift-image.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut exists = podman();
+    exists.args(["image", "exists", DRIFT_IMAGE]);
+    if exists.status().unwrap().success() {
+        return;
+    }
+    let name = format!("kubefim-drift-build-{}", std::process::id());
+    let script = "mkdir -p /srv/site && echo 'listen 80' > /etc/app.conf && echo 'mode 644' > /etc/other.conf \
+                  && echo 'bye' > /etc/removed.conf && echo 'keep' > /etc/opened.conf \
+                  && echo '<h1>hi</h1>' > /srv/site/index.html && echo 'css' > /srv/site/style.css";
+    podman_ok(&[
+        "run",
+        "--name",
+        &name,
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1000:1000",
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    podman_ok(&["commit", &name, DRIFT_IMAGE]);
+    podman_ok(&["rm", "-f", &name]);
+}
+
+/// A running container, removed when dropped (a failing test leaves none behind).
+struct Container {
+    id: String,
+}
+
+impl Container {
+    /// Starts `script` then a long sleep in a container of `image` annotated `app=<app>`;
+    /// returns once the script is done.
+    fn start(app: &str, image: &str, script: &str) -> Container {
+        let full = format!("{script} && touch /tmp/kubefim-ready && exec sleep 600");
+        let id = podman_ok(&[
+            "run",
+            "-d",
+            "--annotation",
+            &format!("app={app}"),
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+            image,
+            "/bin/sh",
+            "-c",
+            &full,
+        ]);
+        assert_eq!(id.len(), 64, "podman run printed {id:?}");
+        let c = Container { id };
+        let started = Instant::now();
+        loop {
+            let pid = podman_ok(&["inspect", "-f", "{{.State.Pid}}", &c.id]);
+            if Path::new(&format!("/proc/{pid}/root/tmp/kubefim-ready")).exists() {
+                return c;
+            }
+            assert!(started.elapsed() < TIMEOUT, "container {} never got ready", c.id);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let mut cmd = podman();
+        cmd.args(["rm", "-f", "-t", "0", &self.id]);
+        let _ = cmd.output();
+    }
+}
+
+fn write_policy(dir: &Path, app: &str) -> PathBuf {
+    let path = dir.join(format!("{app}.yaml"));
+    fs::write(
+        &path,
+        format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: WorkloadFimPolicy\nmetadata: {{name: {app}}}\nspec:\n  \
+             selector:\n    matchLabels: {{app: {app}}}\n  rules:\n    - path: /etc\n      diff: true\n    - path: /srv\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn verify_containers(policy: &Path) -> (i32, Value, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["verify", "--containers", "--workload-policy"]).arg(policy).args(["--format", "json"]);
+    let run = run_with_timeout(cmd, TIMEOUT);
+    let doc = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", run.dump()));
+    (run.code(), doc, run.dump())
+}
+
+fn report_for<'a>(doc: &'a Value, id: &str) -> Option<&'a Value> {
+    doc["containers"].as_array().unwrap().iter().find(|c| c["container"]["id"] == id)
+}
+
+fn change<'a>(report: &'a Value, path: &str) -> Option<&'a Value> {
+    report["changes"].as_array().unwrap().iter().find(|c| c["path"] == path)
+}
+
+fn changed(c: &Value) -> Vec<&str> {
+    c["changed"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect()
+}
+
+#[test]
+fn a_selected_containers_changes_are_reported_against_its_image_and_nothing_else() {
+    if !root_or_skip() {
+        return;
+    }
+    ensure_drift_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = write_policy(tmp.path(), "web");
+    let web = Container::start(
+        "web",
+        DRIFT_IMAGE,
+        "echo 'listen 8080' >> /etc/app.conf && chmod 600 /etc/other.conf && rm /etc/removed.conf \
+         && echo new > /etc/added.conf && : >> /etc/opened.conf && cat /etc/app.conf > /dev/null \
+         && mv /srv/site /srv/moved",
+    );
+    let other = Container::start("other", DRIFT_IMAGE, "echo changed >> /etc/app.conf");
+    let (code, doc, dump) = verify_containers(&policy);
+    assert_eq!(code, 1, "drift must exit 1\n{dump}");
+    assert!(report_for(&doc, &other.id).is_none(), "an unselected container was checked\n{dump}");
+    let report = report_for(&doc, &web.id).unwrap_or_else(|| panic!("the web container was not checked\n{dump}"));
+    assert_eq!(report["origin"], "container", "{report:#}");
+    assert_eq!(report["baseline"], "image", "{report:#}");
+    assert_eq!(report["container"]["runtime"], "podman", "{report:#}");
+    assert_eq!(report["container"]["image"], DRIFT_IMAGE, "{report:#}");
+    assert_eq!(report["policy"], "web", "{report:#}");
+
+    let app = change(report, "/etc/app.conf").unwrap_or_else(|| panic!("no app.conf change\n{report:#}"));
+    assert_eq!(app["kind"], "modified", "{app:#}");
+    assert!(changed(app).contains(&"content"), "{app:#}");
+    let diff = app["diff"].as_str().unwrap_or_else(|| panic!("no diff against the image\n{app:#}"));
+    assert!(diff.contains("\n listen 80\n+listen 8080\n"), "{diff}");
+
+    let other_conf = change(report, "/etc/other.conf").unwrap_or_else(|| panic!("no chmod\n{report:#}"));
+    assert_eq!(changed(other_conf), ["mode"], "a chmod changes the mode, nothing else: {other_conf:#}");
+
+    let removed = change(report, "/etc/removed.conf").unwrap_or_else(|| panic!("no whiteout\n{report:#}"));
+    assert_eq!(removed["kind"], "removed", "{removed:#}");
+    let added = change(report, "/etc/added.conf").unwrap_or_else(|| panic!("no new file\n{report:#}"));
+    assert_eq!(added["kind"], "added", "{added:#}");
+
+    assert!(change(report, "/etc/opened.conf").is_none(), "a copy-up with no change is no change\n{report:#}");
+    assert!(change(report, "/etc").is_none_or(|c| changed(c) != ["content"]), "{report:#}");
+
+    let site = change(report, "/srv/site/index.html").unwrap_or_else(|| panic!("the moved site\n{report:#}"));
+    assert_eq!(site["kind"], "removed", "{site:#}");
+    let moved = change(report, "/srv/moved").unwrap_or_else(|| panic!("the site's new name\n{report:#}"));
+    assert_eq!(moved["kind"], "added", "{moved:#}");
+    for c in report["changes"].as_array().unwrap() {
+        let xattrs = c["new"]["xattrs"].as_object().map(|x| x.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        assert!(xattrs.iter().all(|k| !k.contains(".overlay.")), "overlay's xattrs reported as the file's: {c:#}");
+    }
+    assert_eq!(doc["summary"]["clean"], false, "{dump}");
+}
+
+#[test]
+fn a_container_that_changed_nothing_is_clean_and_exits_0() {
+    if !root_or_skip() {
+        return;
+    }
+    ensure_drift_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = format!("quiet{}", std::process::id());
+    let policy = write_policy(tmp.path(), &app);
+    // Reads and an open for writing that writes nothing: copy-up only.
+    let quiet = Container::start(&app, DRIFT_IMAGE, "cat /etc/app.conf > /dev/null && : >> /etc/opened.conf");
+    let (code, doc, dump) = verify_containers(&policy);
+    let report = report_for(&doc, &quiet.id).unwrap_or_else(|| panic!("not checked\n{dump}"));
+    assert_eq!(report["changes"], serde_json::json!([]), "{dump}");
+    assert_eq!(report["summary"]["clean"], true, "{dump}");
+    assert_eq!(code, 0, "{dump}");
+}
