@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,11 +134,18 @@ fn write_policy(dir: &Path, app: &str) -> PathBuf {
     path
 }
 
+/// `verify --containers --format json` under `policy`: its exit code, its document (checked
+/// against `kubefim schema containers`) and what it printed.
 fn verify_containers(policy: &Path) -> (i32, Value, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(["verify", "--containers", "--workload-policy"]).arg(policy).args(["--format", "json"]);
     let run = run_with_timeout(cmd, TIMEOUT);
     let doc = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", run.dump()));
+    let schema = common::kubefim(["schema", "containers"]);
+    schema.expect_code(0);
+    let validator = jsonschema::draft202012::new(&schema.json()).expect("a valid JSON Schema");
+    let errors: Vec<String> = validator.iter_errors(&doc).map(|e| format!("{e} (at {})", e.instance_path())).collect();
+    assert!(errors.is_empty(), "the report does not conform to its schema: {errors:#?}\n{}", run.dump());
     (run.code(), doc, run.dump())
 }
 
@@ -223,4 +231,38 @@ fn a_container_that_changed_nothing_is_clean_and_exits_0() {
     assert_eq!(report["changes"], serde_json::json!([]), "{dump}");
     assert_eq!(report["summary"]["clean"], true, "{dump}");
     assert_eq!(code, 0, "{dump}");
+}
+
+#[test]
+fn containers_mode_needs_a_workload_policy_and_a_bad_one_is_refused_saying_why() {
+    let run = common::kubefim(["verify", "--containers"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("--workload-policy"), "{}", run.dump());
+    let run = common::kubefim(["verify", "--format", "json"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("--db"), "{}", run.dump());
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    fs::write(
+        &bad,
+        "apiVersion: kubefim.io/v1alpha1\nkind: WorkloadFimPolicy\nmetadata: {name: b}\nspec:\n  selector: {}\n  rules:\n    - path: etc\n",
+    )
+    .unwrap();
+    let run = common::kubefim([
+        OsStr::new("verify"),
+        OsStr::new("--containers"),
+        OsStr::new("--workload-policy"),
+        bad.as_os_str(),
+    ]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("bad.yaml") && run.stderr.contains("absolute"), "{}", run.dump());
+    let missing = tmp.path().join("missing.yaml");
+    let run = common::kubefim([
+        OsStr::new("verify"),
+        OsStr::new("--containers"),
+        OsStr::new("--workload-policy"),
+        missing.as_os_str(),
+    ]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("missing.yaml"), "{}", run.dump());
 }
