@@ -1146,7 +1146,7 @@ fn a_storm_on_one_file_does_not_hold_back_the_report_of_another() {
     thread::sleep(Duration::from_secs(1));
     let pid = python(&format!("f = open({:?}, 'a'); f.write('beta\\n'); f.close()", s(&fx.t("quiet.txt"))));
     let line = w.change_for(&fx.t("quiet.txt"));
-    assert_eq!(line["process"]["pid"], pid, "{line:#}");
+    assert_eq!(line["process"]["pid"], pid, "{line:#}\n{}", w.dump());
     assert!(writer.0.try_wait().unwrap().is_none(), "the storm was over before the report: no proof\n{}", w.dump());
     // The storm's file is reported while it goes on, too (at the latest every 500 ms).
     assert!(!w.changes_for(&storm).is_empty(), "{}", w.dump());

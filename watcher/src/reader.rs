@@ -115,6 +115,7 @@ impl Drop for Reader {
 }
 
 fn run(mut parts: ReaderParts, stop: &AtomicBool) {
+    let mut repeat = Repeat::default();
     let boot = boot_offset();
     let host_view = HostView::new(&parts.host);
     let mut kernel_seen = 0u64;
@@ -145,6 +146,9 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
             drained += 1;
             let Some(event) = event else { continue };
             parts.metrics.event(event.op.name());
+            if repeat.is_repeat(&event) {
+                continue;
+            }
             let observation = observe(&mut parts, host_view.as_ref(), event, boot);
             let message = Message::Event(Box::new(observation));
             if stopping {
@@ -200,6 +204,38 @@ fn run(mut parts: ReaderParts, stop: &AtomicBool) {
 }
 
 /// Decodes what only the moment can tell: the actor, and what its paths name.
+/// How long the same op by the same thread on the same inode is one observation: a process
+/// writing a file in a tight loop sends an event a write, each telling what the first told
+/// (who, what, where); passing them all on would fill the queue and lose other processes'
+/// events. The debounce queue still sees the storm go on (one observation each window).
+const REPEAT_WINDOW: Duration = Duration::from_millis(5);
+
+/// The last inode event passed on, to drop its repeats within [`REPEAT_WINDOW`].
+#[derive(Default)]
+struct Repeat {
+    last: Option<(u32, u32, kubefim_common::InodeKey, Instant)>,
+}
+
+impl Repeat {
+    /// Whether `event` repeats the last one passed on (an inode event only: a path event's
+    /// paths may differ); otherwise it becomes the last one.
+    fn is_repeat(&mut self, event: &KernelEvent) -> bool {
+        if event.header.flags & kubefim_common::EVENT_HAS_TARGET == 0 || !event.paths.is_empty() {
+            return false;
+        }
+        let key = (event.header.tid, event.header.op, event.header.target);
+        let now = Instant::now();
+        if let Some((tid, op, target, at)) = self.last
+            && (tid, op, target) == key
+            && now.duration_since(at) < REPEAT_WINDOW
+        {
+            return true;
+        }
+        self.last = Some((key.0, key.1, key.2, now));
+        false
+    }
+}
+
 fn observe(parts: &mut ReaderParts, host_view: Option<&HostView>, event: KernelEvent, boot: Duration) -> Observation {
     // The paths first: of all this, their directories are what an exiting actor takes along.
     let mut seen = [None, None];
@@ -234,10 +270,17 @@ mod tests {
         let programs = Programs::load(0, 1 << 10, 1 << 10, None).expect("load the programs");
         let (_attached, mut filter, source) = programs.into_parts();
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("drained.txt");
-        let mut file = std::fs::File::create(&path).expect("create");
-        let meta = file.metadata().expect("stat");
-        assert!(filter.watch(InodeKey::from_stat(meta.dev(), meta.ino()), false, b"drained.txt"));
+        // Two files written in turn: each write is news (repeats of one are passed on once
+        // a window, see `Repeat`).
+        let mut files: Vec<std::fs::File> = ["drained-a.txt", "drained-b.txt"]
+            .into_iter()
+            .map(|name| {
+                let file = std::fs::File::create(dir.path().join(name)).expect("create");
+                let meta = file.metadata().expect("stat");
+                assert!(filter.watch(InodeKey::from_stat(meta.dev(), meta.ino()), false, name.as_bytes()));
+                file
+            })
+            .collect();
         // A queue of 8 that nobody reads until the end: the loop stuck on a slow disk.
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         let metrics = Arc::new(Metrics::new());
@@ -250,8 +293,8 @@ mod tests {
         };
         let reader = Reader::start(parts).expect("start the reader");
         const WRITES: u64 = 5000;
-        for _ in 0..WRITES {
-            file.write_all(b"x").expect("write");
+        for i in 0..WRITES {
+            files[(i % 2) as usize].write_all(b"x").expect("write");
         }
         // Everything the kernel sent left its ring buffer (none lost there), though only 8
         // could be queued: the rest is dropped by the watcher and said so.
