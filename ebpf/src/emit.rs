@@ -70,14 +70,35 @@ struct NameWalk {
     ended: u64,
 }
 
+/// The hash seed and a zero, in writable data: loaded from here, the verifier knows nothing
+/// of their values. A walk started from constants has its hashes tracked bit by bit through
+/// every xor and multiply, so each turn of a `bpf_loop` enters its callback in a state the
+/// verifier has not seen and checks it again; from unknown values the first turn's state
+/// covers every later one. Never written.
+#[unsafe(no_mangle)]
+static mut WALK_START: [u64; 2] = [NAME_HASH_SEED, 0];
+
+impl NameWalk {
+    /// A walk over `path` (the slot) or, for a long path, `user`, from the seed.
+    #[inline(always)]
+    fn start(path: *const u8, user: u64) -> NameWalk {
+        // SAFETY: plain reads of a global nothing writes.
+        let (seed, zero) = unsafe {
+            let start = &raw const WALK_START;
+            (core::ptr::read_volatile(&(*start)[0]), core::ptr::read_volatile(&(*start)[1]))
+        };
+        NameWalk { path, cur: seed, last: zero, parent: zero, user, ended: zero }
+    }
+}
+
 /// [`NameWalk::ended`] when a chunk of the path could not be read here (a page the kernel
 /// will fault in for the syscall, but a probe cannot): the path is kept, unfiltered.
 const UNREADABLE: u64 = 2;
 
 /// Bytes of a path read per chunk past the event's slot (a chunk's last byte is its NUL).
 const CHUNK: u64 = PATH_CAP as u64 - 1;
-/// Chunks read past the slot: with the slot's, they cover `PATH_MAX` (4096) bytes.
-const CHUNKS: u64 = 16;
+/// Chunks read for a path longer than its slot: they cover `PATH_MAX` (4096) bytes.
+const CHUNKS: u64 = 17;
 
 /// A path longer than its slot, in chunks: the kernel refuses paths of `PATH_MAX` or more,
 /// so a path whose end is never reached cannot name anything and needs no event.
@@ -116,41 +137,51 @@ extern "C" fn name_walk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// One chunk of the part of a path past its slot: read from user memory into the per-CPU
-/// scratch (syscall tracepoint programs run with preemption off, so no other program on this
-/// CPU uses it meanwhile), then walked byte by byte as the slot was. The chunk number is the
-/// loop's index, not a count kept in the walk: the verifier would follow a count's every
-/// value as a state of its own.
+/// One byte of a path longer than its slot, read whole from user memory: at the start of
+/// each chunk, the chunk is read into the per-CPU scratch (syscall tracepoint programs run
+/// with preemption off, so no other program on this CPU uses it meanwhile). One flat loop
+/// over every byte (not a loop of chunks each looping over its bytes), called once per
+/// program after the short walks: the verifier checks a `bpf_loop` callback as a loop of its
+/// own for every state it is called in, and a long walk inside the per-path loop (nested,
+/// after the slot's walk) made the two-path programs exceed its million instructions on
+/// 6.18.44. The chunk is the index's quotient, not a count kept in the walk: the verifier
+/// would follow a count's every value as a state of its own.
 #[inline(never)]
-extern "C" fn chunk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: ctx is the NameWalk on path_names_known's stack, alive for the whole loop.
+extern "C" fn long_walk_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: ctx is the NameWalk on long_path_names_known's stack, alive for the whole loop.
     let walk = unsafe { &mut *(ctx as *mut NameWalk) };
     let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else { return 1 };
     // SAFETY: the per-CPU slot, used by this program alone while it runs.
     let buf = unsafe { &mut *buf };
-    let src = walk.user + (index + 1) * CHUNK;
-    // SAFETY: the helper bounds the copy by the buffer and NUL-terminates it.
-    if unsafe { bpf_probe_read_user_str_bytes(src as *const u8, buf) }.is_err() {
-        walk.ended = UNREADABLE;
+    let at = index % CHUNK;
+    if at == 0 {
+        let src = walk.user + index;
+        // SAFETY: the helper bounds the copy by the buffer and NUL-terminates it.
+        if unsafe { bpf_probe_read_user_str_bytes(src as *const u8, buf) }.is_err() {
+            walk.ended = UNREADABLE;
+            return 1;
+        }
+    }
+    // The verifier draws no bound from `%`, and the compiler drops a check it knows holds:
+    // read back through a volatile load, the offset is checked where the verifier sees it.
+    // SAFETY: a read of a local.
+    let at = unsafe { core::ptr::read_volatile(&at) };
+    let Some(&c) = buf.get(at as usize) else { return 1 };
+    if c == 0 {
+        walk.ended = 1;
         return 1;
     }
-    walk.path = buf.as_ptr();
-    // SAFETY: the callback and its context follow bpf_loop's contract.
-    unsafe { bpf_loop(CHUNK as u32, name_walk_step as *mut core::ffi::c_void, ctx, 0) };
-    // The path's NUL was in this chunk: done.
-    i64::from(walk.ended != 0)
+    walk_byte(walk, c);
+    0
 }
 
-/// Whether the last or next-to-last component of a path is a monitored name; with
-/// `ancestors`, also whether the last one is the name of a rule root's ancestor (a rename,
-/// removal or mount of it can swap or cover the root). `path` is the event's slot
-/// (NUL-terminated); when the path did not fit (`truncated`), the rest is read from `user` in
-/// chunks, so a long path is filtered as exactly as a short one. A path longer than
-/// `PATH_MAX` is one the kernel refuses: not kept; one whose rest cannot be read is kept. An
-/// empty component hashes to the seed (a non-empty name never does in practice).
+/// Whether the last or next-to-last component of the path in an event's slot
+/// (NUL-terminated, whole) is a monitored name; with `ancestors`, also whether the last one is
+/// the name of a rule root's ancestor (a rename, removal or mount of it can swap or cover the
+/// root). An empty component hashes to the seed (a non-empty name never does in practice).
 #[inline(always)]
-pub fn path_names_known(path: &[u8; PATH_CAP], user: u64, truncated: bool, ancestors: bool) -> bool {
-    let mut walk = NameWalk { path: path.as_ptr(), cur: NAME_HASH_SEED, last: 0, parent: 0, user, ended: 0 };
+pub fn path_names_known(path: &[u8; PATH_CAP], ancestors: bool) -> bool {
+    let mut walk = NameWalk::start(path.as_ptr(), 0);
     // SAFETY: the callback and its context follow bpf_loop's contract.
     unsafe {
         bpf_loop(
@@ -160,23 +191,34 @@ pub fn path_names_known(path: &[u8; PATH_CAP], user: u64, truncated: bool, ances
             0,
         )
     };
-    if truncated {
-        walk.ended = 0;
-        // SAFETY: as above.
-        unsafe {
-            bpf_loop(
-                CHUNKS as u32,
-                chunk_step as *mut core::ffi::c_void,
-                &mut walk as *mut NameWalk as *mut core::ffi::c_void,
-                0,
-            )
-        };
-        match walk.ended {
-            0 => return false,
-            UNREADABLE => return true,
-            _ => {}
-        }
+    names_known(&mut walk, ancestors)
+}
+
+/// [`path_names_known`] for a path that did not fit in its slot, read whole from `user` in
+/// chunks, so a long path is filtered as exactly as a short one. A path longer than
+/// `PATH_MAX` is one the kernel refuses: not kept; one that cannot be read here is kept.
+#[inline(always)]
+pub fn long_path_names_known(user: u64, ancestors: bool) -> bool {
+    let mut walk = NameWalk::start(core::ptr::null(), user);
+    // SAFETY: as above.
+    unsafe {
+        bpf_loop(
+            (CHUNK * CHUNKS) as u32,
+            long_walk_step as *mut core::ffi::c_void,
+            &mut walk as *mut NameWalk as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    match walk.ended {
+        0 => false,
+        UNREADABLE => true,
+        _ => names_known(&mut walk, ancestors),
     }
+}
+
+/// The decision on a finished walk.
+#[inline(always)]
+fn names_known(walk: &mut NameWalk, ancestors: bool) -> bool {
     if walk.cur != NAME_HASH_SEED {
         walk.parent = walk.last;
         walk.last = walk.cur;

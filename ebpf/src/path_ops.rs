@@ -20,7 +20,7 @@ use kubefim_common::{
 
 use crate::EVENTS;
 use crate::confirm::{hold_path, syscall_nr};
-use crate::emit::{active, fill_header, lost, path_names_known, watched, within_budget};
+use crate::emit::{active, fill_header, long_path_names_known, lost, path_names_known, watched, within_budget};
 use crate::fd_ops::arg;
 use crate::kernel::{AT_FDCWD, current_task, mnt_ns, root_dir_key, start_dir_key};
 
@@ -43,7 +43,15 @@ pub fn path_event(ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags
     let mount = op.is_mount();
     let ancestors = mount || matches!(op, Op::Rename | Op::Unlink | Op::Rmdir);
     let start_bits = if mount { WATCH_FILE | WATCH_DIR | WATCH_ANCESTOR } else { WATCH_DIR };
-    let mut keep = false;
+    // What the turns of the loop decide, kept in per-CPU map memory rather than in locals:
+    // the verifier does not follow values through map memory, so every turn of the loop and
+    // every path through it reaches the name walks in one state, not one per combination of
+    // what earlier turns found (with locals, the two-path programs took seconds to verify).
+    let Some(decided) = PATH_DECIDED.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot, as for PATH_EVENT.
+    let decided = unsafe { &mut *decided };
+    decided.keep = 0;
+    decided.long = [0; 2];
     let mut i = 0;
     while i < 2 {
         let (dirfd, ptr) = paths[i];
@@ -67,15 +75,29 @@ pub fn path_event(ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags
             {
                 ev.header.start[i] = key;
                 if decides && watched(&key) & start_bits != 0 {
-                    keep = true;
+                    decided.keep = 1;
                 }
             }
-            if !keep && decides && path_names_known(slot, ptr as u64, truncated, ancestors) {
-                keep = true;
+            if decides {
+                if truncated {
+                    decided.long[i] = ptr as u64;
+                } else if path_names_known(slot, ancestors) {
+                    decided.keep = 1;
+                }
             }
         }
         i += 1;
     }
+    // Paths too long for their slot are read whole here, after the loop: one call site, so
+    // the verifier checks the long walk once, not once per turn of the loop.
+    let mut j = 0;
+    while decided.keep == 0 && j < 2 {
+        if decided.long[j] != 0 && long_path_names_known(decided.long[j], ancestors) {
+            decided.keep = 1;
+        }
+        j += 1;
+    }
+    let keep = decided.keep != 0;
     if !keep {
         return;
     }
@@ -108,6 +130,19 @@ pub fn path_event(ctx: &TracePointContext, op: Op, paths: [(i64, i64); 2], flags
 /// on the node would make each one pay for it).
 #[map(name = "PATH_EVENT")]
 static PATH_EVENT: PerCpuArray<PathEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// What [`path_event`]'s loop over the paths decided, per CPU (see there).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Decided {
+    /// Non-zero: the event is kept.
+    keep: u64,
+    /// The user addresses of paths that did not fit in their slot, to be filtered whole.
+    long: [u64; 2],
+}
+
+#[map(name = "PATH_DECIDED")]
+static PATH_DECIDED: PerCpuArray<Decided> = PerCpuArray::with_max_entries(1, 0);
 
 macro_rules! path_hook {
     // name, op, dirfd arg index (None = AT_FDCWD), path arg index
