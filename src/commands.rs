@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
-use kubefim_baseline::container::image::Image;
-use kubefim_baseline::container::{discover, drift};
+use kubefim_baseline::container::{check, discover};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
 use kubefim_baseline::report::{self, ContainerReportView, ContainersReportView, RecordLine, VerifyReportView};
@@ -18,7 +17,7 @@ use kubefim_baseline::scan::ScanProgress;
 use kubefim_baseline::sign::{self, PublicKey, SigningKey};
 use kubefim_baseline::store::{SIGNATURE_KEY, Store, TreeKind};
 use kubefim_baseline::verify as verifier;
-use kubefim_baseline::workload::{Workload, WorkloadPolicies};
+use kubefim_baseline::workload::WorkloadPolicies;
 
 use crate::exit;
 use crate::output::{self, Progress};
@@ -102,20 +101,10 @@ pub fn verify_containers(policy_paths: &[PathBuf], host: &HostRoot, json: bool) 
     // The comparisons, beside their views, for the human form.
     let mut reports = Vec::new();
     for c in &running {
-        let workload = Workload {
-            labels: &c.labels,
-            container_name: c.name.as_deref().unwrap_or(""),
-            image: c.image.as_deref().unwrap_or(""),
-            namespace: c.pod.as_ref().map(|p| p.namespace.as_str()),
-        };
-        for wp in policies.for_workload(&workload) {
-            let report = c.root.as_ref().map(|root| {
-                let image = Image { layers: root.lower.clone() };
-                drift::compare(root, &image, &wp.policy, &|path| wp.exempt(path, workload.image))
-            });
-            let outcome = report.as_ref().map_err(|e| e.as_str());
-            checked.push(ContainerReportView::new(c, &wp.qualified_name(), &wp.policy, outcome));
-            reports.push(report);
+        for one in check::check(c, &policies) {
+            let outcome = one.report.as_ref().map_err(String::as_str);
+            checked.push(ContainerReportView::new(c, &one.policy.qualified_name(), &one.policy.policy, outcome));
+            reports.push(one.report);
         }
     }
     let doc = ContainersReportView::new(running.len(), checked);

@@ -126,6 +126,13 @@ enum Command {
         /// verify metrics (one is always made at start).
         #[arg(long, value_parser = parse_interval)]
         verify_interval: Option<std::time::Duration>,
+        /// Also check every container a workload policy selects against its image: those
+        /// running at start and each new one the moment its first process starts.
+        #[arg(long, requires = "workload_policy")]
+        containers: bool,
+        /// A WorkloadFimPolicy file, or a directory of them (repeatable).
+        #[arg(long, requires = "containers")]
+        workload_policy: Vec<PathBuf>,
     },
     /// Print the embedded default policy.
     DefaultPolicy,
@@ -349,6 +356,8 @@ fn main() -> ExitCode {
             init_policy,
             signatures,
             verify_interval,
+            containers,
+            workload_policy,
         } => {
             let format = match format {
                 Some(WatchFormat::Jsonl) => kubefim_watcher::Format::Jsonl,
@@ -357,7 +366,12 @@ fn main() -> ExitCode {
                 None => kubefim_watcher::Format::Jsonl,
             };
             let ring_buffer_bytes = ring_buffer_kib.map(|k| k * 1024);
+            let containers = containers
+                .then(|| kubefim_baseline::workload::WorkloadPolicies::load(&workload_policy))
+                .transpose()
+                .map_err(anyhow::Error::from);
             host.resolve().and_then(|host| {
+                let containers = containers?;
                 commands::watch(kubefim_watcher::WatchOptions {
                     db,
                     pubkey,
@@ -373,6 +387,7 @@ fn main() -> ExitCode {
                     init_policy,
                     signatures,
                     verify_interval,
+                    containers,
                 })
             })
         }

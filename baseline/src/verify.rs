@@ -129,6 +129,16 @@ pub fn unified_diff(path: &std::path::Path, old: &str, new: &str) -> String {
         .to_string()
 }
 
+/// `diff` (made by [`unified_diff`]) with its old side called `label` instead of baseline.
+pub fn relabel_old_side(diff: &str, label: &str) -> String {
+    match diff.split_once('\n') {
+        Some((first, rest)) if first.starts_with("--- ") && first.ends_with(" (baseline)") => {
+            format!("{} ({label})\n{rest}", &first[..first.len() - " (baseline)".len()])
+        }
+        _ => diff.to_owned(),
+    }
+}
+
 /// Compares one current entry with its baseline record; `None` when they match.
 pub fn compare(
     baseline: &TrustedBaseline,

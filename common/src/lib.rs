@@ -101,6 +101,9 @@ pub enum Op {
     /// A change of a monitored file's inode flags (`chattr`: ioctl FS_IOC_SETFLAGS or
     /// FS_IOC_FSSETXATTR, file_setattr(2)), sent once the call succeeded.
     SetFlags = 41,
+    /// A process exec'd (`sched_process_exec`) in a cgroup the watcher has not decided on
+    /// (the `CGROUPS` map): the first process of a new container, seen the moment it starts.
+    Exec = 42,
 }
 
 impl Op {
@@ -140,6 +143,7 @@ impl Op {
             35 => Umount,
             40 => Aio,
             41 => SetFlags,
+            42 => Exec,
             _ => return None,
         })
     }
@@ -174,6 +178,7 @@ impl Op {
             Op::Umount => "umount",
             Op::Aio => "aio",
             Op::SetFlags => "setflags",
+            Op::Exec => "exec",
         }
     }
 }
@@ -352,7 +357,20 @@ pub mod maps {
     pub const LOST: &str = "LOST";
     /// The [`super::Config`] global.
     pub const CONFIG: &str = "CONFIG";
+    /// A `u32` global: non-zero when the watcher checks containers, so execs in cgroups it
+    /// has not decided on are sent ([`super::Op::Exec`]); otherwise none are. Apart from
+    /// [`super::Config`]: every program copies that one to its stack, and its size weighs on
+    /// the verifier's work for the largest of them.
+    pub const SEND_EXECS: &str = "SEND_EXECS";
+    /// `LruHashMap<u64, u8>`: cgroup ids the watcher has decided on ([`super::CGROUP_KNOWN`]):
+    /// an exec in any other cgroup is sent ([`super::Op::Exec`]), once the watcher decided
+    /// none are. LRU: an id evicted is only asked about again.
+    pub const CGROUPS: &str = "CGROUPS";
 }
+
+/// Value of the `CGROUPS` map: the watcher knows what this cgroup is (the host's, a container
+/// it checks or one no workload policy selects); its execs are not sent.
+pub const CGROUP_KNOWN: u8 = 1;
 
 /// Index in the `LOST` map: events the ring buffer had no room for.
 pub const LOST_RING_FULL: u32 = 0;

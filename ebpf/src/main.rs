@@ -4,8 +4,9 @@
 //! watcher through one ring buffer. Hooks are grouped by what they watch: `fd_ops` (changes
 //! through a file descriptor), `path_ops` (changes by path), `open` (opens for writing and
 //! creates), `dirty` (what no syscall shows: shared mappings and io_uring), `aio` (Linux AIO
-//! writes, which pass no write syscall), `mounts` (mounts at, above or below monitored paths),
-//! `confirm` (events held until their syscall succeeded, so failing calls make no work).
+//! writes, which pass no write syscall), `mounts` (mounts at, above or below monitored
+//! paths), `exec` (the first process of each new cgroup: containers as they start), `confirm`
+//! (events held until their syscall succeeded, so failing calls make no work).
 //! `kernel` reads kernel structs at offsets the watcher found in the running kernel's BTF;
 //! `emit` fills and sends events. No panics: every fallible step returns early.
 #![no_std]
@@ -15,6 +16,7 @@ mod aio;
 mod confirm;
 mod dirty;
 mod emit;
+mod exec;
 mod fd_ops;
 mod kernel;
 mod mounts;
@@ -64,6 +66,11 @@ pub struct Budget {
     at_ns: u64,
 }
 
+/// Cgroups the watcher has decided on (`kubefim_common::CGROUP_KNOWN`): execs elsewhere are
+/// sent, to find new containers. LRU: an evicted id is only asked about again.
+#[map(name = "CGROUPS")]
+static CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id. A plain
 /// (preallocated) hash: every open for writing on the machine goes through it, and an LRU
 /// map's update cost twice as much; entries live only for the length of one open.
@@ -109,6 +116,11 @@ static CONFIG: Config = Config {
         rsrc_node_file_ptr: 0,
     },
 };
+
+/// Set by the watcher before load (`kubefim_common::maps::SEND_EXECS`): non-zero when it
+/// checks containers.
+#[unsafe(no_mangle)]
+static SEND_EXECS: u32 = 0;
 
 /// The configuration, read through a volatile load so the compiler cannot fold the
 /// zero initialiser into the code.

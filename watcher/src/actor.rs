@@ -172,6 +172,9 @@ impl Attribution {
             id,
             runtime,
             cgroup: cgroup.clone(),
+            name: None,
+            image: None,
+            image_id: None,
         });
         let pod = container.as_ref().and_then(|c| self.pod_of(&c.id, cgroup.as_deref()));
         let process = Process { pid: h.pid, ppid: h.ppid, uid: h.uid, gid: h.gid, comm, exe, cmdline };

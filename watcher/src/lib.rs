@@ -8,11 +8,13 @@
 //! records in the signed baseline and the journal. `lifecycle` gets to a trusted baseline
 //! without the private key on the node; `metrics` and `http` serve Prometheus metrics and the
 //! probes, within the descriptor budget `limits` sets; `selfcheck` makes sure the kernel side
-//! still sees what it should.
+//! still sees what it should. With `--containers`, `containers` finds containers as they
+//! start and checks each against its image.
 
 mod actor;
 mod ancestors;
 mod btf;
+mod containers;
 pub mod error;
 mod event;
 mod filter;

@@ -100,7 +100,7 @@ impl FileOp {
             K::Umount => FileOp::Umount,
             K::Aio => FileOp::Aio,
             K::SetFlags => FileOp::Setflags,
-            K::OpenWrite | K::Close | K::Dirty => return None,
+            K::OpenWrite | K::Close | K::Dirty | K::Exec => return None,
         })
     }
 
@@ -245,7 +245,7 @@ pub struct Process {
 
 pub use kubefim_baseline::container::cgroup::Runtime;
 
-/// The container a process runs in.
+/// The container a process runs in, or (with `--containers`) the container a change is in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Container {
     /// The container id (64 hex digits).
@@ -254,6 +254,26 @@ pub struct Container {
     pub runtime: Runtime,
     /// Its cgroup v2 path.
     pub cgroup: Option<String>,
+    /// Its name, as its runtime recorded it (containers checked against their image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its image's name, when recorded (containers checked against their image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Its image's id, when recorded (containers checked against their image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+}
+
+/// What a change is measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// The node's signed baseline (and the journal's later states).
+    Signed,
+    /// The container's image: the merged lower layers of its root (`--containers`); `path`
+    /// is then as seen inside the container.
+    Image,
 }
 
 /// The pod a container belongs to, as the Kubernetes API says.
@@ -351,6 +371,11 @@ pub enum Line {
     SignatureRejected(SignatureRejected),
     /// A newly signed baseline was installed.
     BaselineInstalled(BaselineInstalled),
+    /// A container a workload policy selects was found and checked against its image; its
+    /// drift, if any, was reported just before (changes with `baseline: image`).
+    ContainerWatched(ContainerWatched),
+    /// A checked container's process exited: what was kept for it is released.
+    ContainerGone(ContainerGone),
 }
 
 /// A change to one path.
@@ -393,6 +418,11 @@ pub struct Change {
     pub attribution: Attribution,
     /// How the change was found.
     pub detected_by: DetectedBy,
+    /// What the change is against: the signed baseline, or (a container's change) its image.
+    pub baseline: Reference,
+    /// For a container's change: the workload policy whose rules apply (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// The journal of an earlier run had already recorded the path in exactly this state:
     /// a deviation from the signed baseline reported again at start. Every start reports every
     /// deviation, whatever the journal says (it is unsigned: any `kubefim watch` run with the
@@ -625,6 +655,48 @@ pub struct BaselineInstalled {
     pub db: String,
     /// The digest its signature covers.
     pub digest: String,
+}
+
+/// How a container was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FoundBy {
+    /// Running when the watcher started.
+    Startup,
+    /// The exec of its first process (the kernel's `sched_process_exec`).
+    Exec,
+}
+
+/// A container checked against its image.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ContainerWatched {
+    /// The container.
+    pub container: Container,
+    /// Its pod, as its runtime recorded it (on Kubernetes).
+    pub pod: Option<Pod>,
+    /// The workload policies that select it (`namespace/name`).
+    pub policies: Vec<String>,
+    /// How it was found.
+    pub found_by: FoundBy,
+    /// Seconds from the exec that revealed it to its check's end (`found_by: exec`).
+    pub seconds_since_exec: Option<f64>,
+    /// Entries of its layer compared with the image (over every policy).
+    pub scanned: u64,
+    /// Changes against the image reported for it (the lines before this one).
+    pub changes: u64,
+    /// Why it could not be checked at all (its root is not an overlay...), per policy.
+    pub errors: Vec<String>,
+    /// Paths that could not be compared.
+    pub unverified: Vec<Unverified>,
+}
+
+/// A checked container's process exited.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ContainerGone {
+    /// The container.
+    pub container: Container,
+    /// Its pod, when known.
+    pub pod: Option<Pod>,
 }
 
 impl Event {

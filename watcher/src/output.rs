@@ -9,7 +9,7 @@ use std::io::Write;
 
 use kubefim_baseline::report::human_text as h;
 
-use crate::model::{Change, Event, Line};
+use crate::model::{Change, Container, Event, Line, Reference};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,12 +141,50 @@ impl fmt::Display for Event {
             Line::BaselineInstalled(b) => {
                 write!(f, "{time} baseline installed for node {} at {}", h(&b.node), h(&b.db))
             }
+            Line::ContainerWatched(w) => {
+                write!(f, "{time} container-watched {}", container(&w.container))?;
+                if let Some(pod) = &w.pod {
+                    write!(f, " pod={}/{}", h(&pod.namespace), h(&pod.name))?;
+                }
+                write!(
+                    f,
+                    " policies={}: {} scanned, {} changes against its image",
+                    join_escaped(&w.policies),
+                    w.scanned,
+                    w.changes
+                )?;
+                for e in &w.errors {
+                    write!(f, "\n  cannot check it: {}", h(e))?;
+                }
+                for u in &w.unverified {
+                    write!(f, "\n  unverified {}: {}", h(&u.path), h(&u.error))?;
+                }
+                Ok(())
+            }
+            Line::ContainerGone(g) => write!(f, "{time} container-gone {}", container(&g.container)),
         }
     }
 }
 
+/// A container for people: its short id, and its name and image when known.
+fn container(c: &Container) -> String {
+    let mut out: String = h(&c.id).chars().take(12).collect();
+    if let Some(name) = &c.name {
+        out.push_str(&format!(" ({})", h(name)));
+    }
+    if let Some(image) = &c.image {
+        out.push_str(&format!(" image={}", h(image)));
+    }
+    out
+}
+
 fn change(f: &mut fmt::Formatter<'_>, time: &str, kind: &str, c: &Change) -> fmt::Result {
     write!(f, "{time} {kind:<8} {}", h(&c.path.bytes.text))?;
+    if c.baseline == Reference::Image
+        && let Some(inside) = &c.container
+    {
+        write!(f, " in container {} (against its image)", container(inside))?;
+    }
     if let Some(to) = &c.to {
         write!(f, " -> {}", h(&to.bytes.text))?;
     }
@@ -196,7 +234,7 @@ mod tests {
             "changed": ["content"], "ops": ["write"], "old": null, "new": null,
             "diff": "--- a\n+++ b\n-alpha\n+\tbeta\r\u{1b}[1A", "changed_ranges": null, "baseline_match": false,
             "process": null, "container": null, "pod": null, "origin": null, "processes": [],
-            "attribution": "none", "detected_by": "rescan", "already_known": true,
+            "attribution": "none", "detected_by": "rescan", "baseline": "signed", "already_known": true,
         }));
         let lines: Vec<&str> = change.lines().collect();
         assert_eq!(lines.len(), 5, "one line and the four of the diff: {change:?}");

@@ -29,6 +29,8 @@ pub struct Programs {
     pub events: RingBuf<MapData>,
     /// Lost-event counters.
     pub lost: PerCpuArray<MapData, u64>,
+    /// Cgroups decided on (their execs are not sent).
+    pub cgroups: BpfHashMap<MapData, u64, u8>,
     /// Tracepoints this kernel lacks (their programs are not attached).
     pub missing: Vec<String>,
     /// How many programs are attached.
@@ -99,8 +101,9 @@ where
 
 impl Programs {
     /// Loads the programs for a watcher of `pid`, with room for `capacity` watched inodes
-    /// and `names` monitored names, and attaches them.
-    pub fn load(pid: u32, capacity: u32, names: u32, ring_bytes: Option<u32>) -> Result<Programs> {
+    /// and `names` monitored names, and attaches them. With `execs`, execs in cgroups not yet
+    /// decided on are sent (the watcher checks containers).
+    pub fn load(pid: u32, capacity: u32, names: u32, ring_bytes: Option<u32>, execs: bool) -> Result<Programs> {
         if OBJECT.is_empty() {
             return Err(Error::NotBuilt);
         }
@@ -112,9 +115,11 @@ impl Programs {
         let dirty_inode =
             btf.enum_value("I_DIRTY_SYNC").unwrap_or(1 << 0) | btf.enum_value("I_DIRTY_DATASYNC").unwrap_or(1 << 1);
         let config = Config { self_pid: pid, ready: 1, dirty_pages, dirty_inode, offsets: offsets(&btf)? };
+        let send_execs = u32::from(execs);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(maps::CONFIG, &config, true)
+            .override_global(maps::SEND_EXECS, &send_execs, true)
             .map_max_entries(maps::WATCHED, capacity)
             .map_max_entries(maps::NAMES, names);
         if let Some(bytes) = ring_bytes {
@@ -151,6 +156,7 @@ impl Programs {
             names: take(&mut ebpf, maps::NAMES)?,
             events: take(&mut ebpf, maps::EVENTS)?,
             lost: take(&mut ebpf, maps::LOST)?,
+            cgroups: take(&mut ebpf, maps::CGROUPS)?,
             _ebpf: ebpf,
             missing,
             attached,
@@ -196,12 +202,18 @@ impl Programs {
         now | bit == now || self.names.insert(hash, now | bit, 0).is_ok()
     }
 
+    /// Marks a cgroup decided on: its execs are no longer sent. False when the map refused.
+    pub fn know_cgroup(&mut self, id: u64) -> bool {
+        self.cgroups.insert(id, kubefim_common::CGROUP_KNOWN, 0).is_ok()
+    }
+
     /// The parts, for their owners in the watcher: the attached programs (kept alive),
-    /// the filter maps (`filter`), the ring buffer and lost counter (`reader`).
-    pub(crate) fn into_parts(self) -> (Attached, crate::filter::KernelFilter, EventSource) {
+    /// the filter maps (`filter`), the ring buffer and lost counter (`reader`), the cgroups
+    /// decided on (`containers`).
+    pub(crate) fn into_parts(self) -> (Attached, crate::filter::KernelFilter, EventSource, Cgroups) {
         let attached = Attached { _ebpf: self._ebpf, missing: self.missing, attached: self.attached };
         let filter = crate::filter::KernelFilter::new(self.watched, self.names, self.capacity);
-        (attached, filter, EventSource { events: self.events, lost: self.lost })
+        (attached, filter, EventSource { events: self.events, lost: self.lost }, Cgroups(self.cgroups))
     }
 }
 
@@ -212,6 +224,21 @@ pub(crate) struct Attached {
     pub missing: Vec<String>,
     /// How many programs are attached.
     pub attached: usize,
+}
+
+/// The kernel's map of cgroups decided on: a cgroup marked here sends no more execs.
+pub(crate) struct Cgroups(BpfHashMap<MapData, u64, u8>);
+
+impl Cgroups {
+    /// Marks `id` decided on. False when the map refused (its execs keep coming: harmless).
+    pub fn know(&mut self, id: u64) -> bool {
+        self.0.insert(id, kubefim_common::CGROUP_KNOWN, 0).is_ok()
+    }
+
+    /// Forgets `id` (a container gone), so the map keeps room for the living.
+    pub fn forget(&mut self, id: u64) {
+        let _ = self.0.remove(&id);
+    }
 }
 
 /// What the kernel sends: the ring buffer and the per-CPU count of events it had no room for.

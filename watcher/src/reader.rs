@@ -267,8 +267,8 @@ mod tests {
             return;
         }
         // Watched by a watcher of another pid, so this test's own writes are events.
-        let programs = Programs::load(0, 1 << 10, 1 << 10, None).expect("load the programs");
-        let (_attached, mut filter, source) = programs.into_parts();
+        let programs = Programs::load(0, 1 << 10, 1 << 10, None, false).expect("load the programs");
+        let (_attached, mut filter, source, _cgroups) = programs.into_parts();
         let dir = tempfile::tempdir().expect("temp dir");
         // Two files written in turn: each write is news (repeats of one are passed on once
         // a window, see `Repeat`).

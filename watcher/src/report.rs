@@ -30,7 +30,7 @@ use crate::filter::KernelFilter;
 use crate::metrics::Metrics;
 use crate::model::{
     Change, Degraded, DegradedReason, DetectedBy, Deviation, DeviationKind, Event, FileOp, Line, MountedOver,
-    PathError, RescanReason, Verify, VerifyReason, VerifyResult, time_string,
+    PathError, Reference, RescanReason, Verify, VerifyReason, VerifyResult, time_string,
 };
 use crate::output::Printer;
 use crate::pending::{Note, Pending, Queue};
@@ -160,7 +160,8 @@ impl Reporter {
         self.print_event(&Event::now(line))
     }
 
-    fn print_event(&mut self, event: &Event) -> Result<()> {
+    /// Prints one line made elsewhere (a container's check).
+    pub fn print_event(&mut self, event: &Event) -> Result<()> {
         self.printer.print(event).map_err(|e| Error::io("writing to stdout", e))
     }
 
@@ -468,6 +469,8 @@ impl Reporter {
             processes: writers.iter().map(|w| w.actor.writer(w.ops.clone())).collect(),
             attribution: pending.attribution(),
             detected_by: if pending.by_event { DetectedBy::Event } else { DetectedBy::Rescan },
+            baseline: Reference::Signed,
+            policy: None,
             already_known,
         };
         Ok(match (renamed_to, difference.kind) {

@@ -14,11 +14,13 @@ use kubefim_baseline::lock::{Lock, lock_path};
 use kubefim_baseline::policy::path_bytes;
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::sign::PublicKey;
+use kubefim_baseline::workload::WorkloadPolicies;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::actor::Attribution;
 use crate::ancestors::Ancestors;
+use crate::containers::{Containers, Next};
 use crate::error::{Error, Result};
 use crate::http::Health;
 use crate::lifecycle::{self, SignatureWatch};
@@ -65,6 +67,8 @@ pub struct WatchOptions {
     pub signatures: Option<PathBuf>,
     /// Compare everything with the signed baseline this often (a `verify` line and metrics).
     pub verify_interval: Option<Duration>,
+    /// Check the containers these workload policies select against their images.
+    pub containers: Option<WorkloadPolicies>,
 }
 
 /// Why a watch ended.
@@ -183,6 +187,14 @@ struct Services<'a> {
     pods: Option<PodIndex>,
 }
 
+/// The next container checked or gone; never, without `--containers`.
+async fn next_container(containers: &mut Option<Containers>) -> Option<Next> {
+    match containers {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Hands memory freed after a peak (parsing kernel BTF while loading, indexing the
 /// baseline) back to the system: the watcher runs for months, and glibc keeps freed heap
 /// otherwise.
@@ -216,6 +228,8 @@ struct Session<'a> {
     check: SelfCheck,
     /// The names of the rules' roots, in the filter even before they exist (for a refill).
     roots: Vec<Vec<u8>>,
+    /// The containers checked against their images (`--containers`).
+    containers: Option<Containers>,
 }
 
 impl<'a> Session<'a> {
@@ -242,9 +256,10 @@ impl<'a> Session<'a> {
         let room = |n: usize| u32::try_from(n + n / 2).unwrap_or(u32::MAX).max(1 << 16);
         health.set_not_ready("starting: loading the eBPF programs");
         let started = Instant::now();
-        let programs = Programs::load(std::process::id(), room(inodes), room(names), opts.ring_buffer_bytes)?;
+        let execs = opts.containers.is_some();
+        let programs = Programs::load(std::process::id(), room(inodes), room(names), opts.ring_buffer_bytes, execs)?;
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded and attached");
-        let (attached, mut filter, source) = programs.into_parts();
+        let (attached, mut filter, source, cgroups) = programs.into_parts();
         let (tx, rx) = mpsc::channel(QUEUE);
         let reader = Reader::start(ReaderParts {
             source,
@@ -299,6 +314,13 @@ impl<'a> Session<'a> {
             }))?;
         }
         reporter.say_if_filter_full()?;
+        let containers = match &opts.containers {
+            Some(policies) => Some(
+                Containers::start(policies.clone(), opts.host.clone(), cgroups)
+                    .map_err(|e| Error::io("starting the containers' checker thread", e))?,
+            ),
+            None => None,
+        };
         Ok(Session {
             opts,
             key: services.key,
@@ -314,6 +336,7 @@ impl<'a> Session<'a> {
             reroot_at: None,
             check,
             roots,
+            containers,
         })
     }
 
@@ -373,6 +396,7 @@ impl<'a> Session<'a> {
                 found = self.rescans.recv() => if let Some(found) = found {
                     self.found(found);
                 },
+                Some(next) = next_container(&mut self.containers) => self.container(next)?,
                 _ = sleep => {
                     self.reporter.process_due(false, &mut self.rescans)?;
                     if self.uring_rescan_at.is_some_and(|at| at <= Instant::now()) {
@@ -411,9 +435,37 @@ impl<'a> Session<'a> {
         Ok(exit)
     }
 
+    /// A container checked or gone.
+    fn container(&mut self, next: Next) -> Result<()> {
+        let Some(containers) = &mut self.containers else { return Ok(()) };
+        match next {
+            Next::Checked(checked) => {
+                for kind in checked.changes {
+                    self.metrics.change(kind.name());
+                }
+                for line in &checked.lines {
+                    self.reporter.print_event(line)?;
+                }
+            }
+            Next::Gone(id) => {
+                if let Some(line) = containers.gone(&id) {
+                    self.reporter.print_event(&line)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An observation or a loss from the reader.
     fn message(&mut self, message: Message) -> Result<()> {
         match message {
+            Message::Event(observation) if observation.event.op == kubefim_common::Op::Exec => {
+                if let Some(containers) = &mut self.containers {
+                    let header = &observation.event.header;
+                    let id = observation.actor.container.as_ref().map(|c| c.id.as_str());
+                    containers.exec(header.pid, header.cgroup_id, id, crate::containers::instant_of(observation.time));
+                }
+            }
             Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),
             Message::Event(observation) => match self.reporter.observe(&observation) {
                 Follow::Nothing => {}

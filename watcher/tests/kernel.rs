@@ -533,6 +533,45 @@ fn a_mount_and_umount_over_a_monitored_name_are_sent_with_target_and_source() {
     k.expect("umount", Expect::path(Op::Umount, bytes(&target)));
 }
 
+// ---- execs: new containers ---------------------------------------------------------------
+
+/// The cgroup v2 id of this process: the inode number of its cgroup's directory.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line");
+    std::fs::metadata(format!("/sys/fs/cgroup{path}")).expect("stat the cgroup's directory").ino()
+}
+
+/// Runs `/bin/true` in a child process (in this process's cgroup); its pid.
+fn exec_true() -> u32 {
+    let mut child = std::process::Command::new("/bin/true").spawn().expect("spawn /bin/true");
+    let pid = child.id();
+    assert!(child.wait().expect("wait for /bin/true").success());
+    pid
+}
+
+#[test]
+fn an_exec_in_a_cgroup_not_known_is_sent_and_once_it_is_known_no_longer() {
+    let Some(mut k) = Kernel::load_sending_execs() else { return };
+    let pid = exec_true();
+    let ev = k.next_event(DEADLINE, |ev| ev.op == Op::Exec && ev.header.pid == pid);
+    assert_eq!(ev.header.cgroup_id, own_cgroup_id(), "{ev:?}");
+    assert_eq!(ev.header.ppid, std::process::id(), "{ev:?}");
+    assert_eq!(ev.comm(), "true", "{ev:?}");
+    assert_eq!(ev.header.flags, 0, "an exec names no inode and no path: {ev:?}");
+    k.know_cgroup(ev.header.cgroup_id);
+    let pid = exec_true();
+    k.assert_no_event("an exec in a known cgroup", move |ev| ev.op == Op::Exec && ev.header.pid == pid);
+}
+
+#[test]
+fn no_exec_is_sent_unless_the_watcher_checks_containers() {
+    let Some(mut k) = Kernel::load() else { return };
+    let pid = exec_true();
+    k.assert_no_event("an exec without container checks", move |ev| ev.op == Op::Exec && ev.header.pid == pid);
+}
+
 fn bytes(path: &Path) -> Vec<u8> {
     path.as_os_str().as_bytes().to_vec()
 }

@@ -99,9 +99,7 @@ pub fn running(proc: &Path, host: &HostRoot) -> Vec<RunningContainer> {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         // A process gone meanwhile has no cgroup file: skipped.
         let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else { continue };
-        let Some((id, runtime)) = cgroup.lines().find_map(|l| container_of(l.splitn(3, ':').nth(2)?)) else {
-            continue;
-        };
+        let Some((id, runtime)) = container_in(&cgroup) else { continue };
         let slot = first_pid.entry(id).or_insert((pid, runtime));
         if pid < slot.0 {
             *slot = (pid, runtime);
@@ -109,6 +107,19 @@ pub fn running(proc: &Path, host: &HostRoot) -> Vec<RunningContainer> {
     }
     let storage = storage_containers(host);
     first_pid.into_iter().map(|(id, (pid, runtime))| describe(proc, host, &storage, id, pid, runtime)).collect()
+}
+
+/// The container process `pid` runs in, described; `None` for a process outside any
+/// container, or gone.
+pub fn of_pid(proc: &Path, host: &HostRoot, pid: u32) -> Option<RunningContainer> {
+    let cgroup = std::fs::read_to_string(proc.join(pid.to_string()).join("cgroup")).ok()?;
+    let (id, runtime) = container_in(&cgroup)?;
+    Some(describe(proc, host, &storage_containers(host), id, pid, runtime))
+}
+
+/// The container a `/proc/PID/cgroup` text names.
+fn container_in(cgroup: &str) -> Option<(String, Runtime)> {
+    cgroup.lines().find_map(|l| container_of(l.splitn(3, ':').nth(2)?))
 }
 
 fn storage_containers(host: &HostRoot) -> BTreeMap<String, StorageContainer> {

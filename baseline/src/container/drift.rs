@@ -62,6 +62,12 @@ pub fn compare(root: &OverlayRoot, image: &Image, policy: &Policy, exempt: &dyn 
     }
     cmp.report.changes.sort_by(|a, b| a.path.cmp(&b.path));
     cmp.report.errors.sort_by(|a, b| a.path.cmp(&b.path));
+    // The old side of a container's diff is its image's file, and says so.
+    for change in &mut cmp.report.changes {
+        if let Some(diff) = &mut change.diff {
+            *diff = crate::verify::relabel_old_side(diff, "image");
+        }
+    }
     cmp.report
 }
 

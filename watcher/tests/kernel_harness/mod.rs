@@ -291,6 +291,17 @@ impl Kernel {
 
     /// Loads the programs for a watcher whose tgid is `self_pid`.
     pub fn load_ignoring(self_pid: u32) -> Option<Kernel> {
+        Kernel::load_with(self_pid, false)
+    }
+
+    /// Loads the programs for a watcher that checks containers: execs in cgroups not marked
+    /// known are sent.
+    #[allow(dead_code, reason = "used by the kernel tests only")]
+    pub fn load_sending_execs() -> Option<Kernel> {
+        Kernel::load_with(0, true)
+    }
+
+    fn load_with(self_pid: u32, execs: bool) -> Option<Kernel> {
         if !root_or_skip() {
             return None;
         }
@@ -301,8 +312,8 @@ impl Kernel {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("create a test dir under CARGO_TARGET_TMPDIR");
         let loaded_ns = boot_ns();
-        let programs = Programs::load(self_pid, 1024, 1024, Some(1 << 20))
-            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
+        let programs = Programs::load(self_pid, 1024, 1024, Some(1 << 20), execs)
+            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e:?}"));
         assert!(programs.missing.is_empty(), "tracepoints missing on this kernel: {:?}", programs.missing);
         let sentinel = dir.path().join("sentinel");
         std::fs::write(&sentinel, b"").expect("create the sentinel");
@@ -341,6 +352,12 @@ impl Kernel {
         let bits = if path.is_dir() { WATCH_DIR } else { WATCH_FILE };
         assert!(self.programs.watch(key, bits), "watch {}: the map is full", path.display());
         key
+    }
+
+    /// Marks cgroup `id` decided on: its execs are no longer sent.
+    #[allow(dead_code, reason = "used by the kernel tests only")]
+    pub fn know_cgroup(&mut self, id: u64) {
+        assert!(self.programs.know_cgroup(id), "mark cgroup {id} known: the map refused");
     }
 
     /// Makes `name` a monitored file name: paths whose last or next-to-last component it is
