@@ -125,12 +125,17 @@ impl Drop for Container {
 }
 
 fn write_policy(dir: &Path, app: &str) -> PathBuf {
+    write_policy_with(dir, app, "")
+}
+
+/// A policy selecting `app=<app>`, with `extra` added to its spec.
+fn write_policy_with(dir: &Path, app: &str, extra: &str) -> PathBuf {
     let path = dir.join(format!("{app}.yaml"));
     fs::write(
         &path,
         format!(
             "apiVersion: kubefim.io/v1alpha1\nkind: WorkloadFimPolicy\nmetadata: {{name: {app}}}\nspec:\n  \
-             selector:\n    matchLabels: {{app: {app}}}\n  rules:\n    - path: /etc\n      diff: true\n    - path: /srv\n"
+             selector:\n    matchLabels: {{app: {app}}}\n  rules:\n    - path: /etc\n      diff: true\n    - path: /srv\n{extra}"
         ),
     )
     .unwrap();
@@ -399,6 +404,46 @@ fn watch_checks_a_container_started_after_ready_when_its_first_process_starts() 
         .filter(|l| l["kind"] == "container-watched" && l["container"]["id"] == late.id.as_str())
         .count();
     assert_eq!(watched_lines, 1, "checked once\n{}", w.dump());
+    assert!(w.stop().success());
+}
+
+#[test]
+fn watch_reports_an_executable_the_image_does_not_hold_and_not_the_images_own() {
+    if !root_or_skip() {
+        return;
+    }
+    ensure_drift_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = format!("exec{}", std::process::id());
+    let policy = write_policy_with(tmp.path(), &app, "  drift:\n    exec: true\n");
+    let (_fx, w) = watch_containers(&policy);
+    // The entrypoint (/bin/sh), cp and mkdir are the image's; the copy of busybox run from
+    // /usr/local/bin is not, though its bytes are an image file's (it is not at that path).
+    // (busybox picks its applet by the name it runs as: the copy is called sleep.)
+    let c = Container::start(
+        &app,
+        DRIFT_IMAGE,
+        "mkdir -p /usr/local/bin && cp /bin/busybox /usr/local/bin/sleep && /usr/local/bin/sleep 1",
+    );
+    let line = w.wait_for("drift-exec", Duration::from_secs(10), |l| {
+        l["kind"] == "drift-exec" && l["container"]["id"] == c.id.as_str()
+    });
+    assert_eq!(line["path"], "/usr/local/bin/sleep", "{line:#}");
+    assert_eq!(line["image_hash"], Value::Null, "{line:#}");
+    assert_eq!(line["hash"].as_str().map(str::len), Some(64), "{line:#}");
+    assert_eq!(line["process"]["comm"], "sleep", "{line:#}");
+    assert_eq!(line["origin"], "container", "{line:#}");
+    assert_eq!(line["policies"], serde_json::json!([app]), "{line:#}");
+    // What it ran is busybox's bytes.
+    let pid = podman_ok(&["inspect", "-f", "{{.State.Pid}}", &c.id]);
+    let b3sum = Command::new("b3sum").arg("--no-names").arg(format!("/proc/{pid}/root/bin/busybox")).output().unwrap();
+    assert!(b3sum.status.success(), "b3sum: {b3sum:?}");
+    assert_eq!(line["hash"], String::from_utf8_lossy(&b3sum.stdout).trim(), "{line:#}");
+    let drift_execs: Vec<Value> = w.lines().into_iter().filter(|l| l["kind"] == "drift-exec").collect();
+    assert!(
+        drift_execs.iter().all(|l| l["container"]["id"] != c.id.as_str() || l["path"] == "/usr/local/bin/sleep"),
+        "only the dropped binary is drift: {drift_execs:#?}"
+    );
     assert!(w.stop().success());
 }
 

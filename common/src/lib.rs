@@ -102,7 +102,8 @@ pub enum Op {
     /// FS_IOC_FSSETXATTR, file_setattr(2)), sent once the call succeeded.
     SetFlags = 41,
     /// A process exec'd (`sched_process_exec`) in a cgroup the watcher has not decided on
-    /// (the `CGROUPS` map): the first process of a new container, seen the moment it starts.
+    /// (the `CGROUPS` map): the first process of a new container, seen the moment it starts;
+    /// or in a container checked for drift execution ([`CGROUP_EXECS`]).
     Exec = 42,
 }
 
@@ -371,6 +372,9 @@ pub mod maps {
 /// Value of the `CGROUPS` map: the watcher knows what this cgroup is (the host's, a container
 /// it checks or one no workload policy selects); its execs are not sent.
 pub const CGROUP_KNOWN: u8 = 1;
+/// Value of the `CGROUPS` map: a container checked for drift execution (`drift.exec`): every
+/// exec in it is sent.
+pub const CGROUP_EXECS: u8 = 2;
 
 /// Index in the `LOST` map: events the ring buffer had no room for.
 pub const LOST_RING_FULL: u32 = 0;

@@ -4,7 +4,9 @@
 //! on yet (`CGROUPS`). The watcher decides at once (host, container checked, container not
 //! selected) and marks the cgroup, so a cgroup costs one event, not one per exec; until it
 //! decides, execs in it keep coming (a container's runtime helper may exec before its root is
-//! mounted, and the entrypoint's exec is then the one that counts).
+//! mounted, and the entrypoint's exec is then the one that counts). In a container checked
+//! for drift execution (`CGROUP_EXECS`), every exec is sent: the watcher compares what runs
+//! with the image.
 //!
 //! `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 //! include/trace/events/sched.h (6.18); only the current task is read here.
@@ -12,7 +14,7 @@
 use aya_ebpf::helpers::generated::bpf_get_current_cgroup_id;
 use aya_ebpf::macros::raw_tracepoint;
 use aya_ebpf::programs::RawTracePointContext;
-use kubefim_common::{EventHeader, Op};
+use kubefim_common::{CGROUP_EXECS, EventHeader, Op};
 
 use crate::emit::{active, fill_header, lost, within_budget};
 use crate::kernel::current_task;
@@ -27,8 +29,10 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     }
     // SAFETY: a helper without preconditions.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: only tested for presence.
-    if unsafe { CGROUPS.get(cgroup) }.is_some() {
+    // SAFETY: the value is copied out at once.
+    if let Some(decided) = unsafe { CGROUPS.get(cgroup) }.copied()
+        && decided != CGROUP_EXECS
+    {
         return 0;
     }
     if !within_budget(pid_tgid) {

@@ -4,7 +4,9 @@
 //! a container a workload policy selects, one none selects) and marks the cgroup in the
 //! kernel's map, so each cgroup costs one event. A selected container's layer is compared
 //! with its image once, on the checker thread (the loop never waits for a scan), and its
-//! drift is reported as changes against the image. A container is released when the process
+//! drift is reported as changes against the image. In a container whose policy asks for
+//! drift execution, every exec is sent and what ran is compared with the image's file at its
+//! path (`drift-exec`). A container is released when the process
 //! that revealed it exits (its pidfd becomes readable): its cgroups leave the kernel's map
 //! and nothing of it stays here.
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::{self, RunningContainer};
+use kubefim_baseline::container::overlay::OverlayRoot;
 use kubefim_baseline::report::{EscapedPath, RecordView};
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::verify::ChangeKind;
@@ -24,20 +27,46 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::model::{
-    Attribution, Change, Container, ContainerGone, ContainerWatched, DetectedBy, Event, FoundBy, Line, Origin, Pod,
-    Reference, Unverified, time_string,
+    Attribution, Change, Container, ContainerGone, ContainerWatched, DetectedBy, DriftExec, Event, FoundBy, Line,
+    Origin, PathError, Pod, Process, Reference, Unverified, time_string,
 };
 use crate::programs::Cgroups;
 
 /// Containers checked at once on the checker thread, beyond which finds wait their turn.
 const CHECKS_QUEUED: usize = 4096;
 
-/// One container found, for the checker thread.
-struct Job {
-    container: RunningContainer,
-    found_by: FoundBy,
-    /// When the exec that revealed it happened (`found_by: exec`).
-    exec_at: Option<Instant>,
+/// Work for the checker thread.
+enum Job {
+    /// A container found: compare its layer with its image.
+    Check {
+        container: RunningContainer,
+        found_by: FoundBy,
+        /// When the exec that revealed it happened (`found_by: exec`).
+        exec_at: Option<Instant>,
+    },
+    /// An exec in a container checked for drift execution: is what ran its image's?
+    Exec(ExecJob),
+}
+
+/// An exec to compare with the image.
+struct ExecJob {
+    /// What ran (`/proc/PID/exe`, opened when the exec was read).
+    exe: std::fs::File,
+    /// Where it is in the container.
+    path: PathBuf,
+    root: OverlayRoot,
+    process: Process,
+    container: Container,
+    pod: Option<Pod>,
+    policies: Vec<String>,
+}
+
+/// What a container checked for drift execution needs at each exec.
+#[derive(Clone)]
+struct ExecCheck {
+    root: OverlayRoot,
+    /// The policies that ask for it.
+    policies: Vec<String>,
 }
 
 /// What a check produced: the lines to print, in order (the changes, then the
@@ -54,6 +83,8 @@ struct Known {
     cgroups: Vec<u64>,
     /// Its description in lines; `None` when no policy selects it (nothing is said of it).
     selected: Option<(Container, Option<Pod>)>,
+    /// Set when a policy that selects it asks for drift execution.
+    exec_check: Option<ExecCheck>,
 }
 
 /// The containers of this node, as far as the workload policies care.
@@ -85,7 +116,13 @@ impl Containers {
         let for_checker = policies.clone();
         std::thread::Builder::new().name("kubefim-containers".into()).spawn(move || {
             for job in job_rx {
-                if checked_tx.send(check_one(&job, &for_checker)).is_err() {
+                let checked = match job {
+                    Job::Check { container, found_by, exec_at } => {
+                        check_one(&container, found_by, exec_at, &for_checker)
+                    }
+                    Job::Exec(exec) => check_exec(exec),
+                };
+                if checked_tx.send(checked).is_err() {
                     return;
                 }
             }
@@ -112,30 +149,79 @@ impl Containers {
         Ok(containers)
     }
 
-    /// An exec in a cgroup the kernel's map does not hold: `pid` exec'd in `cgroup` at
-    /// `at`; `container` is its container id, when its cgroup path names one.
-    pub fn exec(&mut self, pid: u32, cgroup: u64, container: Option<&str>, at: Instant) {
+    /// An exec the kernel sent: in a cgroup its map does not hold, or in a container checked
+    /// for drift execution. `pid` exec'd in `cgroup` at `at`; `container` is its container id,
+    /// when its cgroup path names one. A line to print at once, if any (an exec that could
+    /// not be checked).
+    pub fn exec(
+        &mut self,
+        pid: u32,
+        cgroup: u64,
+        container: Option<&str>,
+        at: Instant,
+        process: &Process,
+    ) -> Option<Event> {
         let Some(id) = container else {
             // The host's: nothing to check, ever.
             self.cgroups.know(cgroup);
-            return;
+            return None;
         };
-        if let Some(known) = self.known.get_mut(id) {
-            if !known.cgroups.contains(&cgroup) {
-                known.cgroups.push(cgroup);
+        if !self.known.contains_key(id) {
+            let c = discover::of_pid(&self.proc, &self.host, pid)?;
+            if c.root.is_err() && mnt_ns(&self.proc, &pid.to_string()) == self.own_mnt_ns {
+                // Its runtime's helper, before the container's root is in place: the next
+                // exec (the entrypoint's) tells.
+                self.waiting.insert(cgroup);
+                return None;
             }
-            self.cgroups.know(cgroup);
-            return;
+            self.waiting.remove(&cgroup);
+            self.track(c, Some(cgroup), FoundBy::Exec, Some(at));
         }
-        let Some(c) = discover::of_pid(&self.proc, &self.host, pid) else { return };
-        if c.root.is_err() && mnt_ns(&self.proc, &pid.to_string()) == self.own_mnt_ns {
-            // Its runtime's helper, before the container's root is in place: the next exec
-            // (the entrypoint's) tells.
-            self.waiting.insert(cgroup);
-            return;
+        let known = self.known.get_mut(id)?;
+        if !known.cgroups.contains(&cgroup) {
+            known.cgroups.push(cgroup);
+            mark(&mut self.cgroups, cgroup, known.exec_check.is_some());
         }
-        self.waiting.remove(&cgroup);
-        self.track(c, Some(cgroup), FoundBy::Exec, Some(at));
+        let check = known.exec_check.clone()?;
+        let (container, pod) = known.selected.clone()?;
+        self.exec_job(pid, check, process, container, pod)
+    }
+
+    /// Opens what `pid` executes, now (before it can exit), and has it compared with the
+    /// image; a line when that cannot be done.
+    fn exec_job(
+        &mut self,
+        pid: u32,
+        check: ExecCheck,
+        process: &Process,
+        container: Container,
+        pod: Option<Pod>,
+    ) -> Option<Event> {
+        let link = self.proc.join(pid.to_string()).join("exe");
+        let opened = std::fs::File::open(&link).and_then(|exe| Ok((exe, std::fs::read_link(&link)?)));
+        match opened {
+            Ok((exe, path)) => {
+                let job = ExecJob {
+                    exe,
+                    path,
+                    root: check.root,
+                    process: process.clone(),
+                    container,
+                    pod,
+                    policies: check.policies,
+                };
+                let _ = self.jobs.send(Job::Exec(job));
+                None
+            }
+            Err(e) => Some(Event::now(Line::Error(PathError {
+                path: EscapedPath::of_path(&link),
+                error: format!(
+                    "process {pid} of container {} exec'd, but what it runs could not be read ({e}): not compared with \
+                     its image",
+                    container.id
+                ),
+            }))),
+        }
     }
 
     /// Keeps `c` while its process runs and, when a policy selects it, has it checked.
@@ -147,15 +233,23 @@ impl Containers {
             return;
         };
         let selected = check::selected(&c, &self.policies).then(|| describe(&c));
+        let exec_check = selected.as_ref().and_then(|_| {
+            let w = check::workload(&c);
+            let policies: Vec<String> =
+                self.policies.for_workload(&w).iter().filter(|p| p.drift_exec).map(|p| p.qualified_name()).collect();
+            let root = c.root.as_ref().ok()?.clone();
+            (!policies.is_empty()).then_some(ExecCheck { root, policies })
+        });
         if let Some(cgroup) = cgroup {
-            self.cgroups.know(cgroup);
+            mark(&mut self.cgroups, cgroup, exec_check.is_some());
         }
-        self.known.insert(c.id.clone(), Known { cgroups: cgroup.into_iter().collect(), selected: selected.clone() });
+        let known = Known { cgroups: cgroup.into_iter().collect(), selected: selected.clone(), exec_check };
+        self.known.insert(c.id.clone(), known);
         watch_exit(c.id.clone(), pidfd, self.gone_tx.clone());
         if selected.is_some() {
             // A full queue (thousands of containers started at once) waits here rather
             // than lose a check.
-            let _ = self.jobs.send(Job { container: c, found_by, exec_at });
+            let _ = self.jobs.send(Job::Check { container: c, found_by, exec_at });
         }
     }
 
@@ -183,6 +277,16 @@ impl Containers {
 pub(crate) enum Next {
     Checked(Checked),
     Gone(String),
+}
+
+/// Marks a cgroup decided on in the kernel's map: every exec sent when its container is
+/// checked for drift execution, none otherwise.
+fn mark(cgroups: &mut Cgroups, cgroup: u64, execs: bool) {
+    if execs {
+        cgroups.send_execs(cgroup);
+    } else {
+        cgroups.know(cgroup);
+    }
 }
 
 /// Waits, on the runtime, for the process behind `pidfd` to exit, then says so.
@@ -236,8 +340,13 @@ fn describe(c: &RunningContainer) -> (Container, Option<Pod>) {
 
 /// Checks one container under every policy that selects it: its changes against the image
 /// as lines, then the line that says it is watched.
-fn check_one(job: &Job, policies: &WorkloadPolicies) -> Checked {
-    let (container, pod) = describe(&job.container);
+fn check_one(
+    c: &RunningContainer,
+    found_by: FoundBy,
+    exec_at: Option<Instant>,
+    policies: &WorkloadPolicies,
+) -> Checked {
+    let (container, pod) = describe(c);
     let origin = if pod.is_some() { Origin::Pod } else { Origin::Container };
     let time = time_string(SystemTime::now());
     let mut lines = Vec::new();
@@ -246,14 +355,14 @@ fn check_one(job: &Job, policies: &WorkloadPolicies) -> Checked {
         container: container.clone(),
         pod: pod.clone(),
         policies: Vec::new(),
-        found_by: job.found_by,
+        found_by,
         seconds_since_exec: None,
         scanned: 0,
         changes: 0,
         errors: Vec::new(),
         unverified: Vec::new(),
     };
-    for one in check::check(&job.container, policies) {
+    for one in check::check(c, policies) {
         let name = one.policy.qualified_name();
         watched.policies.push(name.clone());
         let report = match one.report {
@@ -302,9 +411,32 @@ fn check_one(job: &Job, policies: &WorkloadPolicies) -> Checked {
         }
     }
     watched.changes = kinds.len() as u64;
-    watched.seconds_since_exec = job.exec_at.map(|at| at.elapsed().as_secs_f64());
+    watched.seconds_since_exec = exec_at.map(|at| at.elapsed().as_secs_f64());
     lines.push(Event::now(Line::ContainerWatched(watched)));
     Checked { lines, changes: kinds }
+}
+
+/// Compares what an exec ran with the image: a `drift-exec` line when it is not the image's,
+/// an `error` line when that could not be told, nothing when it is the image's.
+fn check_exec(mut job: ExecJob) -> Checked {
+    let line = match check::exec_drift(&job.root, &mut job.exe, &job.path) {
+        Ok(None) => None,
+        Ok(Some(drift)) => Some(Line::DriftExec(DriftExec {
+            path: EscapedPath::of_path(&job.path),
+            hash: drift.hash,
+            image_hash: drift.image_hash,
+            process: job.process,
+            origin: if job.pod.is_some() { Origin::Pod } else { Origin::Container },
+            container: job.container,
+            pod: job.pod,
+            policies: job.policies,
+        })),
+        Err(e) => Some(Line::Error(PathError {
+            path: EscapedPath::of_path(&job.path),
+            error: format!("executed in container {}, but could not be compared with its image: {e}", job.container.id),
+        })),
+    };
+    Checked { lines: line.map(Event::now).into_iter().collect(), changes: Vec::new() }
 }
 
 /// How long an exec's kernel time is from now, as an [`Instant`] (the event's boot-clock

@@ -1,6 +1,7 @@
 //! Every line `kubefim watch` prints, as types: one [`Event`] per line, its `kind` telling
 //! a change (`added`, `removed`, `modified`, `renamed`) or a mount over monitored paths
-//! (`mounted-over`, in `model/mount.rs`) from a line about the watcher itself (`rescan`,
+//! (`mounted-over`, in `model/mount.rs`), a container's check (`container-watched`,
+//! `container-gone`, `drift-exec`) from a line about the watcher itself (`rescan`,
 //! `lost`, `degraded`, `error`, `verify`, and the baseline's lifecycle). The JSON
 //! is their serde form and the JSON Schema (`kubefim schema events`) is generated from them;
 //! human output is their `Display`. The vocabularies (ops, reasons, results, origins) are
@@ -376,6 +377,9 @@ pub enum Line {
     ContainerWatched(ContainerWatched),
     /// A checked container's process exited: what was kept for it is released.
     ContainerGone(ContainerGone),
+    /// A container whose workload policy asks (`drift.exec`) executed a file that is not its
+    /// image's: added to its layer or changed there.
+    DriftExec(DriftExec),
 }
 
 /// A change to one path.
@@ -688,6 +692,29 @@ pub struct ContainerWatched {
     pub errors: Vec<String>,
     /// Paths that could not be compared.
     pub unverified: Vec<Unverified>,
+}
+
+/// A container executed a file that is not its image's.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DriftExec {
+    /// What was executed, as seen inside the container (`/proc/PID/exe`).
+    #[serde(flatten)]
+    pub path: EscapedPath,
+    /// BLAKE3 of what was executed (hex).
+    pub hash: String,
+    /// BLAKE3 of the image's file at that path (hex); null when the image has none there
+    /// (the file was added by the container).
+    pub image_hash: Option<String>,
+    /// The process that executed it.
+    pub process: Process,
+    /// The container.
+    pub container: Container,
+    /// Its pod, when known.
+    pub pod: Option<Pod>,
+    /// `container`, or `pod` when the pod is known.
+    pub origin: Origin,
+    /// The workload policies that ask for it (`namespace/name`).
+    pub policies: Vec<String>,
 }
 
 /// A checked container's process exited.

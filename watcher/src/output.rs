@@ -162,6 +162,22 @@ impl fmt::Display for Event {
                 Ok(())
             }
             Line::ContainerGone(g) => write!(f, "{time} container-gone {}", container(&g.container)),
+            Line::DriftExec(d) => {
+                write!(
+                    f,
+                    "{time} drift-exec {} in container {} by {}[{}] uid={} blake3={}",
+                    h(&d.path.bytes.text),
+                    container(&d.container),
+                    h(&d.process.comm),
+                    d.process.pid,
+                    d.process.uid,
+                    d.hash
+                )?;
+                match &d.image_hash {
+                    Some(image) => write!(f, " (the image's differs: {image})"),
+                    None => write!(f, " (not in the image)"),
+                }
+            }
         }
     }
 }

@@ -207,6 +207,12 @@ impl Programs {
         self.cgroups.insert(id, kubefim_common::CGROUP_KNOWN, 0).is_ok()
     }
 
+    /// Marks a cgroup whose every exec is sent (a container checked for drift execution).
+    /// False when the map refused.
+    pub fn send_cgroup_execs(&mut self, id: u64) -> bool {
+        self.cgroups.insert(id, kubefim_common::CGROUP_EXECS, 0).is_ok()
+    }
+
     /// The parts, for their owners in the watcher: the attached programs (kept alive),
     /// the filter maps (`filter`), the ring buffer and lost counter (`reader`), the cgroups
     /// decided on (`containers`).
@@ -233,6 +239,11 @@ impl Cgroups {
     /// Marks `id` decided on. False when the map refused (its execs keep coming: harmless).
     pub fn know(&mut self, id: u64) -> bool {
         self.0.insert(id, kubefim_common::CGROUP_KNOWN, 0).is_ok()
+    }
+
+    /// Marks `id` a container checked for drift execution: each of its execs is sent.
+    pub fn send_execs(&mut self, id: u64) -> bool {
+        self.0.insert(id, kubefim_common::CGROUP_EXECS, 0).is_ok()
     }
 
     /// Forgets `id` (a container gone), so the map keeps room for the living.

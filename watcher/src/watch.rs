@@ -463,7 +463,11 @@ impl<'a> Session<'a> {
                 if let Some(containers) = &mut self.containers {
                     let header = &observation.event.header;
                     let id = observation.actor.container.as_ref().map(|c| c.id.as_str());
-                    containers.exec(header.pid, header.cgroup_id, id, crate::containers::instant_of(observation.time));
+                    let at = crate::containers::instant_of(observation.time);
+                    let process = &observation.actor.process;
+                    if let Some(line) = containers.exec(header.pid, header.cgroup_id, id, at, process) {
+                        self.reporter.print_event(&line)?;
+                    }
                 }
             }
             Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),

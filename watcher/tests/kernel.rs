@@ -552,7 +552,7 @@ fn exec_true() -> u32 {
 }
 
 #[test]
-fn an_exec_in_a_cgroup_not_known_is_sent_and_once_it_is_known_no_longer() {
+fn an_exec_in_a_cgroup_not_known_is_sent_once_it_is_known_no_longer_and_every_one_when_it_sends_execs() {
     let Some(mut k) = Kernel::load_sending_execs() else { return };
     let pid = exec_true();
     let ev = k.next_event(DEADLINE, |ev| ev.op == Op::Exec && ev.header.pid == pid);
@@ -563,6 +563,12 @@ fn an_exec_in_a_cgroup_not_known_is_sent_and_once_it_is_known_no_longer() {
     k.know_cgroup(ev.header.cgroup_id);
     let pid = exec_true();
     k.assert_no_event("an exec in a known cgroup", move |ev| ev.op == Op::Exec && ev.header.pid == pid);
+    // A container checked for drift execution: every exec is sent.
+    k.send_cgroup_execs(ev.header.cgroup_id);
+    for _ in 0..2 {
+        let pid = exec_true();
+        k.next_event(DEADLINE, |ev| ev.op == Op::Exec && ev.header.pid == pid);
+    }
 }
 
 #[test]

@@ -1,10 +1,18 @@
 //! One running container checked: the workload policies that select it (its labels, name,
 //! image and pod namespace as a [`Workload`]) and, under each, its layer compared with its
 //! image. `verify --containers` and `watch --containers` both check containers this way.
+//! It also tells whether a file a container executes is its image's (`drift.exec`).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use rustix::fs::{FileType, Mode, OFlags};
 
 use crate::container::discover::RunningContainer;
 use crate::container::drift;
 use crate::container::image::Image;
+use crate::container::overlay::{Layer, OverlayRoot};
 use crate::verify::VerifyReport;
 use crate::workload::{Workload, WorkloadPolicies, WorkloadPolicy};
 
@@ -49,4 +57,48 @@ pub fn check<'p>(c: &RunningContainer, policies: &'p WorkloadPolicies) -> Vec<Ch
             Checked { policy, report }
         })
         .collect()
+}
+
+/// An executable run in a container that is not its image's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecDrift {
+    /// BLAKE3 of what was executed (hex).
+    pub hash: String,
+    /// BLAKE3 of the image's file at that path (hex); `None` when the image has no regular
+    /// file there.
+    pub image_hash: Option<String>,
+}
+
+/// Whether the file a container's process executes is not its image's: `exe` is that file,
+/// open (through `/proc/PID/exe`, so what ran, whatever its name now), `path` where it is in
+/// the container. A path the container's own layer has nothing at is the image's, unread;
+/// otherwise the content is compared with the image's file there (a copy-up or a chmod of an
+/// image binary is still the image's binary).
+pub fn exec_drift(root: &OverlayRoot, exe: &mut File, path: &Path) -> io::Result<Option<ExecDrift>> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let upper = Image { layers: vec![Layer::at(&root.upper).map_err(io::Error::other)?] };
+    if upper.lookup(rel)?.is_none() {
+        return Ok(None);
+    }
+    let hash = blake3_hex(exe)?;
+    let image = Image { layers: root.lower.clone() };
+    let image_hash = match image.lookup(rel)? {
+        Some(found) if FileType::from_raw_mode(found.stat.st_mode) == FileType::RegularFile => {
+            let fd = rustix::fs::openat(
+                &found.parent,
+                found.name.as_c_str(),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Some(blake3_hex(&mut File::from(fd))?)
+        }
+        _ => None,
+    };
+    Ok((image_hash.as_deref() != Some(hash.as_str())).then_some(ExecDrift { hash, image_hash }))
+}
+
+fn blake3_hex(file: &mut File) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file)?;
+    Ok(hasher.finalize().to_hex().to_string())
 }

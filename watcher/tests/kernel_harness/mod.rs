@@ -360,6 +360,12 @@ impl Kernel {
         assert!(self.programs.know_cgroup(id), "mark cgroup {id} known: the map refused");
     }
 
+    /// Marks cgroup `id` as one whose every exec is sent (drift execution).
+    #[allow(dead_code, reason = "used by the kernel tests only")]
+    pub fn send_cgroup_execs(&mut self, id: u64) {
+        assert!(self.programs.send_cgroup_execs(id), "mark cgroup {id}: the map refused");
+    }
+
     /// Makes `name` a monitored file name: paths whose last or next-to-last component it is
     /// are sent.
     pub fn watch_name(&mut self, name: &str) {
