@@ -33,7 +33,7 @@ fn root_or_skip() -> bool {
 }
 
 #[track_caller]
-fn podman_ok(args: &[&str]) -> String {
+fn podman_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
     let mut cmd = podman();
     cmd.args(args);
     let run = run_with_timeout(cmd, TIMEOUT);
@@ -78,6 +78,16 @@ fn ensure_drift_image() {
     podman_ok(&["rm", "-f", &name]);
 }
 
+/// `podman <verb...>` of a container of `image` annotated `app=<app>` that runs `script` in
+/// its shell, with the limits these machines need.
+fn container_args(verb: &[&str], app: &str, image: &str, script: &str) -> Vec<String> {
+    let mut args: Vec<String> = verb.iter().map(|v| (*v).to_owned()).collect();
+    args.extend(["--annotation".into(), format!("app={app}")]);
+    args.extend(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"].map(String::from));
+    args.extend([image, "/bin/sh", "-c", script].map(String::from));
+    args
+}
+
 /// A running container, removed when dropped (a failing test leaves none behind).
 struct Container {
     id: String,
@@ -88,20 +98,7 @@ impl Container {
     /// returns once the script is done.
     fn start(app: &str, image: &str, script: &str) -> Container {
         let full = format!("{script} && touch /tmp/kubefim-ready && exec sleep 600");
-        let id = podman_ok(&[
-            "run",
-            "-d",
-            "--annotation",
-            &format!("app={app}"),
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1000:1000",
-            image,
-            "/bin/sh",
-            "-c",
-            &full,
-        ]);
+        let id = podman_ok(&container_args(&["run", "-d"], app, image, &full));
         assert_eq!(id.len(), 64, "podman run printed {id:?}");
         let c = Container { id };
         let started = Instant::now();
@@ -277,14 +274,39 @@ fn containers_mode_needs_a_workload_policy_and_a_bad_one_is_refused_saying_why()
 
 // ---- watch --containers -------------------------------------------------------------------
 
-/// A watcher of a small host tree that also checks the containers `policy` selects.
-fn watch_containers(policy: &Path) -> (Fixture, Watcher) {
-    let fx = Fixture::on_disk();
-    fs::write(fx.t("host.conf"), "host\n").unwrap();
-    let rules = fx.write_policy(&[Rule::new(fx.tree())]);
-    fx.create(&rules);
-    let w = Watcher::start_on(&fx, &["--containers", "--workload-policy", policy.to_str().unwrap()]);
-    (fx, w)
+/// A workload policy selecting the containers annotated `app=<app>` (the name made unique to
+/// this test process), and the watcher of a small host tree that also checks them.
+struct Selected {
+    /// The policy's directory, and room for the test's own files.
+    tmp: tempfile::TempDir,
+    /// The `app` annotation the policy selects.
+    app: String,
+    policy: PathBuf,
+}
+
+impl Selected {
+    /// The policy, with `extra` in its spec; `None` when not root (outside CI). The drift
+    /// image is built first.
+    fn policy(app: &str, extra: &str) -> Option<Selected> {
+        if !root_or_skip() {
+            return None;
+        }
+        ensure_drift_image();
+        let tmp = tempfile::tempdir().unwrap();
+        let app = format!("{app}{}", std::process::id());
+        let policy = write_policy_with(tmp.path(), &app, extra);
+        Some(Selected { tmp, app, policy })
+    }
+
+    /// `kubefim watch --containers` under the policy, ready.
+    fn watch(&self) -> (Fixture, Watcher) {
+        let fx = Fixture::on_disk();
+        fs::write(fx.t("host.conf"), "host\n").unwrap();
+        let rules = fx.write_policy(&[Rule::new(fx.tree())]);
+        fx.create(&rules);
+        let w = Watcher::start_on(&fx, &["--containers", "--workload-policy", self.policy.to_str().unwrap()]);
+        (fx, w)
+    }
 }
 
 /// The `container-watched` line of container `id`.
@@ -305,20 +327,15 @@ fn change_at<'a>(changes: &'a [Value], path: &str) -> Option<&'a Value> {
 
 #[test]
 fn watch_reports_a_running_containers_drift_against_its_image_and_its_exit() {
-    if !root_or_skip() {
-        return;
-    }
-    ensure_drift_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let app = format!("watched{}", std::process::id());
-    let policy = write_policy(tmp.path(), &app);
+    let Some(selected) = Selected::policy("watched", "") else { return };
+    let app = &selected.app;
     let web = Container::start(
-        &app,
+        app,
         DRIFT_IMAGE,
         "echo 'listen 8080' >> /etc/app.conf && rm /etc/removed.conf && : >> /etc/opened.conf",
     );
     let other = Container::start(&format!("other{}", std::process::id()), DRIFT_IMAGE, "echo x >> /etc/app.conf");
-    let (_fx, w) = watch_containers(&policy);
+    let (_fx, w) = selected.watch();
     let watched = watched_line(&w, &web.id, Duration::from_secs(30));
     assert_eq!(watched["found_by"], "startup", "{watched:#}");
     assert_eq!(watched["policies"], serde_json::json!([app]), "{watched:#}");
@@ -358,29 +375,12 @@ fn watch_reports_a_running_containers_drift_against_its_image_and_its_exit() {
 
 #[test]
 fn watch_checks_a_container_started_after_ready_when_its_first_process_starts() {
-    if !root_or_skip() {
-        return;
-    }
-    ensure_drift_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let app = format!("late{}", std::process::id());
-    let policy = write_policy(tmp.path(), &app);
-    let (_fx, w) = watch_containers(&policy);
+    let Some(selected) = Selected::policy("late", "") else { return };
+    let (tmp, app) = (&selected.tmp, &selected.app);
+    let (_fx, w) = selected.watch();
     // Made before it starts: `podman cp` into a created container writes its layer, so the
     // check at its first exec has drift to find.
-    let id = podman_ok(&[
-        "create",
-        "--annotation",
-        &format!("app={app}"),
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1000:1000",
-        DRIFT_IMAGE,
-        "/bin/sh",
-        "-c",
-        "exec sleep 600",
-    ]);
+    let id = podman_ok(&container_args(&["create"], app, DRIFT_IMAGE, "exec sleep 600"));
     let late = Container { id };
     let dropped = tmp.path().join("dropped.sh");
     fs::write(&dropped, "#!/bin/sh\necho pwned\n").unwrap();
@@ -409,19 +409,14 @@ fn watch_checks_a_container_started_after_ready_when_its_first_process_starts() 
 
 #[test]
 fn watch_reports_an_executable_the_image_does_not_hold_and_not_the_images_own() {
-    if !root_or_skip() {
-        return;
-    }
-    ensure_drift_image();
-    let tmp = tempfile::tempdir().unwrap();
-    let app = format!("exec{}", std::process::id());
-    let policy = write_policy_with(tmp.path(), &app, "  drift:\n    exec: true\n");
-    let (_fx, w) = watch_containers(&policy);
+    let Some(selected) = Selected::policy("exec", "  drift:\n    exec: true\n") else { return };
+    let app = &selected.app;
+    let (_fx, w) = selected.watch();
     // The entrypoint (/bin/sh), cp and mkdir are the image's; the copy of busybox run from
     // /usr/local/bin is not, though its bytes are an image file's (it is not at that path).
     // (busybox picks its applet by the name it runs as: the copy is called sleep.)
     let c = Container::start(
-        &app,
+        app,
         DRIFT_IMAGE,
         "mkdir -p /usr/local/bin && cp /bin/busybox /usr/local/bin/sleep && /usr/local/bin/sleep 1",
     );
