@@ -10,7 +10,7 @@
 //! that revealed it exits (its pidfd becomes readable): its cgroups leave the kernel's map
 //! and nothing of it stays here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,9 +95,6 @@ pub(crate) struct Containers {
     cgroups: Cgroups,
     /// Running containers by id.
     known: HashMap<String, Known>,
-    /// Cgroups whose container is not running yet (its root not mounted when its first
-    /// process exec'd): asked about again at its next exec.
-    waiting: HashSet<u64>,
     /// This process's mount namespace: a process still in it is not in its container yet.
     own_mnt_ns: Option<u64>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -136,7 +133,6 @@ impl Containers {
             policies,
             cgroups,
             known: HashMap::new(),
-            waiting: HashSet::new(),
             jobs,
             checked,
             gone_tx,
@@ -169,12 +165,10 @@ impl Containers {
         if !self.known.contains_key(id) {
             let c = discover::of_pid(&self.proc, &self.host, pid)?;
             if c.root.is_err() && mnt_ns(&self.proc, &pid.to_string()) == self.own_mnt_ns {
-                // Its runtime's helper, before the container's root is in place: the next
-                // exec (the entrypoint's) tells.
-                self.waiting.insert(cgroup);
+                // Its runtime's helper, before the container's root is in place: its cgroup
+                // stays undecided, so the next exec (the entrypoint's) asks again.
                 return None;
             }
-            self.waiting.remove(&cgroup);
             self.track(c, Some(cgroup), FoundBy::Exec, Some(at));
         }
         let known = self.known.get_mut(id)?;
@@ -266,7 +260,6 @@ impl Containers {
         let known = self.known.remove(id)?;
         for cgroup in &known.cgroups {
             self.cgroups.forget(*cgroup);
-            self.waiting.remove(cgroup);
         }
         let (container, pod) = known.selected?;
         Some(Event::now(Line::ContainerGone(ContainerGone { container, pod })))
