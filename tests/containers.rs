@@ -442,6 +442,99 @@ fn watch_reports_an_executable_the_image_does_not_hold_and_not_the_images_own() 
     assert!(w.stop().success());
 }
 
+/// The change line at `path` in container `id` found by a kernel event, waited for.
+fn event_change(w: &Watcher, id: &str, path: &str) -> Value {
+    w.wait_for(&format!("an event's change at {path}"), Duration::from_secs(10), |l| {
+        is_change(l) && l["container"]["id"] == id && l["path"] == path && l["detected_by"] == "event"
+    })
+}
+
+/// The comm of the process a change names.
+fn writer(change: &Value) -> &str {
+    change["process"]["comm"].as_str().unwrap_or_else(|| panic!("no process named\n{change:#}"))
+}
+
+#[test]
+fn watch_reports_each_change_inside_a_running_container_as_it_happens_with_its_writer() {
+    let Some(selected) = Selected::policy("live", "") else { return };
+    let app = &selected.app;
+    let (_fx, w) = selected.watch();
+    let c = Container::start(app, DRIFT_IMAGE, "true");
+    let watched = watched_line(&w, &c.id, Duration::from_secs(10));
+    assert!(watched["watched"].as_u64().is_some_and(|n| n >= 8), "/etc's and /srv's entries: {watched:#}");
+    assert!(container_changes(&w, &c.id).is_empty(), "a fresh container has no drift\n{}", w.dump());
+    let in_container = |script: &str| podman_ok(&["exec", &c.id, "/bin/sh", "-c", script]);
+
+    // An image file edited by the container's shell: a diff against the image, and who.
+    in_container("echo 'listen 9090' >> /etc/app.conf");
+    let edit = event_change(&w, &c.id, "/etc/app.conf");
+    assert_eq!(edit["kind"], "modified", "{edit:#}");
+    assert_eq!(edit["baseline"], "image", "{edit:#}");
+    assert_eq!(edit["policy"], app.as_str(), "{edit:#}");
+    assert_eq!(writer(&edit), "sh", "{edit:#}");
+    assert_eq!(edit["attribution"], "exact", "{edit:#}");
+    assert_eq!(edit["origin"], "container", "{edit:#}");
+    assert_eq!(edit["process"]["pid"], edit["processes"][0]["pid"], "{edit:#}");
+    assert!(edit["ops"].as_array().unwrap().contains(&Value::from("write")), "{edit:#}");
+    let diff = edit["diff"].as_str().unwrap_or_else(|| panic!("no diff\n{edit:#}"));
+    assert!(diff.starts_with("--- /etc/app.conf (image)\n"), "{diff}");
+    assert!(diff.contains("\n listen 80\n+listen 9090\n"), "{diff}");
+
+    // A chmod only: the mode, not the content.
+    in_container("chmod 600 /etc/other.conf");
+    let chmod = event_change(&w, &c.id, "/etc/other.conf");
+    assert_eq!(changed(&chmod), ["mode"], "{chmod:#}");
+    assert_eq!(writer(&chmod), "chmod", "{chmod:#}");
+
+    // An image file removed (a whiteout), a file added, a directory renamed.
+    in_container("rm /etc/removed.conf");
+    let removed = event_change(&w, &c.id, "/etc/removed.conf");
+    assert_eq!(removed["kind"], "removed", "{removed:#}");
+    assert_eq!(writer(&removed), "rm", "{removed:#}");
+    // Its directory's mtime, by the same process.
+    let etc = event_change(&w, &c.id, "/etc");
+    assert_eq!(changed(&etc), ["mtime"], "{etc:#}");
+    assert_eq!(writer(&etc), "rm", "{etc:#}");
+    in_container("echo new > /etc/added.conf");
+    let added = event_change(&w, &c.id, "/etc/added.conf");
+    assert_eq!(added["kind"], "added", "{added:#}");
+    assert_eq!(writer(&added), "sh", "{added:#}");
+    in_container("mv /srv/site /srv/moved");
+    let moved = event_change(&w, &c.id, "/srv/moved");
+    assert_eq!(moved["kind"], "added", "{moved:#}");
+    assert_eq!(writer(&moved), "mv", "{moved:#}");
+    let old = event_change(&w, &c.id, "/srv/site/index.html");
+    assert_eq!(old["kind"], "removed", "{old:#}");
+    assert_eq!(writer(&old), "mv", "{old:#}");
+
+    // A file written after it was added is watched too (the kernel filter follows the layer).
+    in_container("echo more >> /etc/added.conf");
+    w.wait_for("the added file's edit", Duration::from_secs(10), |l| {
+        l["kind"] == "added" && l["path"] == "/etc/added.conf" && l["new"]["size"] == 9
+    });
+
+    // A host process writing through the container's root is named, as the host's.
+    let pid = podman_ok(&["inspect", "-f", "{{.State.Pid}}", &c.id]);
+    fs::write(format!("/proc/{pid}/root/srv/moved/style.css"), "css\nhost\n").unwrap();
+    let host = w.wait_for("the host's write", Duration::from_secs(10), |l| {
+        is_change(l) && l["path"] == "/srv/moved/style.css" && l["new"]["size"] == 9
+    });
+    assert_eq!(host["process"]["pid"], std::process::id(), "{host:#}");
+    assert_eq!(host["origin"], "host", "{host:#}");
+
+    // An open for writing that writes nothing is no change: nothing is said of it before
+    // the change that follows it.
+    in_container(": >> /etc/opened.conf && echo x > /etc/marker.conf");
+    event_change(&w, &c.id, "/etc/marker.conf");
+    std::thread::sleep(Duration::from_millis(300));
+    let changes = container_changes(&w, &c.id);
+    assert!(change_at(&changes, "/etc/opened.conf").is_none(), "a copy-up is no change\n{}", w.dump());
+    // Each change once: a comparison says only what is new.
+    let app_conf = changes.iter().filter(|l| l["path"] == "/etc/app.conf").count();
+    assert_eq!(app_conf, 1, "{}", w.dump());
+    assert!(w.stop().success());
+}
+
 #[test]
 fn watch_containers_needs_a_workload_policy() {
     let run = common::kubefim(["watch", "--db", "x", "--pubkey", "y", "--containers"]);

@@ -688,6 +688,9 @@ pub struct ContainerWatched {
     pub scanned: u64,
     /// Changes against the image reported for it (the lines before this one).
     pub changes: u64,
+    /// Its monitored entries the kernel watches: changes to them (and new entries in its
+    /// watched directories) are compared with the image as they happen.
+    pub watched: u64,
     /// Why it could not be checked at all (its root is not an overlay...), per policy.
     pub errors: Vec<String>,
     /// Paths that could not be compared.

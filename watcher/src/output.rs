@@ -148,10 +148,11 @@ impl fmt::Display for Event {
                 }
                 write!(
                     f,
-                    " policies={}: {} scanned, {} changes against its image",
+                    " policies={}: {} scanned, {} changes against its image, {} entries watched",
                     join_escaped(&w.policies),
                     w.scanned,
-                    w.changes
+                    w.changes,
+                    w.watched
                 )?;
                 for e in &w.errors {
                     write!(f, "\n  cannot check it: {}", h(e))?;

@@ -440,6 +440,10 @@ impl<'a> Session<'a> {
         let Some(containers) = &mut self.containers else { return Ok(()) };
         match next {
             Next::Checked(checked) => {
+                if let Some((id, merged)) = checked.watch {
+                    containers.rewatch(&id, merged, &mut self.reporter.filter);
+                    self.metrics.set_watched_inodes(self.reporter.filter.inodes());
+                }
                 for kind in checked.changes {
                     self.metrics.change(kind.name());
                 }
@@ -448,7 +452,9 @@ impl<'a> Session<'a> {
                 }
             }
             Next::Gone(id) => {
-                if let Some(line) = containers.gone(&id) {
+                let line = containers.gone(&id, &mut self.reporter.filter);
+                self.metrics.set_watched_inodes(self.reporter.filter.inodes());
+                if let Some(line) = line {
                     self.reporter.print_event(&line)?;
                 }
             }
@@ -471,6 +477,8 @@ impl<'a> Session<'a> {
                 }
             }
             Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),
+            // A checked container's: compared with its image, not the baseline.
+            Message::Event(observation) if self.containers.as_mut().is_some_and(|c| c.observe(&observation)) => {}
             Message::Event(observation) => match self.reporter.observe(&observation) {
                 Follow::Nothing => {}
                 Follow::Rescan(request) => self.rescans.request(request),

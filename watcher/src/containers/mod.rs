@@ -6,60 +6,48 @@
 //! with its image once, on the checker thread (the loop never waits for a scan), and its
 //! drift is reported as changes against the image. In a container whose policy asks for
 //! drift execution, every exec is sent and what ran is compared with the image's file at its
-//! path (`drift-exec`). A container is released when the process
-//! that revealed it exits (its pidfd becomes readable): its cgroups leave the kernel's map
-//! and nothing of it stays here.
+//! path (`drift-exec`). Its monitored entries (as its processes see them) go into the kernel
+//! filter: an event on one is routed here by its device (the container's overlay), and a
+//! batch of them, a few milliseconds after the first, has the container compared again and
+//! what changed reported with the processes that did it. A container is released when the
+//! process that revealed it exits (its pidfd becomes readable): its cgroups and inodes leave
+//! the kernel's maps and nothing of it stays here.
+
+mod checker;
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::{self, RunningContainer};
+use kubefim_baseline::container::merged::Merged;
 use kubefim_baseline::container::overlay::OverlayRoot;
-use kubefim_baseline::report::{EscapedPath, RecordView};
+use kubefim_baseline::report::EscapedPath;
 use kubefim_baseline::root::HostRoot;
-use kubefim_baseline::verify::ChangeKind;
 use kubefim_baseline::workload::WorkloadPolicies;
+use kubefim_common::{EVENT_HAS_PARENT, EVENT_HAS_TARGET, InodeKey};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::model::{
-    Attribution, Change, Container, ContainerGone, ContainerWatched, DetectedBy, DriftExec, Event, FoundBy, Line,
-    Origin, PathError, Pod, Process, Reference, Unverified, time_string,
-};
+pub(crate) use self::checker::Checked;
+use self::checker::{Checker, ExecJob, Job, Touch, describe};
+use crate::filter::KernelFilter;
+use crate::model::{Container, ContainerGone, Event, FileOp, FoundBy, Line, PathError, Pod, Process};
 use crate::programs::Cgroups;
+use crate::reader::Observation;
+
+/// How long after the first event on a container's monitored entries it is compared again:
+/// the rest of a burst (a write, its close, the rename of an editor's save) is in the same
+/// comparison, and the report stays well within 100 ms of the change.
+const SETTLE: Duration = Duration::from_millis(20);
 
 /// Containers checked at once on the checker thread, beyond which finds wait their turn.
 const CHECKS_QUEUED: usize = 4096;
-
-/// Work for the checker thread.
-enum Job {
-    /// A container found: compare its layer with its image.
-    Check {
-        container: RunningContainer,
-        found_by: FoundBy,
-        /// When the exec that revealed it happened (`found_by: exec`).
-        exec_at: Option<Instant>,
-    },
-    /// An exec in a container checked for drift execution: is what ran its image's?
-    Exec(ExecJob),
-}
-
-/// An exec to compare with the image.
-struct ExecJob {
-    /// What ran (`/proc/PID/exe`, opened when the exec was read).
-    exe: std::fs::File,
-    /// Where it is in the container.
-    path: PathBuf,
-    root: OverlayRoot,
-    process: Process,
-    container: Container,
-    pod: Option<Pod>,
-    policies: Vec<String>,
-}
 
 /// What a container checked for drift execution needs at each exec.
 #[derive(Clone)]
@@ -67,14 +55,6 @@ struct ExecCheck {
     root: OverlayRoot,
     /// The policies that ask for it.
     policies: Vec<String>,
-}
-
-/// What a check produced: the lines to print, in order (the changes, then the
-/// `container-watched` line).
-pub(crate) struct Checked {
-    pub lines: Vec<Event>,
-    /// Changes among `lines`.
-    pub changes: Vec<ChangeKind>,
 }
 
 /// A container known here while it runs.
@@ -85,6 +65,16 @@ struct Known {
     selected: Option<(Container, Option<Pod>)>,
     /// Set when a policy that selects it asks for drift execution.
     exec_check: Option<ExecCheck>,
+    /// Its overlay's device (kernel numbering), once its entries were listed.
+    dev: Option<u64>,
+    /// Its root directory: where its processes' absolute paths start.
+    root: Option<InodeKey>,
+    /// Its monitored entries in the kernel filter, and their paths inside it.
+    watched: HashMap<InodeKey, PathBuf>,
+    /// Events on them not compared yet.
+    touches: Vec<Touch>,
+    /// When they are compared.
+    due: Option<Instant>,
 }
 
 /// The containers of this node, as far as the workload policies care.
@@ -95,6 +85,8 @@ pub(crate) struct Containers {
     cgroups: Cgroups,
     /// Running containers by id.
     known: HashMap<String, Known>,
+    /// Checked containers' ids by their overlay's device.
+    by_dev: HashMap<u64, String>,
     /// This process's mount namespace: a process still in it is not in its container yet.
     own_mnt_ns: Option<u64>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -110,22 +102,18 @@ impl Containers {
         let policies = Arc::new(policies);
         let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(CHECKS_QUEUED);
         let (checked_tx, checked) = mpsc::unbounded_channel();
-        let for_checker = policies.clone();
+        let proc = PathBuf::from("/proc");
+        let mut checker = Checker::new(policies.clone(), proc.clone());
         std::thread::Builder::new().name("kubefim-containers".into()).spawn(move || {
             for job in job_rx {
-                let checked = match job {
-                    Job::Check { container, found_by, exec_at } => {
-                        check_one(&container, found_by, exec_at, &for_checker)
-                    }
-                    Job::Exec(exec) => check_exec(exec),
-                };
-                if checked_tx.send(checked).is_err() {
+                if let Some(checked) = checker.run(job)
+                    && checked_tx.send(checked).is_err()
+                {
                     return;
                 }
             }
         })?;
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
-        let proc = PathBuf::from("/proc");
         let mut containers = Containers {
             own_mnt_ns: mnt_ns(&proc, "self"),
             host,
@@ -133,6 +121,7 @@ impl Containers {
             policies,
             cgroups,
             known: HashMap::new(),
+            by_dev: HashMap::new(),
             jobs,
             checked,
             gone_tx,
@@ -204,7 +193,7 @@ impl Containers {
                     pod,
                     policies: check.policies,
                 };
-                let _ = self.jobs.send(Job::Exec(job));
+                let _ = self.jobs.send(Job::Exec(Box::new(job)));
                 None
             }
             Err(e) => Some(Event::now(Line::Error(PathError {
@@ -237,30 +226,138 @@ impl Containers {
         if let Some(cgroup) = cgroup {
             mark(&mut self.cgroups, cgroup, exec_check.is_some());
         }
-        let known = Known { cgroups: cgroup.into_iter().collect(), selected: selected.clone(), exec_check };
+        let known = Known {
+            cgroups: cgroup.into_iter().collect(),
+            selected: selected.clone(),
+            exec_check,
+            dev: None,
+            root: None,
+            watched: HashMap::new(),
+            touches: Vec::new(),
+            due: None,
+        };
         self.known.insert(c.id.clone(), known);
         watch_exit(c.id.clone(), pidfd, self.gone_tx.clone());
         if selected.is_some() {
             // A full queue (thousands of containers started at once) waits here rather
             // than lose a check.
-            let _ = self.jobs.send(Job::Check { container: c, found_by, exec_at });
+            let _ = self.jobs.send(Job::Check { container: Box::new(c), found_by, exec_at });
         }
     }
 
-    /// The next check's lines, or a container gone.
+    /// The next check's lines, or a container gone. Containers with events due are sent
+    /// to be compared again meanwhile.
     pub async fn next(&mut self) -> Option<Next> {
-        tokio::select! {
-            checked = self.checked.recv() => checked.map(Next::Checked),
-            gone = self.gone_rx.recv() => gone.map(Next::Gone),
+        loop {
+            let due = self.known.values().filter_map(|k| k.due).min();
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
+            tokio::select! {
+                checked = self.checked.recv() => return checked.map(Next::Checked),
+                gone = self.gone_rx.recv() => return gone.map(Next::Gone),
+                _ = sleep, if due.is_some() => self.send_due(),
+            }
         }
+    }
+
+    /// Has every container whose events are due compared again.
+    fn send_due(&mut self) {
+        let now = Instant::now();
+        for (id, known) in &mut self.known {
+            if known.due.is_some_and(|due| due <= now) {
+                known.due = None;
+                let touches = std::mem::take(&mut known.touches);
+                // A full queue waits: the comparison must not be lost.
+                let _ = self.jobs.send(Job::Recheck { id: id.clone(), touches });
+            }
+        }
+    }
+
+    /// Takes a kernel event that is a checked container's: one on an inode of its overlay
+    /// (a file, the directory an entry was made or removed in, where a relative path
+    /// started). False when it is none's (the host's reporting has it).
+    pub fn observe(&mut self, obs: &Observation) -> bool {
+        let header = &obs.event.header;
+        let target = (header.flags & EVENT_HAS_TARGET != 0).then_some(header.target);
+        let parent = (header.flags & EVENT_HAS_PARENT != 0).then_some(header.parent);
+        let starts = header.start.iter().copied().filter(|k| k.dev != 0);
+        let Some(id) = target.into_iter().chain(parent).chain(starts).find_map(|k| self.by_dev.get(&k.dev)) else {
+            return false;
+        };
+        let Some(known) = self.known.get_mut(id) else { return false };
+        let op = FileOp::of_kernel(obs.event.op);
+        let touch = |path: PathBuf, under: bool| Touch { path, under, op, actor: obs.actor.clone(), time: obs.time };
+        let mut touches = Vec::new();
+        match target.and_then(|k| known.watched.get(&k)) {
+            Some(path) => touches.push(touch(path.clone(), false)),
+            None => {
+                if let Some(dir) = parent.and_then(|k| known.watched.get(&k)) {
+                    touches.push(touch(dir.clone(), true));
+                }
+            }
+        }
+        // A path event: each path as the container names it, from where it started (its
+        // root, or a watched directory), whether or not its process is still there.
+        for (start, path) in header.start.iter().zip(&obs.event.paths) {
+            let from = if Some(*start) == known.root {
+                Some(Path::new("/"))
+            } else {
+                known.watched.get(start).map(PathBuf::as_path)
+            };
+            if let Some(from) = from {
+                touches.push(touch(in_container(from, path), false));
+            }
+        }
+        known.touches.extend(touches);
+        // Compared even when no watched path was named: it is the container's, something in
+        // it changed.
+        known.due.get_or_insert_with(|| Instant::now() + SETTLE);
+        true
+    }
+
+    /// Puts a checked container's monitored entries (listed just now) in the kernel filter,
+    /// and takes out those it no longer has.
+    pub fn rewatch(&mut self, id: &str, merged: Merged, filter: &mut KernelFilter) {
+        let Some(known) = self.known.get_mut(id) else {
+            // Gone while it was compared.
+            return;
+        };
+        let dev = InodeKey::from_stat(merged.dev, 0).dev;
+        known.dev = Some(dev);
+        known.root = Some(InodeKey::from_stat(merged.dev, merged.root_ino));
+        self.by_dev.insert(dev, id.to_owned());
+        let mut now = HashMap::with_capacity(merged.entries.len());
+        for e in merged.entries {
+            let key = InodeKey::from_stat(e.dev, e.ino);
+            if !known.watched.contains_key(&key) {
+                let name = e.path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+                filter.watch(key, e.is_dir, name);
+            }
+            now.insert(key, e.path);
+        }
+        for key in known.watched.keys() {
+            if !now.contains_key(key) {
+                filter.unwatch(*key);
+            }
+        }
+        known.watched = now;
     }
 
     /// Releases a container whose process exited; the line to print when it was checked.
-    pub fn gone(&mut self, id: &str) -> Option<Event> {
+    pub fn gone(&mut self, id: &str, filter: &mut KernelFilter) -> Option<Event> {
         let known = self.known.remove(id)?;
         for cgroup in &known.cgroups {
             self.cgroups.forget(*cgroup);
         }
+        // Its overlay's inode numbers, and in time its device number, are reused.
+        for key in known.watched.keys() {
+            filter.unwatch(*key);
+        }
+        if let Some(dev) = known.dev {
+            self.by_dev.remove(&dev);
+        }
+        let _ = self.jobs.send(Job::Forget(id.to_owned()));
         let (container, pod) = known.selected?;
         Some(Event::now(Line::ContainerGone(ContainerGone { container, pod })))
     }
@@ -297,6 +394,25 @@ fn watch_exit(id: String, pidfd: OwnedFd, gone: mpsc::UnboundedSender<String>) {
     });
 }
 
+/// `path` (as a syscall got it) resolved lexically from `from`, inside a container: `..`
+/// never leaves its root. A symlink on the way is not followed; the comparison that follows
+/// reads what is there.
+fn in_container(from: &Path, path: &[u8]) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    let start = if path.first() == Some(&b'/') { Path::new("/") } else { from };
+    for c in start.components().chain(Path::new(OsStr::from_bytes(path)).components()) {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
 /// A process's mount namespace (the inode of `/proc/PID/ns/mnt`).
 fn mnt_ns(proc: &Path, pid: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -311,130 +427,22 @@ fn cgroup_id(proc: &Path, pid: u32) -> Option<u64> {
     std::fs::metadata(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))).ok().map(|m| m.ino())
 }
 
-/// How lines name `c` and its pod.
-fn describe(c: &RunningContainer) -> (Container, Option<Pod>) {
-    let container = Container {
-        id: c.id.clone(),
-        runtime: c.runtime,
-        cgroup: None,
-        name: c.name.clone(),
-        image: c.image.clone(),
-        image_id: c.image_id.clone(),
-    };
-    let pod = c.pod.as_ref().map(|p| Pod {
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        uid: p.uid.clone().unwrap_or_default(),
-        container: c.name.clone(),
-        image: c.image.clone(),
-    });
-    (container, pod)
-}
-
-/// Checks one container under every policy that selects it: its changes against the image
-/// as lines, then the line that says it is watched.
-fn check_one(
-    c: &RunningContainer,
-    found_by: FoundBy,
-    exec_at: Option<Instant>,
-    policies: &WorkloadPolicies,
-) -> Checked {
-    let (container, pod) = describe(c);
-    let origin = if pod.is_some() { Origin::Pod } else { Origin::Container };
-    let time = time_string(SystemTime::now());
-    let mut lines = Vec::new();
-    let mut kinds = Vec::new();
-    let mut watched = ContainerWatched {
-        container: container.clone(),
-        pod: pod.clone(),
-        policies: Vec::new(),
-        found_by,
-        seconds_since_exec: None,
-        scanned: 0,
-        changes: 0,
-        errors: Vec::new(),
-        unverified: Vec::new(),
-    };
-    for one in check::check(c, policies) {
-        let name = one.policy.qualified_name();
-        watched.policies.push(name.clone());
-        let report = match one.report {
-            Ok(report) => report,
-            Err(e) => {
-                watched.errors.push(format!("{name}: {e}"));
-                continue;
-            }
-        };
-        watched.scanned += report.scanned;
-        for e in report.errors {
-            watched
-                .unverified
-                .push(Unverified { path: kubefim_baseline::report::display_path(&e.path), error: e.message });
-        }
-        let policy = &one.policy.policy;
-        for change in report.changes {
-            kinds.push(change.kind);
-            let line = Change {
-                path: EscapedPath::of_path(&change.path),
-                to: None,
-                changed: change.changed,
-                ops: Vec::new(),
-                old: change.old.as_ref().map(|r| RecordView::new(r, policy)),
-                new: change.new.as_ref().map(|r| RecordView::new(r, policy)),
-                diff: change.diff,
-                changed_ranges: change.changed_ranges,
-                baseline_match: false,
-                process: None,
-                container: Some(container.clone()),
-                pod: pod.clone(),
-                origin: Some(origin),
-                processes: Vec::new(),
-                attribution: Attribution::None,
-                detected_by: DetectedBy::Rescan,
-                baseline: Reference::Image,
-                policy: Some(name.clone()),
-                already_known: false,
-            };
-            let line = match change.kind {
-                ChangeKind::Added => Line::Added(line),
-                ChangeKind::Modified => Line::Modified(line),
-                ChangeKind::Removed | ChangeKind::Hidden => Line::Removed(line),
-            };
-            lines.push(Event { time: time.clone(), line });
-        }
-    }
-    watched.changes = kinds.len() as u64;
-    watched.seconds_since_exec = exec_at.map(|at| at.elapsed().as_secs_f64());
-    lines.push(Event::now(Line::ContainerWatched(watched)));
-    Checked { lines, changes: kinds }
-}
-
-/// Compares what an exec ran with the image: a `drift-exec` line when it is not the image's,
-/// an `error` line when that could not be told, nothing when it is the image's.
-fn check_exec(mut job: ExecJob) -> Checked {
-    let line = match check::exec_drift(&job.root, &mut job.exe, &job.path) {
-        Ok(None) => None,
-        Ok(Some(drift)) => Some(Line::DriftExec(DriftExec {
-            path: EscapedPath::of_path(&job.path),
-            hash: drift.hash,
-            image_hash: drift.image_hash,
-            process: job.process,
-            origin: if job.pod.is_some() { Origin::Pod } else { Origin::Container },
-            container: job.container,
-            pod: job.pod,
-            policies: job.policies,
-        })),
-        Err(e) => Some(Line::Error(PathError {
-            path: EscapedPath::of_path(&job.path),
-            error: format!("executed in container {}, but could not be compared with its image: {e}", job.container.id),
-        })),
-    };
-    Checked { lines: line.map(Event::now).into_iter().collect(), changes: Vec::new() }
-}
-
 /// How long an exec's kernel time is from now, as an [`Instant`] (the event's boot-clock
 /// time, converted by the reader to wall time).
 pub(crate) fn instant_of(time: SystemTime) -> Instant {
     let ago = SystemTime::now().duration_since(time).unwrap_or(Duration::ZERO);
     Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_from_where_they_started_and_never_above_the_root() {
+        assert_eq!(in_container(Path::new("/srv"), b"/etc/app.conf"), Path::new("/etc/app.conf"));
+        assert_eq!(in_container(Path::new("/srv"), b"site/./index.html"), Path::new("/srv/site/index.html"));
+        assert_eq!(in_container(Path::new("/srv"), b"../../../etc//x"), Path::new("/etc/x"));
+        assert_eq!(in_container(Path::new("/"), b"a/"), Path::new("/a"));
+    }
 }
