@@ -535,6 +535,81 @@ fn watch_reports_each_change_inside_a_running_container_as_it_happens_with_its_w
     assert!(w.stop().success());
 }
 
+/// An image of this test's own (a layer over the drift image with `/etc/layer.conf`), so
+/// that writing into its layer changes no other test's image; removed when dropped.
+struct OwnImage {
+    name: String,
+}
+
+impl OwnImage {
+    fn build(tag: &str) -> OwnImage {
+        let name = format!("localhost/kubefim-{tag}-{}:latest", std::process::id());
+        let builder = format!("kubefim-{tag}-build-{}", std::process::id());
+        podman_ok(&[
+            "run",
+            "--name",
+            &builder,
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+            DRIFT_IMAGE,
+            "/bin/sh",
+            "-c",
+            "echo 'layer 1' > /etc/layer.conf",
+        ]);
+        podman_ok(&["commit", &builder, &name]);
+        podman_ok(&["rm", "-f", &builder]);
+        OwnImage { name }
+    }
+}
+
+impl Drop for OwnImage {
+    fn drop(&mut self) {
+        let mut cmd = podman();
+        cmd.args(["rmi", "-f", &self.name]);
+        let _ = cmd.output();
+    }
+}
+
+#[test]
+fn watch_reports_a_host_write_into_an_image_layer_with_every_container_that_uses_it() {
+    let Some(selected) = Selected::policy("layer", "") else { return };
+    let app = &selected.app;
+    let image = OwnImage::build("layer");
+    let (_fx, w) = selected.watch();
+    let first = Container::start(app, &image.name, "true");
+    let second = Container::start(app, &image.name, "true");
+    watched_line(&w, &first.id, Duration::from_secs(10));
+    watched_line(&w, &second.id, Duration::from_secs(10));
+    // The image's top layer: the one its own commit made.
+    let lower = podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.LowerDir}}", &first.id]);
+    let top = fs::canonicalize(lower.split(':').next().unwrap()).unwrap();
+    let file = top.join("etc/layer.conf");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "layer 1\n", "{} is not the image's top layer", top.display());
+
+    // A host process (a real child) appends to the layer's file.
+    let status =
+        Command::new("/bin/sh").arg("-c").arg("echo tampered >> \"$1\"").arg("sh").arg(&file).status().unwrap();
+    assert!(status.success());
+    let line = w.wait_for("layer-modified", Duration::from_secs(10), |l| {
+        l["kind"] == "layer-modified" && l["path"] == "/etc/layer.conf"
+    });
+    assert_eq!(fs::canonicalize(line["layer"].as_str().unwrap()).unwrap(), top, "{line:#}");
+    assert_eq!(line["process"]["comm"], "sh", "{line:#}");
+    assert!(line["ops"].as_array().unwrap().contains(&Value::from("write")), "{line:#}");
+    let b3sum = Command::new("b3sum").arg("--no-names").arg(&file).output().unwrap();
+    assert_eq!(line["hash"], String::from_utf8_lossy(&b3sum.stdout).trim(), "{line:#}");
+    let users: Vec<&str> = line["containers"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert!(users.contains(&first.id.as_str()) && users.contains(&second.id.as_str()), "{line:#}");
+    // The containers see the image change under them, but their own layers did not: no
+    // container change is reported for it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(container_changes(&w, &first.id).iter().all(|c| c["path"] != "/etc/layer.conf"), "{}", w.dump());
+    drop((first, second));
+    assert!(w.stop().success());
+}
+
 #[test]
 fn watch_containers_needs_a_workload_policy() {
     let run = common::kubefim(["watch", "--db", "x", "--pubkey", "y", "--containers"]);

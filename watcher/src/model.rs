@@ -1,7 +1,7 @@
 //! Every line `kubefim watch` prints, as types: one [`Event`] per line, its `kind` telling
 //! a change (`added`, `removed`, `modified`, `renamed`) or a mount over monitored paths
 //! (`mounted-over`, in `model/mount.rs`), a container's check (`container-watched`,
-//! `container-gone`, `drift-exec`) from a line about the watcher itself (`rescan`,
+//! `container-gone`, `drift-exec`, `layer-modified`) from a line about the watcher itself (`rescan`,
 //! `lost`, `degraded`, `error`, `verify`, and the baseline's lifecycle). The JSON
 //! is their serde form and the JSON Schema (`kubefim schema events`) is generated from them;
 //! human output is their `Display`. The vocabularies (ops, reasons, results, origins) are
@@ -380,6 +380,9 @@ pub enum Line {
     /// A container whose workload policy asks (`drift.exec`) executed a file that is not its
     /// image's: added to its layer or changed there.
     DriftExec(DriftExec),
+    /// A file of an image layer that running checked containers use was changed on the node
+    /// (a layer is a host directory every container of the image shares).
+    LayerModified(LayerModified),
 }
 
 /// A change to one path.
@@ -718,6 +721,31 @@ pub struct DriftExec {
     pub origin: Origin,
     /// The workload policies that ask for it (`namespace/name`).
     pub policies: Vec<String>,
+}
+
+/// A file of an image layer in use changed on the node.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LayerModified {
+    /// The layer's directory on the node.
+    pub layer: String,
+    /// The file, as the image (and its containers) name it.
+    #[serde(flatten)]
+    pub path: EscapedPath,
+    /// Every op the kernel saw on it since its last report.
+    pub ops: Vec<FileOp>,
+    /// BLAKE3 of the layer's file now (hex); null when it is gone or no regular file (or
+    /// could not be read: `error` says why).
+    pub hash: Option<String>,
+    /// Why the file could not be read now.
+    pub error: Option<String>,
+    /// The process whose op the kernel saw last.
+    pub process: Option<Process>,
+    /// Every process that changed it, in order, each with its own ops.
+    pub processes: Vec<Writer>,
+    /// The checked containers that use the layer.
+    pub containers: Vec<Container>,
+    /// Their pods, when known.
+    pub pods: Vec<Pod>,
 }
 
 /// A checked container's process exited.

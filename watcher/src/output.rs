@@ -163,6 +163,19 @@ impl fmt::Display for Event {
                 Ok(())
             }
             Line::ContainerGone(g) => write!(f, "{time} container-gone {}", container(&g.container)),
+            Line::LayerModified(l) => {
+                write!(f, "{time} layer-modified {} in layer {}", h(&l.path.bytes.text), h(&l.layer))?;
+                if let Some(p) = &l.process {
+                    write!(f, " by {}[{}] uid={}", h(&p.comm), p.pid, p.uid)?;
+                }
+                match (&l.hash, &l.error) {
+                    (Some(hash), _) => write!(f, " blake3={hash}")?,
+                    (None, Some(e)) => write!(f, " (cannot read it: {})", h(e))?,
+                    (None, None) => write!(f, " (gone)")?,
+                }
+                let used: Vec<String> = l.containers.iter().map(container).collect();
+                write!(f, ", used by {}", used.join(", "))
+            }
             Line::DriftExec(d) => {
                 write!(
                     f,

@@ -441,6 +441,7 @@ impl<'a> Session<'a> {
         match next {
             Next::Checked(checked) => {
                 if let Some((id, merged)) = checked.watch {
+                    containers.watch_layers(&id, checked.layers, &mut self.reporter.filter);
                     containers.rewatch(&id, merged, &mut self.reporter.filter);
                     self.metrics.set_watched_inodes(self.reporter.filter.inodes());
                 }

@@ -3,8 +3,10 @@
 //! before kubefim saw it, `detected_by: rescan`); each batch of kernel events on its monitored
 //! entries compares it again and reports what differs from what was last reported, with the
 //! processes whose events touched that path (`detected_by: event`). Each comparison also
-//! lists the container's monitored entries again, for the kernel filter. An exec in a
-//! container checked for drift execution is compared with the image's file here too.
+//! lists the container's monitored entries again, for the kernel filter (and, at its first
+//! check, those of each of its image's layers). An exec in a container checked for drift
+//! execution is compared with the image's file here too, and a layer file changed on the
+//! node is hashed here.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,15 +16,15 @@ use std::time::{Instant, SystemTime};
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::RunningContainer;
 use kubefim_baseline::container::merged::{self, Merged};
-use kubefim_baseline::container::overlay::OverlayRoot;
+use kubefim_baseline::container::overlay::{Layer, OverlayRoot};
 use kubefim_baseline::report::{EscapedPath, RecordView};
 use kubefim_baseline::verify::ChangeKind;
 use kubefim_baseline::workload::WorkloadPolicies;
 
 use crate::actor::Actor;
 use crate::model::{
-    Attribution, Change, Container, ContainerWatched, DetectedBy, DriftExec, Event, FileOp, FoundBy, Line, Origin,
-    PathError, Pod, Process, Reference, Unverified, Writer, time_string,
+    Attribution, Change, Container, ContainerWatched, DetectedBy, DriftExec, Event, FileOp, FoundBy, LayerModified,
+    Line, Origin, PathError, Pod, Process, Reference, Unverified, Writer, time_string,
 };
 
 /// Monitored entries of one container the kernel filter watches at most; beyond, its changes
@@ -44,6 +46,17 @@ pub(super) enum Job {
     Exec(Box<ExecJob>),
     /// A container is gone: forget what was reported of it.
     Forget(String),
+    /// Kernel events on files of an image layer in use: say what each is now.
+    Layer(Box<LayerJob>),
+}
+
+/// Files of a layer that were changed on the node.
+pub(super) struct LayerJob {
+    /// The layer's directory.
+    pub dir: PathBuf,
+    pub touches: Vec<Touch>,
+    /// The checked containers that use it.
+    pub users: Vec<(Container, Option<Pod>)>,
 }
 
 /// A kernel event on a container's monitored entry, as its comparison needs it.
@@ -100,6 +113,8 @@ pub(crate) struct Checked {
     pub changes: Vec<ChangeKind>,
     /// The container (id) and its monitored entries now, when they were listed.
     pub watch: Option<(String, Merged)>,
+    /// At a container's first check: its image's layers and their monitored entries.
+    pub layers: Vec<(Layer, Merged)>,
 }
 
 /// A container compared here, and what was last reported of it.
@@ -128,6 +143,7 @@ impl Checker {
             Job::Check { container, found_by, exec_at } => Some(self.check(*container, found_by, exec_at)),
             Job::Recheck { id, touches } => self.recheck(&id, &touches),
             Job::Exec(exec) => Some(check_exec(*exec)),
+            Job::Layer(job) => Some(check_layer(*job)),
             Job::Forget(id) => {
                 self.tracked.remove(&id);
                 None
@@ -173,6 +189,7 @@ impl Checker {
         watched.seconds_since_exec = exec_at.map(|at| at.elapsed().as_secs_f64());
         checked.lines.push(Event::now(Line::ContainerWatched(watched)));
         checked.watch = watch.ok().map(|m| (tracked.container.id.clone(), m));
+        checked.layers = self.list_layers(&tracked.container);
         self.tracked.insert(tracked.container.id.clone(), tracked);
         checked
     }
@@ -185,6 +202,26 @@ impl Checker {
         checked.watch = self.list(&tracked.container).ok().map(|m| (id.to_owned(), m));
         self.tracked.insert(id.to_owned(), tracked);
         Some(checked)
+    }
+
+    /// The monitored entries of each of the container's image layers (a layer that cannot be
+    /// listed is left out: its files are still compared when the container's are).
+    fn list_layers(&self, c: &RunningContainer) -> Vec<(Layer, Merged)> {
+        let Ok(root) = &c.root else { return Vec::new() };
+        let w = check::workload(c);
+        let policies = self.policies.for_workload(&w);
+        root.lower
+            .iter()
+            .filter_map(|layer| {
+                match merged::monitored(&layer.dir, policies.iter().map(|p| &p.policy), WATCHED_PER_CONTAINER) {
+                    Ok(m) => Some((layer.clone(), m)),
+                    Err(e) => {
+                        tracing::warn!(layer = %layer.dir.display(), "cannot list the layer's monitored files: {e}");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// The container's monitored entries as its processes see them.
@@ -283,7 +320,7 @@ fn compare(
         }
     }
     tracked.reported = reported;
-    Checked { lines, changes: kinds, watch: None }
+    Checked { lines, changes: kinds, watch: None, layers: Vec::new() }
 }
 
 /// The processes of `touches`, each once, in the order first seen, with their ops.
@@ -347,5 +384,67 @@ fn check_exec(mut job: ExecJob) -> Checked {
             error: format!("executed in container {}, but could not be compared with its image: {e}", job.container.id),
         })),
     };
-    Checked { lines: line.map(Event::now).into_iter().collect(), changes: Vec::new(), watch: None }
+    Checked { lines: line.map(Event::now).into_iter().collect(), changes: Vec::new(), watch: None, layers: Vec::new() }
+}
+
+/// A `layer-modified` line for each file of the layer an event changed: what it is now, who
+/// changed it, the containers that use it.
+fn check_layer(job: LayerJob) -> Checked {
+    let mut paths: Vec<&Path> = job.touches.iter().filter(|t| t.op.is_some()).map(|t| t.path.as_path()).collect();
+    paths.sort();
+    paths.dedup();
+    let (containers, pods): (Vec<Container>, Vec<Option<Pod>>) = job.users.iter().cloned().unzip();
+    let lines = paths
+        .into_iter()
+        .map(|path| {
+            let by: Vec<&Touch> = job.touches.iter().filter(|t| t.names(path)).collect();
+            let processes = writers(&by);
+            let time = by.last().map_or_else(|| time_string(SystemTime::now()), |t| time_string(t.time));
+            let line = LayerModified {
+                layer: job.dir.display().to_string(),
+                path: EscapedPath::of_path(path),
+                ops: processes.iter().flat_map(|w| w.ops.iter().copied()).fold(Vec::new(), |mut ops, op| {
+                    if !ops.contains(&op) {
+                        ops.push(op);
+                    }
+                    ops
+                }),
+                hash: None,
+                error: None,
+                process: by.last().map(|t| t.actor.process.clone()),
+                processes,
+                containers: containers.clone(),
+                pods: pods.iter().flatten().cloned().collect(),
+            };
+            let mut line = line;
+            match layer_file_hash(&job.dir, path) {
+                Ok(hash) => line.hash = hash,
+                Err(e) => line.error = Some(e.to_string()),
+            }
+            Event { time, line: Line::LayerModified(line) }
+        })
+        .collect();
+    Checked { lines, changes: Vec::new(), watch: None, layers: Vec::new() }
+}
+
+/// BLAKE3 of the regular file at `path` (inside the image) in the layer `dir`, resolved
+/// without following a symlink; `None` when nothing, or no regular file, is there.
+fn layer_file_hash(dir: &Path, path: &Path) -> std::io::Result<Option<String>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let root = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+    let fd = match rustix::fs::openat2(&root, rel, flags, Mode::empty(), resolve) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(&file)?;
+    Ok(Some(hasher.finalize().to_hex().to_string()))
 }

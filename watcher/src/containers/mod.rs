@@ -9,7 +9,10 @@
 //! path (`drift-exec`). Its monitored entries (as its processes see them) go into the kernel
 //! filter: an event on one is routed here by its device (the container's overlay), and a
 //! batch of them, a few milliseconds after the first, has the container compared again and
-//! what changed reported with the processes that did it. A container is released when the
+//! what changed reported with the processes that did it. The monitored files of its image's
+//! layers (host directories every container of the image shares) are watched too, once per
+//! layer, while a checked container uses it: a change to one is a `layer-modified` line
+//! naming each container that uses it. A container is released when the
 //! process that revealed it exits (its pidfd becomes readable): its cgroups and inodes leave
 //! the kernel's maps and nothing of it stays here.
 
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::{self, RunningContainer};
 use kubefim_baseline::container::merged::Merged;
-use kubefim_baseline::container::overlay::OverlayRoot;
+use kubefim_baseline::container::overlay::{Layer, OverlayRoot};
 use kubefim_baseline::report::EscapedPath;
 use kubefim_baseline::root::HostRoot;
 use kubefim_baseline::workload::WorkloadPolicies;
@@ -35,7 +38,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 pub(crate) use self::checker::Checked;
-use self::checker::{Checker, ExecJob, Job, Touch, describe};
+use self::checker::{Checker, ExecJob, Job, LayerJob, Touch, describe};
 use crate::filter::KernelFilter;
 use crate::model::{Container, ContainerGone, Event, FileOp, FoundBy, Line, PathError, Pod, Process};
 use crate::programs::Cgroups;
@@ -75,7 +78,26 @@ struct Known {
     touches: Vec<Touch>,
     /// When they are compared.
     due: Option<Instant>,
+    /// The image layers it uses that are watched.
+    layers: Vec<LayerId>,
 }
+
+/// An image layer that checked containers use, watched for changes on the node.
+struct LayerWatch {
+    /// Its directory.
+    dir: PathBuf,
+    /// Its monitored files in the kernel filter, and their paths in the image.
+    entries: HashMap<InodeKey, PathBuf>,
+    /// The checked containers that use it.
+    users: Vec<String>,
+    /// Events on its files not reported yet.
+    touches: Vec<Touch>,
+    /// When they are.
+    due: Option<Instant>,
+}
+
+/// A layer's identity: the device and inode of its directory.
+type LayerId = (u64, u64);
 
 /// The containers of this node, as far as the workload policies care.
 pub(crate) struct Containers {
@@ -87,6 +109,10 @@ pub(crate) struct Containers {
     known: HashMap<String, Known>,
     /// Checked containers' ids by their overlay's device.
     by_dev: HashMap<u64, String>,
+    /// The image layers checked containers use.
+    layers: HashMap<LayerId, LayerWatch>,
+    /// Their files' inodes.
+    layer_files: HashMap<InodeKey, LayerId>,
     /// This process's mount namespace: a process still in it is not in its container yet.
     own_mnt_ns: Option<u64>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -122,6 +148,8 @@ impl Containers {
             cgroups,
             known: HashMap::new(),
             by_dev: HashMap::new(),
+            layers: HashMap::new(),
+            layer_files: HashMap::new(),
             jobs,
             checked,
             gone_tx,
@@ -235,6 +263,7 @@ impl Containers {
             watched: HashMap::new(),
             touches: Vec::new(),
             due: None,
+            layers: Vec::new(),
         };
         self.known.insert(c.id.clone(), known);
         watch_exit(c.id.clone(), pidfd, self.gone_tx.clone());
@@ -249,7 +278,7 @@ impl Containers {
     /// to be compared again meanwhile.
     pub async fn next(&mut self) -> Option<Next> {
         loop {
-            let due = self.known.values().filter_map(|k| k.due).min();
+            let due = self.known.values().filter_map(|k| k.due).chain(self.layers.values().filter_map(|l| l.due)).min();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
@@ -272,12 +301,80 @@ impl Containers {
                 let _ = self.jobs.send(Job::Recheck { id: id.clone(), touches });
             }
         }
+        for layer in self.layers.values_mut() {
+            if layer.due.is_some_and(|due| due <= now) {
+                layer.due = None;
+                let users = layer.users.iter().filter_map(|id| self.known.get(id)?.selected.clone()).collect();
+                let job = LayerJob { dir: layer.dir.clone(), touches: std::mem::take(&mut layer.touches), users };
+                let _ = self.jobs.send(Job::Layer(Box::new(job)));
+            }
+        }
+    }
+
+    /// Takes a kernel event on a file (or directory) of a watched image layer. False when
+    /// it is none's.
+    fn observe_layer(&mut self, obs: &Observation) -> bool {
+        let header = &obs.event.header;
+        let target = (header.flags & EVENT_HAS_TARGET != 0).then_some(header.target);
+        let parent = (header.flags & EVENT_HAS_PARENT != 0).then_some(header.parent);
+        let dirs = obs.seen.iter().map(|s| s.as_ref().map(|s| s.key));
+        let keys = target.into_iter().chain(parent).chain(dirs.clone().flatten());
+        let Some(id) = keys.into_iter().find_map(|k| self.layer_files.get(&k)).copied() else { return false };
+        let Some(layer) = self.layers.get_mut(&id) else { return false };
+        let op = FileOp::of_kernel(obs.event.op);
+        let touch = |path: PathBuf, under: bool| Touch { path, under, op, actor: obs.actor.clone(), time: obs.time };
+        match (target.and_then(|k| layer.entries.get(&k)), parent.and_then(|k| layer.entries.get(&k))) {
+            (Some(path), _) => layer.touches.push(touch(path.clone(), false)),
+            (None, Some(dir)) => layer.touches.push(touch(dir.clone(), true)),
+            (None, None) => {}
+        }
+        // A path event (the host's: resolved by the reader in the actor's root): the
+        // directory each path is in, and the name it gave.
+        for (dir, path) in dirs.zip(&obs.event.paths) {
+            if let Some(dir) = dir.and_then(|k| layer.entries.get(&k)) {
+                let name = path.rsplit(|&b| b == b'/').find(|n| !n.is_empty()).unwrap_or_default();
+                layer.touches.push(touch(dir.join(OsStr::from_bytes(name)), false));
+            }
+        }
+        layer.due.get_or_insert_with(|| Instant::now() + SETTLE);
+        true
+    }
+
+    /// Watches the monitored files of the layers a container uses (listed at its first
+    /// check), each layer once however many containers use it.
+    pub fn watch_layers(&mut self, id: &str, layers: Vec<(Layer, Merged)>, filter: &mut KernelFilter) {
+        let Some(known) = self.known.get_mut(id) else { return };
+        for (layer, merged) in layers {
+            let watch = self.layers.entry(layer.id).or_insert_with(|| LayerWatch {
+                dir: layer.dir.clone(),
+                entries: HashMap::new(),
+                users: Vec::new(),
+                touches: Vec::new(),
+                due: None,
+            });
+            if watch.users.is_empty() {
+                for e in merged.entries {
+                    let key = InodeKey::from_stat(e.dev, e.ino);
+                    let name = e.path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+                    filter.watch(key, e.is_dir, name);
+                    self.layer_files.insert(key, layer.id);
+                    watch.entries.insert(key, e.path);
+                }
+            }
+            if !watch.users.iter().any(|u| u == id) {
+                watch.users.push(id.to_owned());
+                known.layers.push(layer.id);
+            }
+        }
     }
 
     /// Takes a kernel event that is a checked container's: one on an inode of its overlay
     /// (a file, the directory an entry was made or removed in, where a relative path
     /// started). False when it is none's (the host's reporting has it).
     pub fn observe(&mut self, obs: &Observation) -> bool {
+        if self.observe_layer(obs) {
+            return true;
+        }
         let header = &obs.event.header;
         let target = (header.flags & EVENT_HAS_TARGET != 0).then_some(header.target);
         let parent = (header.flags & EVENT_HAS_PARENT != 0).then_some(header.parent);
@@ -356,6 +453,26 @@ impl Containers {
         }
         if let Some(dev) = known.dev {
             self.by_dev.remove(&dev);
+        }
+        for layer in &known.layers {
+            let Some(watch) = self.layers.get_mut(layer) else { continue };
+            watch.users.retain(|u| u != id);
+            if watch.users.is_empty() {
+                // No checked container uses it: what is pending is said, then it is let go.
+                if !watch.touches.is_empty() {
+                    let job = LayerJob {
+                        dir: watch.dir.clone(),
+                        touches: std::mem::take(&mut watch.touches),
+                        users: known.selected.clone().into_iter().collect(),
+                    };
+                    let _ = self.jobs.send(Job::Layer(Box::new(job)));
+                }
+                for key in watch.entries.keys() {
+                    filter.unwatch(*key);
+                    self.layer_files.remove(key);
+                }
+                self.layers.remove(layer);
+            }
         }
         let _ = self.jobs.send(Job::Forget(id.to_owned()));
         let (container, pod) = known.selected?;
