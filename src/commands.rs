@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use kubefim_baseline::baseline::{self, TrustedBaseline};
+use kubefim_baseline::container::layer_cache::LayerCache;
 use kubefim_baseline::container::{check, discover};
 use kubefim_baseline::policy::{Policy, path_from_bytes};
 use kubefim_baseline::record::{decode_chunk, encode_chunk};
@@ -94,14 +95,17 @@ pub fn verify(db: &Path, pubkey: &Path, host: &HostRoot, json: bool) -> Result<u
 
 /// `verify --containers`: every running container a workload policy selects, against its
 /// image. Exit 1 on drift or on a container that could not be checked whole.
-pub fn verify_containers(policy_paths: &[PathBuf], host: &HostRoot, json: bool) -> Result<u8> {
+pub fn verify_containers(policy_paths: &[PathBuf], layer_cache: &Path, host: &HostRoot, json: bool) -> Result<u8> {
     let policies = WorkloadPolicies::load(policy_paths)?;
+    // Without it (another kubefim holds it) the layers are read: slower, never less sure.
+    let cache =
+        LayerCache::open(layer_cache).inspect_err(|e| tracing::warn!("{e}: image layers are read without it")).ok();
     let running = discover::running(Path::new("/proc"), host);
     let mut checked = Vec::new();
     // The comparisons, beside their views, for the human form.
     let mut reports = Vec::new();
     for c in &running {
-        for one in check::check(c, &policies) {
+        for one in check::check(c, &policies, cache.as_ref()) {
             let outcome = one.report.as_ref().map_err(String::as_str);
             checked.push(ContainerReportView::new(c, &one.policy.qualified_name(), &one.policy.policy, outcome));
             reports.push(one.report);

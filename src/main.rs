@@ -58,6 +58,10 @@ enum Command {
         /// A WorkloadFimPolicy file, or a directory of them (repeatable).
         #[arg(long, requires = "containers")]
         workload_policy: Vec<PathBuf>,
+        /// Where the records of image layer files are cached (read once per layer, however
+        /// many containers use it).
+        #[arg(long, requires = "containers", value_name = "DIR", default_value = "/var/lib/kubefim/layer-cache")]
+        layer_cache: PathBuf,
         #[command(flatten)]
         host: HostRootArg,
         /// Output format.
@@ -133,6 +137,10 @@ enum Command {
         /// A WorkloadFimPolicy file, or a directory of them (repeatable).
         #[arg(long, requires = "containers")]
         workload_policy: Vec<PathBuf>,
+        /// Where the records of image layer files are cached (default: `layer-cache` beside
+        /// the database).
+        #[arg(long, requires = "containers", value_name = "DIR")]
+        layer_cache: Option<PathBuf>,
     },
     /// Print the embedded default policy.
     DefaultPolicy,
@@ -331,9 +339,11 @@ fn main() -> ExitCode {
         Command::Baseline(BaselineCommand::Accept { db, key, pubkey, host, paths }) => {
             host.resolve().and_then(|host| commands::accept(&host, &db, &key, &pubkey, &paths))
         }
-        Command::Verify { containers: true, workload_policy, host, format, .. } => host
-            .resolve()
-            .and_then(|host| commands::verify_containers(&workload_policy, &host, format == VerifyFormat::Json)),
+        Command::Verify { containers: true, workload_policy, layer_cache, host, format, .. } => {
+            host.resolve().and_then(|host| {
+                commands::verify_containers(&workload_policy, &layer_cache, &host, format == VerifyFormat::Json)
+            })
+        }
         Command::Verify { db: Some(db), pubkey: Some(pubkey), host, format, .. } => {
             host.resolve().and_then(|host| commands::verify(&db, &pubkey, &host, format == VerifyFormat::Json))
         }
@@ -358,6 +368,7 @@ fn main() -> ExitCode {
             verify_interval,
             containers,
             workload_policy,
+            layer_cache,
         } => {
             let format = match format {
                 Some(WatchFormat::Jsonl) => kubefim_watcher::Format::Jsonl,
@@ -388,6 +399,7 @@ fn main() -> ExitCode {
                     signatures,
                     verify_interval,
                     containers,
+                    layer_cache,
                 })
             })
         }

@@ -144,6 +144,7 @@ fn write_policy_with(dir: &Path, app: &str, extra: &str) -> PathBuf {
 fn verify_containers(policy: &Path) -> (i32, Value, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(["verify", "--containers", "--workload-policy"]).arg(policy).args(["--format", "json"]);
+    cmd.arg("--layer-cache").arg(policy.with_file_name("layer-cache"));
     let run = run_with_timeout(cmd, TIMEOUT);
     let doc = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", run.dump()));
     let schema = common::kubefim(["schema", "containers"]);
@@ -533,6 +534,35 @@ fn watch_reports_each_change_inside_a_running_container_as_it_happens_with_its_w
     let app_conf = changes.iter().filter(|l| l["path"] == "/etc/app.conf").count();
     assert_eq!(app_conf, 1, "{}", w.dump());
     assert!(w.stop().success());
+}
+
+#[test]
+fn two_containers_of_one_image_share_the_layer_cache_and_it_outlives_the_watcher() {
+    let Some(selected) = Selected::policy("cache", "") else { return };
+    let app = &selected.app;
+    let script = "echo 'listen 8080' >> /etc/app.conf && chmod 600 /etc/other.conf";
+    let first = Container::start(app, DRIFT_IMAGE, script);
+    let second = Container::start(app, DRIFT_IMAGE, script);
+    let (fx, w) = selected.watch();
+    let counts = |l: &Value| (l["image_records_read"].as_u64().unwrap(), l["image_records_cached"].as_u64().unwrap());
+    let a = counts(&watched_line(&w, &first.id, Duration::from_secs(30)));
+    let b = counts(&watched_line(&w, &second.id, Duration::from_secs(30)));
+    // app.conf, other.conf and /etc: read from the layers for the one checked first, taken
+    // from the cache for the other.
+    let (read_first, read_second) = if a.0 > 0 { (a, b) } else { (b, a) };
+    assert!(read_first.0 >= 3 && read_first.1 == 0, "first: {read_first:?}\n{}", w.dump());
+    assert_eq!(read_second, (0, read_first.0), "second\n{}", w.dump());
+    assert!(w.stop().success());
+
+    // Restarted: the image's records come from the cache on disk, and say the same.
+    let again = Watcher::start_on(&fx, &["--containers", "--workload-policy", selected.policy.to_str().unwrap()]);
+    let c = counts(&watched_line(&again, &first.id, Duration::from_secs(30)));
+    assert_eq!(c, (0, read_first.0), "{}", again.dump());
+    let changes = container_changes(&again, &first.id);
+    let app_conf = change_at(&changes, "/etc/app.conf").unwrap_or_else(|| panic!("{}", again.dump()));
+    assert!(app_conf["diff"].as_str().is_some_and(|d| d.contains("\n listen 80\n+listen 8080\n")), "{app_conf:#}");
+    assert_eq!(changed(change_at(&changes, "/etc/other.conf").unwrap()), ["mode"], "{}", again.dump());
+    assert!(again.stop().success());
 }
 
 /// An image of this test's own (a layer over the drift image with `/etc/layer.conf`), so

@@ -132,7 +132,7 @@ fn a_containerd_shaped_overlay_with_relative_lowerdirs_is_compared_with_its_imag
     assert_eq!(root.lower.iter().map(|l| l.dir.clone()).collect::<Vec<_>>(), [snaps.join("2/fs"), snaps.join("1/fs")]);
     change_through(&merged);
     let image = Image { layers: root.lower.clone() };
-    check(&drift::compare(&root, &image, &policy(), &|_| false));
+    check(&drift::compare(&root, &image, &policy(), &|_| false, None));
 }
 
 #[test]
@@ -167,5 +167,5 @@ fn a_containers_storage_shaped_overlay_with_short_links_is_compared_with_its_ima
     );
     change_through(&merged);
     let image = Image { layers: root.lower.clone() };
-    check(&drift::compare(&root, &image, &policy(), &|_| false));
+    check(&drift::compare(&root, &image, &policy(), &|_| false, None));
 }

@@ -694,6 +694,11 @@ pub struct ContainerWatched {
     /// Its monitored entries the kernel watches: changes to them (and new entries in its
     /// watched directories) are compared with the image as they happen.
     pub watched: u64,
+    /// Records of image files its comparison took from the layer cache (read before, for
+    /// this or another container of the image).
+    pub image_records_cached: u64,
+    /// Records of image files its comparison had to read from the layers (then cached).
+    pub image_records_read: u64,
     /// Why it could not be checked at all (its root is not an overlay...), per policy.
     pub errors: Vec<String>,
     /// Paths that could not be compared.

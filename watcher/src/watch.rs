@@ -69,6 +69,8 @@ pub struct WatchOptions {
     pub verify_interval: Option<Duration>,
     /// Check the containers these workload policies select against their images.
     pub containers: Option<WorkloadPolicies>,
+    /// Where image layer records are cached (default: `layer-cache` beside the database).
+    pub layer_cache: Option<PathBuf>,
 }
 
 /// Why a watch ended.
@@ -185,6 +187,13 @@ struct Services<'a> {
     metrics: &'a Arc<Metrics>,
     health: &'a Arc<Health>,
     pods: Option<PodIndex>,
+}
+
+/// Where image layer records are cached.
+fn layer_cache_dir(opts: &WatchOptions) -> PathBuf {
+    opts.layer_cache.clone().unwrap_or_else(|| {
+        opts.db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).join("layer-cache")
+    })
 }
 
 /// The next container checked or gone; never, without `--containers`.
@@ -316,7 +325,7 @@ impl<'a> Session<'a> {
         reporter.say_if_filter_full()?;
         let containers = match &opts.containers {
             Some(policies) => Some(
-                Containers::start(policies.clone(), opts.host.clone(), cgroups)
+                Containers::start(policies.clone(), opts.host.clone(), cgroups, &layer_cache_dir(opts))
                     .map_err(|e| Error::io("starting the containers' checker thread", e))?,
             ),
             None => None,

@@ -12,6 +12,7 @@ use rustix::fs::{FileType, Mode, OFlags};
 use crate::container::discover::RunningContainer;
 use crate::container::drift;
 use crate::container::image::Image;
+use crate::container::layer_cache::LayerCache;
 use crate::container::overlay::{Layer, OverlayRoot};
 use crate::verify::VerifyReport;
 use crate::workload::{Workload, WorkloadPolicies, WorkloadPolicy};
@@ -43,8 +44,8 @@ pub fn selected(c: &RunningContainer, policies: &WorkloadPolicies) -> bool {
 }
 
 /// `c` compared with its image under every policy that selects it, in the order read; empty
-/// when none does.
-pub fn check<'p>(c: &RunningContainer, policies: &'p WorkloadPolicies) -> Vec<Checked<'p>> {
+/// when none does. The image's records come from `cache` where it has them.
+pub fn check<'p>(c: &RunningContainer, policies: &'p WorkloadPolicies, cache: Option<&LayerCache>) -> Vec<Checked<'p>> {
     let w = workload(c);
     policies
         .for_workload(&w)
@@ -52,7 +53,7 @@ pub fn check<'p>(c: &RunningContainer, policies: &'p WorkloadPolicies) -> Vec<Ch
         .map(|policy| {
             let report = c.root.as_ref().map_err(Clone::clone).map(|root| {
                 let image = Image { layers: root.lower.clone() };
-                drift::compare(root, &image, &policy.policy, &|path| policy.exempt(path, w.image))
+                drift::compare(root, &image, &policy.policy, &|path| policy.exempt(path, w.image), cache)
             });
             Checked { policy, report }
         })

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FileType, Mode, OFlags};
 
 use super::image::Image;
+use super::layer_cache::LayerCache;
 use super::overlay::{Marker, OverlayRoot, is_overlay_xattr, marker_at, overlay_xattr};
 use crate::beneath;
 use crate::policy::{Attribute, Policy};
@@ -43,10 +44,17 @@ fn relative(path: &Path) -> &Path {
 }
 
 /// Compares the container whose root is `root` with `image` under `policy` (paths inside the
-/// container); `exempt` says which paths are not reported. Everything that could not be read
-/// is an error of the report, never a silent match.
-pub fn compare(root: &OverlayRoot, image: &Image, policy: &Policy, exempt: &dyn Fn(&Path) -> bool) -> VerifyReport {
-    let mut cmp = Comparer { image, policy, exempt, metacopy: root.metacopy, report: VerifyReport::default() };
+/// container); `exempt` says which paths are not reported. The image's records come from
+/// `cache` where it has them. Everything that could not be read is an error of the report,
+/// never a silent match.
+pub fn compare(
+    root: &OverlayRoot,
+    image: &Image,
+    policy: &Policy,
+    exempt: &dyn Fn(&Path) -> bool,
+    cache: Option<&LayerCache>,
+) -> VerifyReport {
+    let mut cmp = Comparer { image, policy, exempt, metacopy: root.metacopy, cache, report: VerifyReport::default() };
     let upper = match rustix::fs::open(&root.upper, DIR, Mode::empty()) {
         Ok(fd) => fd,
         Err(e) => {
@@ -76,6 +84,7 @@ struct Comparer<'a> {
     policy: &'a Policy,
     exempt: &'a dyn Fn(&Path) -> bool,
     metacopy: bool,
+    cache: Option<&'a LayerCache>,
     report: VerifyReport,
 }
 
@@ -212,9 +221,15 @@ impl Comparer<'_> {
         let Some(found) = self.image.lookup(relative(path))? else { return Ok(None) };
         let rule = &self.policy.rules[rule_index];
         let is_file = FileType::from_raw_mode(found.stat.st_mode) == FileType::RegularFile;
-        let Recorded { record, content, .. } =
-            record_entry(found.parent.as_fd(), &found.name, is_file, rule, rule_index, true)?;
-        Ok(Some((record, content)))
+        let read = || {
+            let Recorded { record, content, .. } =
+                record_entry(found.parent.as_fd(), &found.name, is_file, rule, rule_index, true)?;
+            Ok((record, content))
+        };
+        match (self.cache, self.image.layers.get(found.layer)) {
+            (Some(cache), Some(layer)) => cache.record(layer, path, &found.stat, rule, rule_index, read).map(Some),
+            _ => read().map(Some),
+        }
     }
 
     /// The image's monitored entries at and below `path`, reported removed (a whiteout in the

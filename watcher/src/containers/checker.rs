@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::RunningContainer;
+use kubefim_baseline::container::layer_cache::LayerCache;
 use kubefim_baseline::container::merged::{self, Merged};
 use kubefim_baseline::container::overlay::{Layer, OverlayRoot};
 use kubefim_baseline::report::{EscapedPath, RecordView};
@@ -130,11 +131,13 @@ pub(super) struct Checker {
     policies: Arc<WorkloadPolicies>,
     proc: PathBuf,
     tracked: HashMap<String, Tracked>,
+    /// The image layers' records, shared by every container and kept across restarts.
+    cache: Option<LayerCache>,
 }
 
 impl Checker {
-    pub fn new(policies: Arc<WorkloadPolicies>, proc: PathBuf) -> Checker {
-        Checker { policies, proc, tracked: HashMap::new() }
+    pub fn new(policies: Arc<WorkloadPolicies>, proc: PathBuf, cache: Option<LayerCache>) -> Checker {
+        Checker { policies, proc, tracked: HashMap::new(), cache }
     }
 
     /// Does one job.
@@ -164,11 +167,17 @@ impl Checker {
             scanned: 0,
             changes: 0,
             watched: 0,
+            image_records_cached: 0,
+            image_records_read: 0,
             errors: Vec::new(),
             unverified: Vec::new(),
         };
         let mut tracked = Tracked { container: c, reported: HashMap::new() };
-        let mut checked = compare(&mut tracked, &self.policies, &[], Some(&mut watched));
+        let counts = |cache: Option<&LayerCache>| cache.map_or((0, 0), |c| (c.hits(), c.misses()));
+        let before = counts(self.cache.as_ref());
+        let mut checked = compare(&mut tracked, &self.policies, self.cache.as_ref(), &[], Some(&mut watched));
+        let after = counts(self.cache.as_ref());
+        (watched.image_records_cached, watched.image_records_read) = (after.0 - before.0, after.1 - before.1);
         let watch = self.list(&tracked.container);
         match &watch {
             Ok(m) => {
@@ -198,7 +207,7 @@ impl Checker {
     /// reported, attributed to the events' processes.
     fn recheck(&mut self, id: &str, touches: &[Touch]) -> Option<Checked> {
         let mut tracked = self.tracked.remove(id)?;
-        let mut checked = compare(&mut tracked, &self.policies, touches, None);
+        let mut checked = compare(&mut tracked, &self.policies, self.cache.as_ref(), touches, None);
         checked.watch = self.list(&tracked.container).ok().map(|m| (id.to_owned(), m));
         self.tracked.insert(id.to_owned(), tracked);
         Some(checked)
@@ -239,6 +248,7 @@ impl Checker {
 fn compare(
     tracked: &mut Tracked,
     policies: &WorkloadPolicies,
+    cache: Option<&LayerCache>,
     touches: &[Touch],
     mut watched: Option<&mut ContainerWatched>,
 ) -> Checked {
@@ -247,7 +257,7 @@ fn compare(
     let mut lines = Vec::new();
     let mut kinds = Vec::new();
     let mut reported = HashMap::new();
-    for one in check::check(&tracked.container, policies) {
+    for one in check::check(&tracked.container, policies, cache) {
         let name = one.policy.qualified_name();
         let report = match one.report {
             Ok(report) => report,

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kubefim_baseline::container::check;
 use kubefim_baseline::container::discover::{self, RunningContainer};
+use kubefim_baseline::container::layer_cache::LayerCache;
 use kubefim_baseline::container::merged::Merged;
 use kubefim_baseline::container::overlay::{Layer, OverlayRoot};
 use kubefim_baseline::report::EscapedPath;
@@ -124,12 +125,20 @@ pub(crate) struct Containers {
 impl Containers {
     /// Starts the checker thread and checks every container running now. Must run inside
     /// the watcher's tokio runtime (exits are awaited there).
-    pub fn start(policies: WorkloadPolicies, host: HostRoot, cgroups: Cgroups) -> std::io::Result<Containers> {
+    pub fn start(
+        policies: WorkloadPolicies,
+        host: HostRoot,
+        cgroups: Cgroups,
+        layer_cache: &Path,
+    ) -> std::io::Result<Containers> {
         let policies = Arc::new(policies);
         let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(CHECKS_QUEUED);
         let (checked_tx, checked) = mpsc::unbounded_channel();
         let proc = PathBuf::from("/proc");
-        let mut checker = Checker::new(policies.clone(), proc.clone());
+        // Without it (another kubefim holds it) the layers are read: slower, never less sure.
+        let cache =
+            LayerCache::open(layer_cache).inspect_err(|e| tracing::warn!("{e}: image layers are read without it")).ok();
+        let mut checker = Checker::new(policies.clone(), proc.clone(), cache);
         std::thread::Builder::new().name("kubefim-containers".into()).spawn(move || {
             for job in job_rx {
                 if let Some(checked) = checker.run(job)
