@@ -565,6 +565,71 @@ fn two_containers_of_one_image_share_the_layer_cache_and_it_outlives_the_watcher
     assert!(again.stop().success());
 }
 
+/// A pod of the stand-in API server's list: on node `test-node`, with these labels.
+fn labeled_pod(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
+    serde_json::json!({
+        "metadata": {"namespace": namespace, "name": name, "uid": uid, "labels": labels, "resourceVersion": "1"},
+        "spec": {"nodeName": "test-node", "containers": [{"name": "app", "image": DRIFT_IMAGE}]},
+        "status": {"phase": "Pending"},
+    })
+}
+
+#[test]
+fn on_kubernetes_workload_policies_select_on_the_pods_labels() {
+    let Some(selected) = Selected::policy("pods", "") else { return };
+    let app = &selected.app;
+    let uid = |n: u32| format!("{:08x}-1111-4222-8333-{:012x}", std::process::id(), n);
+    // The pod the policy selects by its labels, and one whose container's annotations would
+    // match but whose pod's labels do not.
+    let list = serde_json::json!({
+        "kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "10"},
+        "items": [
+            labeled_pod("shop", "web-1", &uid(1), serde_json::json!({"app": app})),
+            labeled_pod("shop", "other-1", &uid(2), serde_json::json!({"app": "other"})),
+        ],
+    });
+    let api = common::api::ApiServer::start(list);
+    let kubeconfig = selected.tmp.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let fx = Fixture::on_disk();
+    fs::write(fx.t("host.conf"), "host\n").unwrap();
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree())]));
+    let policy = selected.policy.to_str().unwrap();
+    let w = Watcher::start_on_env(
+        &fx,
+        &["--containers", "--workload-policy", policy, "--kubernetes", "--node-name", "test-node"],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    let pod_container = |pod: &str, n: u32, annotation: &str| {
+        let mut args = vec!["run".to_owned(), "-d".to_owned()];
+        for a in [
+            "io.kubernetes.pod.namespace=shop".to_owned(),
+            format!("io.kubernetes.pod.name={pod}"),
+            format!("io.kubernetes.pod.uid={}", uid(n)),
+            "io.kubernetes.container.name=app".to_owned(),
+        ] {
+            args.extend(["--annotation".to_owned(), a]);
+        }
+        args.extend(container_args(&[], annotation, DRIFT_IMAGE, "echo x >> /etc/app.conf && exec sleep 600"));
+        Container { id: podman_ok(&args) }
+    };
+    let web = pod_container("web-1", 1, "unrelated");
+    let other = pod_container("other-1", 2, app);
+    let watched = watched_line(&w, &web.id, Duration::from_secs(20));
+    assert_eq!(watched["pod"]["name"], "web-1", "{watched:#}");
+    assert_eq!(watched["pod"]["uid"], uid(1), "{watched:#}");
+    let changes = container_changes(&w, &web.id);
+    assert!(change_at(&changes, "/etc/app.conf").is_some(), "{}", w.dump());
+    // The other pod's container, annotated app=<app>, is not its pod's labels: not selected.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        w.lines().iter().all(|l| l["container"]["id"] != other.id.as_str()),
+        "selected on its annotations, not its pod's labels\n{}",
+        w.dump()
+    );
+    assert!(w.stop().success());
+}
+
 /// An image of this test's own (a layer over the drift image with `/etc/layer.conf`), so
 /// that writing into its layer changes no other test's image; removed when dropped.
 struct OwnImage {

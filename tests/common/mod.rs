@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod api;
 pub mod deploy;
 pub mod podman;
 pub mod watch;

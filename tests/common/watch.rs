@@ -90,10 +90,16 @@ impl Watcher {
     /// Starts the watcher on the fixture's existing baseline, with extra flags.
     #[track_caller]
     pub fn start_on(fx: &Fixture, extra: &[&str]) -> Watcher {
+        Self::start_on_env(fx, extra, &[])
+    }
+
+    /// [`Watcher::start_on`], with these environment variables set for it.
+    #[track_caller]
+    pub fn start_on_env(fx: &Fixture, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Watcher {
         let ready = fx.path("ready");
         let _ = std::fs::remove_file(&ready);
         let mut cmd = watch_cmd(&fx.db(), &fx.pubkey(), &ready);
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(extra).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn kubefim watch");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));

@@ -14,7 +14,7 @@
 //! from the API and so from the index. A deleted pod's ids go with it: the API sends DELETED
 //! only once the kubelet has stopped every container, so little can still be in flight.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -141,6 +141,8 @@ struct Maps {
 struct PodEntry {
     namespace: String,
     name: String,
+    /// `metadata.labels`: what workload policies select on.
+    labels: BTreeMap<String, String>,
     container_ids: Vec<String>,
     mirror_hash: Option<String>,
 }
@@ -190,6 +192,14 @@ impl PodIndex {
         let maps = self.inner.state.read();
         let entry = maps.pods.get(uid).or_else(|| maps.mirrors.get(uid).and_then(|uid| maps.pods.get(uid)))?;
         Some((entry.namespace.clone(), entry.name.clone()))
+    }
+
+    /// The labels of the pod with this uid (as [`PodIndex::lookup_pod_uid`] finds it), when
+    /// the index has it.
+    pub fn pod_labels(&self, uid: &str) -> Option<BTreeMap<String, String>> {
+        let maps = self.inner.state.read();
+        let entry = maps.pods.get(uid).or_else(|| maps.mirrors.get(uid).and_then(|uid| maps.pods.get(uid)))?;
+        Some(entry.labels.clone())
     }
 
     /// True once the first complete list of the node's pods has been applied.
@@ -339,7 +349,8 @@ impl Maps {
         if let Some(hash) = &mirror_hash {
             self.mirrors.insert(hash.clone(), uid.to_owned());
         }
-        self.pods.insert(uid.to_owned(), PodEntry { namespace, name, container_ids, mirror_hash });
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        self.pods.insert(uid.to_owned(), PodEntry { namespace, name, labels, container_ids, mirror_hash });
     }
 
     /// Forgets a pod and its container ids.

@@ -272,7 +272,7 @@ impl<'a> Session<'a> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let reader = Reader::start(ReaderParts {
             source,
-            attribution: Attribution::default().with_pods(services.pods),
+            attribution: Attribution::default().with_pods(services.pods.clone()),
             host: opts.host.clone(),
             metrics: metrics.clone(),
             tx,
@@ -323,9 +323,10 @@ impl<'a> Session<'a> {
             }))?;
         }
         reporter.say_if_filter_full()?;
+        let pods = services.pods;
         let containers = match &opts.containers {
             Some(policies) => Some(
-                Containers::start(policies.clone(), opts.host.clone(), cgroups, &layer_cache_dir(opts))
+                Containers::start(policies.clone(), opts.host.clone(), cgroups, &layer_cache_dir(opts), pods)
                     .map_err(|e| Error::io("starting the containers' checker thread", e))?,
             ),
             None => None,

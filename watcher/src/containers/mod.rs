@@ -42,8 +42,15 @@ pub(crate) use self::checker::Checked;
 use self::checker::{Checker, ExecJob, Job, LayerJob, Touch, describe};
 use crate::filter::KernelFilter;
 use crate::model::{Container, ContainerGone, Event, FileOp, FoundBy, Line, PathError, Pod, Process};
+use crate::pods::PodIndex;
 use crate::programs::Cgroups;
 use crate::reader::Observation;
+
+/// How long a container on Kubernetes waits for the pod index to learn its pod's labels (the
+/// API server's watch can lag the container's start) before it is selected on its
+/// annotations alone, and how often it is looked up meanwhile.
+const POD_LABELS_WAIT: Duration = Duration::from_secs(30);
+const POD_LABELS_RETRY: Duration = Duration::from_millis(200);
 
 /// How long after the first event on a container's monitored entries it is compared again:
 /// the rest of a burst (a write, its close, the rename of an editor's save) is in the same
@@ -97,6 +104,16 @@ struct LayerWatch {
     due: Option<Instant>,
 }
 
+/// A container of a pod the pod index does not know yet: whether a policy selects it waits
+/// for the pod's labels.
+struct Unlabeled {
+    c: RunningContainer,
+    cgroup: Option<u64>,
+    found_by: FoundBy,
+    exec_at: Option<Instant>,
+    since: Instant,
+}
+
 /// A layer's identity: the device and inode of its directory.
 type LayerId = (u64, u64);
 
@@ -114,6 +131,10 @@ pub(crate) struct Containers {
     layers: HashMap<LayerId, LayerWatch>,
     /// Their files' inodes.
     layer_files: HashMap<InodeKey, LayerId>,
+    /// The pods of this node, on Kubernetes: their labels are what selectors match.
+    pods: Option<PodIndex>,
+    /// Containers waiting for their pod's labels.
+    unlabeled: Vec<Unlabeled>,
     /// This process's mount namespace: a process still in it is not in its container yet.
     own_mnt_ns: Option<u64>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -130,6 +151,7 @@ impl Containers {
         host: HostRoot,
         cgroups: Cgroups,
         layer_cache: &Path,
+        pods: Option<PodIndex>,
     ) -> std::io::Result<Containers> {
         let policies = Arc::new(policies);
         let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(CHECKS_QUEUED);
@@ -159,6 +181,8 @@ impl Containers {
             by_dev: HashMap::new(),
             layers: HashMap::new(),
             layer_files: HashMap::new(),
+            pods,
+            unlabeled: Vec::new(),
             jobs,
             checked,
             gone_tx,
@@ -188,6 +212,10 @@ impl Containers {
             self.cgroups.know(cgroup);
             return None;
         };
+        if self.unlabeled.iter().any(|u| u.c.id == id) {
+            // Still waiting for its pod's labels: its cgroup is decided then.
+            return None;
+        }
         if !self.known.contains_key(id) {
             let c = discover::of_pid(&self.proc, &self.host, pid)?;
             if c.root.is_err() && mnt_ns(&self.proc, &pid.to_string()) == self.own_mnt_ns {
@@ -246,6 +274,30 @@ impl Containers {
 
     /// Keeps `c` while its process runs and, when a policy selects it, has it checked.
     fn track(&mut self, c: RunningContainer, cgroup: Option<u64>, found_by: FoundBy, exec_at: Option<Instant>) {
+        self.track_labeled(Unlabeled { c, cgroup, found_by, exec_at, since: Instant::now() });
+    }
+
+    /// [`Containers::track`], once the labels its selection needs are known: on Kubernetes
+    /// its pod's (what the pod index says), waited for a while when the index does not have
+    /// the pod yet; elsewhere, its annotations.
+    fn track_labeled(&mut self, mut u: Unlabeled) {
+        if let Some(pods) = &self.pods
+            && let Some(uid) = u.c.pod.as_ref().and_then(|p| p.uid.as_deref())
+        {
+            match pods.pod_labels(uid) {
+                Some(labels) => u.c.labels = labels,
+                None if u.since.elapsed() < POD_LABELS_WAIT => {
+                    self.unlabeled.push(u);
+                    return;
+                }
+                None => tracing::warn!(
+                    container = %u.c.id,
+                    pod = uid,
+                    "the API server never listed this container's pod: selected on its annotations"
+                ),
+            }
+        }
+        let Unlabeled { c, cgroup, found_by, exec_at, .. } = u;
         let pid = i32::try_from(c.pid).ok().and_then(rustix::process::Pid::from_raw);
         let Some(Ok(pidfd)) = pid.map(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()))
         else {
@@ -295,6 +347,11 @@ impl Containers {
                 checked = self.checked.recv() => return checked.map(Next::Checked),
                 gone = self.gone_rx.recv() => return gone.map(Next::Gone),
                 _ = sleep, if due.is_some() => self.send_due(),
+                _ = tokio::time::sleep(POD_LABELS_RETRY), if !self.unlabeled.is_empty() => {
+                    for u in std::mem::take(&mut self.unlabeled) {
+                        self.track_labeled(u);
+                    }
+                }
             }
         }
     }
