@@ -14,6 +14,8 @@
 #              (growth from the first cycle to the last)
 #   overhead:  WRITES appends of a line to a monitored file inside one container, by its own
 #              shell, timed with no watcher and with the watcher watching that container
+#   latency:   LAT_SAMPLES appends to the container's monitored files (through its root, ~20 ms
+#              apart): the write's close -> its `modified` line in the output (arrival time)
 #
 # Markdown tables go to stdout, progress to stderr. Run as root; it leaves no container or
 # image behind.
@@ -26,6 +28,7 @@
 #   CYCLES=N           start/stop cycles (default 200)
 #   WRITES=N           appends of the overhead measurement (default 20000)
 #   CONF_FILES=N       files in each image's /etc/app (default 50)
+#   LAT_SAMPLES=N      latency probes (default 200)
 #   KUBEFIM=PATH       the kubefim binary (default: target/release/kubefim, built if missing)
 #
 # Targets shown next to the results: container start to watched <= 1 s; each layer read once
@@ -51,12 +54,14 @@ esac
 
 if [ "${QUICK:-0}" = 1 ]; then
     IMAGES=${IMAGES:-4} CONTAINERS=${CONTAINERS:-10} CYCLES=${CYCLES:-20} WRITES=${WRITES:-2000}
+    LAT_SAMPLES=${LAT_SAMPLES:-30}
 fi
 IMAGES=${IMAGES:-20}
 CONTAINERS=${CONTAINERS:-100}
 CYCLES=${CYCLES:-200}
 WRITES=${WRITES:-20000}
 CONF_FILES=${CONF_FILES:-50}
+LAT_SAMPLES=${LAT_SAMPLES:-200}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KUBEFIM=${KUBEFIM:-$REPO/target/release/kubefim}
 if [ ! -x "$KUBEFIM" ]; then
@@ -163,6 +168,36 @@ podman_ rm -f -t 0 "$TAG-ovh-a" >/dev/null
 start_watcher
 run_container "$TAG-ovh-b" "localhost/$TAG-img1:latest" "exec sleep 3600"
 wait_watched 1
+log "latency: $LAT_SAMPLES probes"
+pid=$(podman_ inspect -f '{{.State.Pid}}' "$TAG-ovh-b")
+latency=$(python3 - "$OUT" "/proc/$pid/root" "$LAT_SAMPLES" <<'PY'
+import json, sys, time
+out, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+f = open(out)
+f.seek(0, 2)
+lat, missed = [], 0
+for i in range(n):
+    path = f"/etc/app/{i % 10 + 2}.conf"
+    t0 = time.monotonic()
+    with open(root + path, "a") as fh:
+        fh.write(f"probe {i}\n")
+    while True:
+        line = f.readline()
+        if not line:
+            if time.monotonic() - t0 > 5:
+                missed += 1
+                break
+            time.sleep(0.0005)
+            continue
+        if json.loads(line).get("path") == path:
+            lat.append(time.monotonic() - t0)
+            break
+    time.sleep(0.02)
+lat.sort()
+p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+print(f"{p(0.5):.1f} {p(0.99):.1f} {lat[-1] * 1000:.1f} {missed}")
+PY
+)
 watched=$(writes_in "$TAG-ovh-b")
 sleep 1
 reports=$(grep -c '"path":"/etc/app/1.conf"' "$OUT" || true)
@@ -215,6 +250,7 @@ stop_watcher
 
 # ---- tables ---------------------------------------------------------------------------------------
 read -r n p50 p95 max <<<"$lat"
+read -r lat50 lat99 latmax missed <<<"$latency"
 read -r read cached <<<"$records"
 per_container=$(calc "($rss1 - $rss0) / $CONTAINERS / 1024")
 first=${churn[0]#*:}
@@ -231,6 +267,7 @@ cat <<EOF
 | memory per watched container | $(printf '%.2f' "$per_container") MB | |
 | $WRITES appends inside a container: no watcher / watched | $(printf '%.2f' "$bare") s / $(printf '%.2f' "$watched") s ($(calc "$watched / $bare" | xargs printf '%.2f')x) | |
 | reports of the appended file while watched | $reports | |
+| change (close) to its line, median / p99 / max of $LAT_SAMPLES ($missed missed) | $lat50 ms / $lat99 ms / $latmax ms | p99 < 100 ms |
 
 | start/stop cycle | watcher RSS |
 | ---: | ---: |

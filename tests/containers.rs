@@ -301,11 +301,18 @@ impl Selected {
 
     /// `kubefim watch --containers` under the policy, ready.
     fn watch(&self) -> (Fixture, Watcher) {
+        self.watch_with(&[])
+    }
+
+    /// [`Selected::watch`] with more flags.
+    fn watch_with(&self, extra: &[&str]) -> (Fixture, Watcher) {
         let fx = Fixture::on_disk();
         fs::write(fx.t("host.conf"), "host\n").unwrap();
         let rules = fx.write_policy(&[Rule::new(fx.tree())]);
         fx.create(&rules);
-        let w = Watcher::start_on(&fx, &["--containers", "--workload-policy", self.policy.to_str().unwrap()]);
+        let mut args = vec!["--containers", "--workload-policy", self.policy.to_str().unwrap()];
+        args.extend(extra);
+        let w = Watcher::start_on(&fx, &args);
         (fx, w)
     }
 }
@@ -563,6 +570,38 @@ fn two_containers_of_one_image_share_the_layer_cache_and_it_outlives_the_watcher
     assert!(app_conf["diff"].as_str().is_some_and(|d| d.contains("\n listen 80\n+listen 8080\n")), "{app_conf:#}");
     assert_eq!(changed(change_at(&changes, "/etc/other.conf").unwrap()), ["mode"], "{}", again.dump());
     assert!(again.stop().success());
+}
+
+#[test]
+fn container_churn_releases_what_each_container_held() {
+    let Some(selected) = Selected::policy("churn", "") else { return };
+    let app = &selected.app;
+    let (_fx, w) = selected.watch_with(&["--listen", "127.0.0.1:0"]);
+    let before = w.metric("kubefim_watched_inodes");
+    for round in 0..5 {
+        let script = format!("echo {round} >> /etc/app.conf && sleep 1");
+        let c = Container { id: podman_ok(&container_args(&["run", "-d"], app, DRIFT_IMAGE, &script)) };
+        let watched = watched_line(&w, &c.id, Duration::from_secs(10));
+        assert!(watched["watched"].as_u64().is_some_and(|n| n > 0), "{watched:#}");
+        w.wait_for("container-gone", Duration::from_secs(20), |l| {
+            l["kind"] == "container-gone" && l["container"]["id"] == c.id.as_str()
+        });
+    }
+    // Each container's inodes (its own and its image layers') left the kernel filter with it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.metric("kubefim_watched_inodes") != before {
+        assert!(
+            Instant::now() < deadline,
+            "{} inodes watched, {before} before\n{}",
+            w.metric("kubefim_watched_inodes"),
+            w.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let watched = w.lines().iter().filter(|l| l["kind"] == "container-watched").count();
+    let gone = w.lines().iter().filter(|l| l["kind"] == "container-gone").count();
+    assert_eq!((watched, gone), (5, 5), "{}", w.dump());
+    assert!(w.stop().success());
 }
 
 /// A pod of the stand-in API server's list: on node `test-node`, with these labels.

@@ -155,6 +155,30 @@ impl Watcher {
         self.child.as_ref().expect("running").id()
     }
 
+    /// The value of a metric without labels on the watcher's endpoint (it must have been
+    /// started with `--listen 127.0.0.1:0`).
+    #[track_caller]
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::Write;
+        const SAYS: &str = "serving /metrics, /healthz and /readyz on http://";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = loop {
+            let said = self.stderr.lock().unwrap().lines().find_map(|l| Some(l.split_once(SAYS)?.1.trim().to_owned()));
+            if let Some(addr) = said {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "no endpoint address on stderr\n{}", self.dump());
+            thread::sleep(Duration::from_millis(50));
+        };
+        let mut stream = std::net::TcpStream::connect(&addr).expect("connect to the metrics endpoint");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     /// Everything printed so far, for failure messages.
     pub fn dump(&self) -> String {
         format!(
