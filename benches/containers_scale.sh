@@ -72,12 +72,13 @@ fi
 TAG="kubefim-scale-$$"
 WORK=$(mktemp -d /var/tmp/kubefim-containers-scale.XXXXXX)
 WATCHER=
-podman_() { podman --runtime /usr/sbin/runc --cgroup-manager cgroupfs "$@"; }
+PODMAN=(podman --runtime /usr/sbin/runc --cgroup-manager cgroupfs)
+podman_() { "${PODMAN[@]}" "$@"; }
 run_args=(--ulimit nofile=1024:1024 --ulimit nproc=1000:1000)
 cleanup() {
     [ -n "$WATCHER" ] && kill "$WATCHER" 2>/dev/null && wait "$WATCHER" 2>/dev/null
-    podman_ ps -aq --filter "label=$TAG" | xargs -r podman_ rm -f -t 0 >/dev/null 2>&1 || true
-    podman_ images -q --filter "reference=localhost/$TAG-*" | xargs -r podman_ rmi -f >/dev/null 2>&1 || true
+    podman_ ps -aq --filter "label=$TAG" | xargs -r "${PODMAN[@]}" rm -f -t 0 >/dev/null 2>&1 || true
+    podman_ images -q --filter "reference=localhost/$TAG-*" | xargs -r "${PODMAN[@]}" rmi -f >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -229,7 +230,7 @@ for l in sys.stdin:
 print(r, c)')
 changes=$(grep -c '"kind":"modified"' "$OUT" || true)
 log "removing them"
-podman_ ps -aq --filter "label=$TAG" | xargs -r podman_ rm -f -t 0 >/dev/null
+podman_ ps -aq --filter "label=$TAG" | xargs -r "${PODMAN[@]}" rm -f -t 0 >/dev/null
 
 # ---- churn: CYCLES start/stop cycles -----------------------------------------------------------
 log "$CYCLES start/stop cycles"

@@ -582,7 +582,7 @@ fn container_churn_releases_what_each_container_held() {
         let script = format!("echo {round} >> /etc/app.conf && sleep 1");
         let c = Container { id: podman_ok(&container_args(&["run", "-d"], app, DRIFT_IMAGE, &script)) };
         let watched = watched_line(&w, &c.id, Duration::from_secs(10));
-        assert!(watched["watched"].as_u64().is_some_and(|n| n > 0), "{watched:#}");
+        assert!(watched["watched"].as_u64().is_some_and(|n| n > 0), "{watched:#}\n{}", w.dump());
         w.wait_for("container-gone", Duration::from_secs(20), |l| {
             l["kind"] == "container-gone" && l["container"]["id"] == c.id.as_str()
         });

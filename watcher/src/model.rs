@@ -214,7 +214,9 @@ pub enum Attribution {
     /// A listed process's path could not be resolved as it saw it (it had exited, or the
     /// path was too long to be sent whole): the path was inferred from names or from a
     /// rescan of what the path could name. Or no op on the path was seen (the events were
-    /// lost) and the processes listed are those that had it open for writing.
+    /// lost) and the processes listed are those that had it open for writing. Or (a
+    /// container's change) the file changed again after the listed processes' last event on
+    /// it: what was read may also be a later process's doing.
     Inferred,
     /// No process is known to have made the change (found by a rescan or a listing).
     None,

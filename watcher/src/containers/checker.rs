@@ -32,6 +32,10 @@ use crate::model::{
 /// are found by the comparisons its other events cause (and at its start).
 const WATCHED_PER_CONTAINER: usize = 1 << 16;
 
+/// How much later than the last event naming it a file's ctime may be and still be that
+/// event's change (the kernel's clocks for the two differ by a tick at most).
+const LATER_SLACK_NS: i128 = 5_000_000;
+
 /// Work for the checker thread.
 pub(super) enum Job {
     /// A container found: compare its layer with its image.
@@ -108,6 +112,7 @@ pub(super) struct ExecJob {
 
 /// What a job produced: the lines to print, in order, and the container's monitored entries
 /// for the kernel filter.
+#[derive(Default)]
 pub(crate) struct Checked {
     pub lines: Vec<Event>,
     /// Changes among `lines`.
@@ -116,6 +121,8 @@ pub(crate) struct Checked {
     pub watch: Option<(String, Merged)>,
     /// At a container's first check: its image's layers and their monitored entries.
     pub layers: Vec<(Layer, Merged)>,
+    /// The container compared again, for a [`Job::Recheck`] (done, whatever it found).
+    pub rechecked: Option<String>,
 }
 
 /// A container compared here, and what was last reported of it.
@@ -206,8 +213,12 @@ impl Checker {
     /// Compares a container again after kernel events on it: what differs from what was
     /// reported, attributed to the events' processes.
     fn recheck(&mut self, id: &str, touches: &[Touch]) -> Option<Checked> {
-        let mut tracked = self.tracked.remove(id)?;
+        let Some(mut tracked) = self.tracked.remove(id) else {
+            // Gone meanwhile; the loop still learns the comparison is over.
+            return Some(Checked { rechecked: Some(id.to_owned()), ..Checked::default() });
+        };
         let mut checked = compare(&mut tracked, &self.policies, self.cache.as_ref(), touches, None);
+        checked.rechecked = Some(id.to_owned());
         checked.watch = self.list(&tracked.container).ok().map(|m| (id.to_owned(), m));
         self.tracked.insert(id.to_owned(), tracked);
         Some(checked)
@@ -292,6 +303,13 @@ fn compare(
             }
             let by: Vec<&Touch> = touches.iter().filter(|t| t.names(&change.path)).collect();
             let writers = writers(&by);
+            // Changed again after the last event this comparison was for (by a process whose
+            // event is in the next batch): what was read is not only these processes' doing.
+            let latest = by.iter().map(|t| t.time).max().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+            let changed_later = match (&change.new, latest) {
+                (Some(r), Some(t)) => i128::from(r.ctime_ns) > t.as_nanos() as i128 + LATER_SLACK_NS,
+                _ => false,
+            };
             let process = by.last().map(|t| t.actor.process.clone());
             let time = by.last().map_or_else(|| time_string(SystemTime::now()), |t| time_string(t.time));
             kinds.push(change.kind);
@@ -314,7 +332,11 @@ fn compare(
                 process,
                 container: Some(container.clone()),
                 pod: pod.clone(),
-                attribution: if writers.is_empty() { Attribution::None } else { Attribution::Exact },
+                attribution: match (writers.is_empty(), changed_later) {
+                    (true, _) => Attribution::None,
+                    (false, true) => Attribution::Inferred,
+                    (false, false) => Attribution::Exact,
+                },
                 processes: writers,
                 detected_by: if touches.is_empty() { DetectedBy::Rescan } else { DetectedBy::Event },
                 baseline: Reference::Image,
@@ -330,7 +352,7 @@ fn compare(
         }
     }
     tracked.reported = reported;
-    Checked { lines, changes: kinds, watch: None, layers: Vec::new() }
+    Checked { lines, changes: kinds, ..Checked::default() }
 }
 
 /// The processes of `touches`, each once, in the order first seen, with their ops.
@@ -394,7 +416,7 @@ fn check_exec(mut job: ExecJob) -> Checked {
             error: format!("executed in container {}, but could not be compared with its image: {e}", job.container.id),
         })),
     };
-    Checked { lines: line.map(Event::now).into_iter().collect(), changes: Vec::new(), watch: None, layers: Vec::new() }
+    Checked { lines: line.map(Event::now).into_iter().collect(), ..Checked::default() }
 }
 
 /// A `layer-modified` line for each file of the layer an event changed: what it is now, who
@@ -434,7 +456,7 @@ fn check_layer(job: LayerJob) -> Checked {
             Event { time, line: Line::LayerModified(line) }
         })
         .collect();
-    Checked { lines, changes: Vec::new(), watch: None, layers: Vec::new() }
+    Checked { lines, ..Checked::default() }
 }
 
 /// BLAKE3 of the regular file at `path` (inside the image) in the layer `dir`, resolved

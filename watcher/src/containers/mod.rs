@@ -86,6 +86,9 @@ struct Known {
     touches: Vec<Touch>,
     /// When they are compared.
     due: Option<Instant>,
+    /// A comparison of it is on the checker thread: the next waits for it to end (a storm of
+    /// writes costs one comparison at a time, never a queue of them).
+    comparing: bool,
     /// The image layers it uses that are watched.
     layers: Vec<LayerId>,
 }
@@ -218,10 +221,14 @@ impl Containers {
         }
         if !self.known.contains_key(id) {
             let c = discover::of_pid(&self.proc, &self.host, pid)?;
-            if c.root.is_err() && mnt_ns(&self.proc, &pid.to_string()) == self.own_mnt_ns {
-                // Its runtime's helper, before the container's root is in place: its cgroup
-                // stays undecided, so the next exec (the entrypoint's) asks again.
-                return None;
+            if c.root.is_err() {
+                let ns = mnt_ns(&self.proc, &pid.to_string());
+                if ns.is_none() || ns == self.own_mnt_ns {
+                    // Its runtime's helper, before the container's root is in place, or a
+                    // process gone already: its cgroup stays undecided, so the next exec (the
+                    // entrypoint's) asks again.
+                    return None;
+                }
             }
             self.track(c, Some(cgroup), FoundBy::Exec, Some(at));
         }
@@ -324,6 +331,7 @@ impl Containers {
             watched: HashMap::new(),
             touches: Vec::new(),
             due: None,
+            comparing: false,
             layers: Vec::new(),
         };
         self.known.insert(c.id.clone(), known);
@@ -339,12 +347,25 @@ impl Containers {
     /// to be compared again meanwhile.
     pub async fn next(&mut self) -> Option<Next> {
         loop {
-            let due = self.known.values().filter_map(|k| k.due).chain(self.layers.values().filter_map(|l| l.due)).min();
+            let due = self
+                .known
+                .values()
+                .filter(|k| !k.comparing)
+                .filter_map(|k| k.due)
+                .chain(self.layers.values().filter_map(|l| l.due))
+                .min();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
             tokio::select! {
-                checked = self.checked.recv() => return checked.map(Next::Checked),
+                checked = self.checked.recv() => {
+                    if let Some(id) = checked.as_ref().and_then(|c| c.rechecked.as_ref())
+                        && let Some(known) = self.known.get_mut(id)
+                    {
+                        known.comparing = false;
+                    }
+                    return checked.map(Next::Checked);
+                }
                 gone = self.gone_rx.recv() => return gone.map(Next::Gone),
                 _ = sleep, if due.is_some() => self.send_due(),
                 _ = tokio::time::sleep(POD_LABELS_RETRY), if !self.unlabeled.is_empty() => {
@@ -360,8 +381,9 @@ impl Containers {
     fn send_due(&mut self) {
         let now = Instant::now();
         for (id, known) in &mut self.known {
-            if known.due.is_some_and(|due| due <= now) {
+            if !known.comparing && known.due.is_some_and(|due| due <= now) {
                 known.due = None;
+                known.comparing = true;
                 let touches = std::mem::take(&mut known.touches);
                 // A full queue waits: the comparison must not be lost.
                 let _ = self.jobs.send(Job::Recheck { id: id.clone(), touches });
@@ -487,6 +509,12 @@ impl Containers {
             return;
         };
         let dev = InodeKey::from_stat(merged.dev, 0).dev;
+        if known.dev.is_none() {
+            // Its first listing: what it changed between its first comparison and now (its
+            // entrypoint starts writing at once) had no watched inode to be seen on. One more
+            // comparison, now that every later change is seen, finds it.
+            known.due.get_or_insert_with(Instant::now);
+        }
         known.dev = Some(dev);
         known.root = Some(InodeKey::from_stat(merged.dev, merged.root_ino));
         self.by_dev.insert(dev, id.to_owned());
