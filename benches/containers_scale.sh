@@ -176,20 +176,22 @@ import json, sys, time
 out, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 f = open(out)
 f.seek(0, 2)
-lat, missed = [], 0
+lat, missed, part = [], 0, ""
 for i in range(n):
     path = f"/etc/app/{i % 10 + 2}.conf"
     t0 = time.monotonic()
     with open(root + path, "a") as fh:
         fh.write(f"probe {i}\n")
     while True:
-        line = f.readline()
-        if not line:
+        part += f.readline()
+        if not part.endswith("\n"):
+            # Nothing new, or a line the watcher is still writing.
             if time.monotonic() - t0 > 5:
                 missed += 1
                 break
             time.sleep(0.0005)
             continue
+        line, part = part, ""
         if json.loads(line).get("path") == path:
             lat.append(time.monotonic() - t0)
             break
