@@ -579,7 +579,8 @@ fn container_churn_releases_what_each_container_held() {
     let (_fx, w) = selected.watch_with(&["--listen", "127.0.0.1:0"]);
     let before = w.metric("kubefim_watched_inodes");
     for round in 0..5 {
-        let script = format!("echo {round} >> /etc/app.conf && sleep 1");
+        // An image file changed, and a file made (a new inode the kernel watches at once).
+        let script = format!("echo {round} >> /etc/app.conf && sleep 0.3 && echo {round} > /etc/new.conf && sleep 1");
         let c = Container { id: podman_ok(&container_args(&["run", "-d"], app, DRIFT_IMAGE, &script)) };
         let watched = watched_line(&w, &c.id, Duration::from_secs(10));
         assert!(watched["watched"].as_u64().is_some_and(|n| n > 0), "{watched:#}\n{}", w.dump());

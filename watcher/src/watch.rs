@@ -489,7 +489,8 @@ impl<'a> Session<'a> {
             }
             Message::Event(observation) if self.check.is_canary(&observation.event) => self.check.canary_seen(),
             // A checked container's: compared with its image, not the baseline.
-            Message::Event(observation) if self.containers.as_mut().is_some_and(|c| c.observe(&observation)) => {}
+            Message::Event(observation)
+                if self.containers.as_mut().is_some_and(|c| c.observe(&observation, &mut self.reporter.filter)) => {}
             Message::Event(observation) => match self.reporter.observe(&observation) {
                 Follow::Nothing => {}
                 Follow::Rescan(request) => self.rescans.request(request),

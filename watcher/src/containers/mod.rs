@@ -82,6 +82,9 @@ struct Known {
     root: Option<InodeKey>,
     /// Its monitored entries in the kernel filter, and their paths inside it.
     watched: HashMap<InodeKey, PathBuf>,
+    /// Files created in its watched directories, which the kernel watches from then on,
+    /// until its next listing says what they are.
+    created: Vec<InodeKey>,
     /// Events on them not compared yet.
     touches: Vec<Touch>,
     /// When they are compared.
@@ -99,6 +102,9 @@ struct LayerWatch {
     dir: PathBuf,
     /// Its monitored files in the kernel filter, and their paths in the image.
     entries: HashMap<InodeKey, PathBuf>,
+    /// Files created in its watched directories on the node, which the kernel watches from
+    /// then on.
+    created: Vec<InodeKey>,
     /// The checked containers that use it.
     users: Vec<String>,
     /// Events on its files not reported yet.
@@ -329,6 +335,7 @@ impl Containers {
             dev: None,
             root: None,
             watched: HashMap::new(),
+            created: Vec::new(),
             touches: Vec::new(),
             due: None,
             comparing: false,
@@ -401,7 +408,7 @@ impl Containers {
 
     /// Takes a kernel event on a file (or directory) of a watched image layer. False when
     /// it is none's.
-    fn observe_layer(&mut self, obs: &Observation) -> bool {
+    fn observe_layer(&mut self, obs: &Observation, filter: &mut KernelFilter) -> bool {
         let header = &obs.event.header;
         let target = (header.flags & EVENT_HAS_TARGET != 0).then_some(header.target);
         let parent = (header.flags & EVENT_HAS_PARENT != 0).then_some(header.parent);
@@ -413,7 +420,13 @@ impl Containers {
         let touch = |path: PathBuf, under: bool| Touch { path, under, op, actor: obs.actor.clone(), time: obs.time };
         match (target.and_then(|k| layer.entries.get(&k)), parent.and_then(|k| layer.entries.get(&k))) {
             (Some(path), _) => layer.touches.push(touch(path.clone(), false)),
-            (None, Some(dir)) => layer.touches.push(touch(dir.clone(), true)),
+            (None, Some(dir)) => {
+                layer.touches.push(touch(dir.clone(), true));
+                if let Some(key) = created_by_kernel(obs, target) {
+                    filter.watched_by_kernel();
+                    layer.created.push(key);
+                }
+            }
             (None, None) => {}
         }
         // A path event (the host's: resolved by the reader in the actor's root): the
@@ -436,6 +449,7 @@ impl Containers {
             let watch = self.layers.entry(layer.id).or_insert_with(|| LayerWatch {
                 dir: layer.dir.clone(),
                 entries: HashMap::new(),
+                created: Vec::new(),
                 users: Vec::new(),
                 touches: Vec::new(),
                 due: None,
@@ -459,8 +473,8 @@ impl Containers {
     /// Takes a kernel event that is a checked container's: one on an inode of its overlay
     /// (a file, the directory an entry was made or removed in, where a relative path
     /// started). False when it is none's (the host's reporting has it).
-    pub fn observe(&mut self, obs: &Observation) -> bool {
-        if self.observe_layer(obs) {
+    pub fn observe(&mut self, obs: &Observation, filter: &mut KernelFilter) -> bool {
+        if self.observe_layer(obs, filter) {
             return true;
         }
         let header = &obs.event.header;
@@ -479,6 +493,10 @@ impl Containers {
             None => {
                 if let Some(dir) = parent.and_then(|k| known.watched.get(&k)) {
                     touches.push(touch(dir.clone(), true));
+                    if let Some(key) = created_by_kernel(obs, target) {
+                        filter.watched_by_kernel();
+                        known.created.push(key);
+                    }
                 }
             }
         }
@@ -527,11 +545,12 @@ impl Containers {
             }
             now.insert(key, e.path);
         }
-        for key in known.watched.keys() {
+        for key in known.watched.keys().chain(&known.created) {
             if !now.contains_key(key) {
                 filter.unwatch(*key);
             }
         }
+        known.created.clear();
         known.watched = now;
     }
 
@@ -542,7 +561,7 @@ impl Containers {
             self.cgroups.forget(*cgroup);
         }
         // Its overlay's inode numbers, and in time its device number, are reused.
-        for key in known.watched.keys() {
+        for key in known.watched.keys().chain(&known.created) {
             filter.unwatch(*key);
         }
         if let Some(dev) = known.dev {
@@ -564,6 +583,9 @@ impl Containers {
                 for key in watch.entries.keys() {
                     filter.unwatch(*key);
                     self.layer_files.remove(key);
+                }
+                for key in &watch.created {
+                    filter.unwatch(*key);
                 }
                 self.layers.remove(layer);
             }
@@ -603,6 +625,12 @@ fn watch_exit(id: String, pidfd: OwnedFd, gone: mpsc::UnboundedSender<String>) {
         let _ = fd.readable().await;
         let _ = gone.send(id);
     });
+}
+
+/// The inode a file creation in a watched directory made, which the kernel filter watches
+/// from then on (as it does for the host's files).
+fn created_by_kernel(obs: &Observation, target: Option<InodeKey>) -> Option<InodeKey> {
+    (obs.event.op == kubefim_common::Op::Create).then_some(target).flatten()
 }
 
 /// `path` (as a syscall got it) resolved lexically from `from`, inside a container: `..`
