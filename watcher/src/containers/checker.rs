@@ -317,12 +317,7 @@ fn compare(
                 path: EscapedPath::of_path(&change.path),
                 to: None,
                 changed: change.changed,
-                ops: writers.iter().flat_map(|w| w.ops.iter().copied()).fold(Vec::new(), |mut ops, op| {
-                    if !ops.contains(&op) {
-                        ops.push(op);
-                    }
-                    ops
-                }),
+                ops: ops_of(&writers),
                 old: change.old.as_ref().map(|r| RecordView::new(r, policy)),
                 new: change.new.as_ref().map(|r| RecordView::new(r, policy)),
                 diff: change.diff,
@@ -374,6 +369,17 @@ fn writers(touches: &[&Touch]) -> Vec<Writer> {
         }
     }
     writers
+}
+
+/// Every op of `writers`, in the order first seen (a change's `ops`).
+fn ops_of(writers: &[Writer]) -> Vec<FileOp> {
+    let mut ops = Vec::new();
+    for op in writers.iter().flat_map(|w| w.ops.iter().copied()) {
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
+    ops
 }
 
 /// How lines name `c` and its pod.
@@ -435,12 +441,7 @@ fn check_layer(job: LayerJob) -> Checked {
             let line = LayerModified {
                 layer: job.dir.display().to_string(),
                 path: EscapedPath::of_path(path),
-                ops: processes.iter().flat_map(|w| w.ops.iter().copied()).fold(Vec::new(), |mut ops, op| {
-                    if !ops.contains(&op) {
-                        ops.push(op);
-                    }
-                    ops
-                }),
+                ops: ops_of(&processes),
                 hash: None,
                 error: None,
                 process: by.last().map(|t| t.actor.process.clone()),
