@@ -5,7 +5,7 @@
 //! [`Policy`] over paths inside the container, validated by the same code as a FimPolicy's;
 //! finding containers, reading their labels and scanning them is not done here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::Read;
 use std::marker::PhantomData;
@@ -40,6 +40,12 @@ pub struct WorkloadPolicy {
     pub name: String,
     /// `metadata.namespace`: the policy selects only workloads of this namespace.
     pub namespace: Option<String>,
+    /// `kind`: a ClusterWorkloadFimPolicy is the cluster's, a WorkloadFimPolicy its namespace's.
+    pub kind: PolicyKind,
+    /// `spec.namespaceSelector` (ClusterWorkloadFimPolicy only), with the namespaces it
+    /// matched at the last [`WorkloadPolicies::resolve_namespaces`]: until then, and when
+    /// there is no Kubernetes API to read namespaces from, it matches none.
+    namespace_selector: Option<(Selector, BTreeSet<String>)>,
     /// `spec.selector`, matched against the workload's labels.
     pub selector: Selector,
     /// `spec.containers`: the container names selected; empty selects every container.
@@ -55,6 +61,26 @@ pub struct WorkloadPolicy {
     pub drift_exec: bool,
     /// The file (or other origin) the policy was read from, for errors.
     origin: String,
+}
+
+/// The two kinds of workload policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// `WorkloadFimPolicy`: in a file, for any namespace or the one it names; as a Kubernetes
+    /// object, for its own namespace only (a tenant never selects another tenant's pods).
+    Workload,
+    /// `ClusterWorkloadFimPolicy`: the cluster admins', across namespaces (`namespaceSelector`).
+    Cluster,
+}
+
+impl PolicyKind {
+    /// The kind as written.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Workload => "WorkloadFimPolicy",
+            PolicyKind::Cluster => "ClusterWorkloadFimPolicy",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -84,7 +110,13 @@ impl WorkloadPolicy {
             (Some(mine), Some(theirs)) => mine == theirs,
             (Some(_), None) => false,
         };
+        let selected_namespace = match (&self.namespace_selector, w.namespace) {
+            (None, _) => true,
+            (Some((_, matched)), Some(theirs)) => matched.contains(theirs),
+            (Some(_), None) => false,
+        };
         namespace
+            && selected_namespace
             && self.selector.matches(w.labels)
             && (self.containers.is_empty() || self.containers.iter().any(|c| c == w.container_name))
             && self.images.as_ref().is_none_or(|i| i.set.is_match(w.image))
@@ -104,6 +136,12 @@ impl WorkloadPolicy {
     /// The exemptions, in the order written.
     pub fn exemptions(&self) -> &[Exemption] {
         &self.exemptions
+    }
+
+    /// The policy as it was written (its YAML or JSON document): two policies with the same
+    /// name and source select and check the same.
+    pub fn source(&self) -> &str {
+        self.policy.source()
     }
 
     /// `namespace/name`, or `name` for a policy without a namespace.
@@ -232,18 +270,37 @@ impl WorkloadPolicies {
     }
 
     fn unique(all: Vec<WorkloadPolicy>) -> Result<WorkloadPolicies> {
-        let mut seen: HashMap<(Option<&str>, &str), &str> = HashMap::with_capacity(all.len());
+        let mut seen: HashMap<(PolicyKind, Option<&str>, &str), &str> = HashMap::with_capacity(all.len());
         for p in &all {
-            if let Some(first) = seen.insert((p.namespace.as_deref(), &p.name), &p.origin) {
+            if let Some(first) = seen.insert((p.kind, p.namespace.as_deref(), &p.name), &p.origin) {
+                let (kind, name) = (p.kind.name(), p.qualified_name());
                 let message = if first == p.origin {
-                    format!("the WorkloadFimPolicy {} is defined twice in this file; rename one", p.qualified_name())
+                    format!("the {kind} {name} is defined twice in this file; rename one")
                 } else {
-                    format!("the WorkloadFimPolicy {} is also defined in {first}; rename one", p.qualified_name())
+                    format!("the {kind} {name} is also defined in {first}; rename one")
                 };
                 return Err(Error::Policy { origin: p.origin.clone(), message });
             }
         }
         Ok(WorkloadPolicies(all))
+    }
+
+    /// Matches each ClusterWorkloadFimPolicy's `namespaceSelector` against the labels of the
+    /// cluster's namespaces (name -> labels), as the Kubernetes API lists them now.
+    pub fn resolve_namespaces(&mut self, namespaces: &BTreeMap<String, BTreeMap<String, String>>) {
+        for p in &mut self.0 {
+            if let Some((selector, matched)) = &mut p.namespace_selector {
+                *matched =
+                    namespaces.iter().filter(|(_, labels)| selector.matches(labels)).map(|(n, _)| n.clone()).collect();
+            }
+        }
+    }
+
+    /// Both sets in one, refused like [`WorkloadPolicies::load`] when a name is in both.
+    pub fn merged(self, other: WorkloadPolicies) -> Result<WorkloadPolicies> {
+        let mut all = self.0;
+        all.extend(other.0);
+        WorkloadPolicies::unique(all)
     }
 
     /// The policies that select `w`, in the order read.
@@ -316,13 +373,32 @@ fn parse(text: &str, origin: &str) -> Result<Vec<WorkloadPolicy>> {
         let Some(doc) = doc else { continue };
         let source = if paired { texts[i] } else { text };
         let spec = doc.spec;
+        let kind = doc.kind.0;
         let Some(selector) = spec.selector else {
             // A policy that selects every container by accident is as wrong as one that selects none.
             return Err(bad(format!(
-                "WorkloadFimPolicy {}: spec.selector is missing; write `selector: {{}}` to select every container",
+                "{} {}: spec.selector is missing; write `selector: {{}}` to select every container",
+                kind.name(),
                 doc.metadata.name
             )));
         };
+        match kind {
+            PolicyKind::Cluster if doc.metadata.namespace.is_some() => {
+                return Err(bad(format!(
+                    "ClusterWorkloadFimPolicy {}: a cluster policy has no namespace; remove metadata.namespace, \
+                     or select namespaces with spec.namespaceSelector",
+                    doc.metadata.name
+                )));
+            }
+            PolicyKind::Workload if spec.namespace_selector.is_some() => {
+                return Err(bad(format!(
+                    "WorkloadFimPolicy {}: spec.namespaceSelector is for a ClusterWorkloadFimPolicy; a \
+                     WorkloadFimPolicy selects in its own namespace (metadata.namespace)",
+                    doc.metadata.name
+                )));
+            }
+            _ => {}
+        }
         let policy = policy::build(doc.metadata.name.clone(), spec.rules, source, bad)?;
         let images = match spec.images {
             None => None,
@@ -338,6 +414,8 @@ fn parse(text: &str, origin: &str) -> Result<Vec<WorkloadPolicy>> {
         policies.push(WorkloadPolicy {
             name: doc.metadata.name,
             namespace: doc.metadata.namespace,
+            kind,
+            namespace_selector: spec.namespace_selector.map(|s| (s, BTreeSet::new())),
             selector,
             containers: spec.containers.unwrap_or_default(),
             images,
@@ -400,14 +478,14 @@ struct WorkloadDoc {
     #[serde(rename = "apiVersion")]
     #[expect(dead_code, reason = "validated by deserialising into the single-variant enum")]
     api_version: ApiVersion,
-    #[expect(dead_code, reason = "validated while deserialising")]
     kind: WorkloadKind,
     metadata: Metadata,
     spec: Spec,
 }
 
-/// `kind: WorkloadFimPolicy`; any other kind is refused with what takes it.
-struct WorkloadKind;
+/// `kind: WorkloadFimPolicy` or `ClusterWorkloadFimPolicy`; any other kind is refused with
+/// what takes it.
+struct WorkloadKind(PolicyKind);
 
 impl<'de> Deserialize<'de> for WorkloadKind {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -418,18 +496,20 @@ impl<'de> Deserialize<'de> for WorkloadKind {
             type Value = WorkloadKind;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("`WorkloadFimPolicy`")
+                f.write_str("`WorkloadFimPolicy` or `ClusterWorkloadFimPolicy`")
             }
 
             fn visit_str<E: de::Error>(self, kind: &str) -> Result<WorkloadKind, E> {
                 match kind {
-                    "WorkloadFimPolicy" => Ok(WorkloadKind),
+                    "WorkloadFimPolicy" => Ok(WorkloadKind(PolicyKind::Workload)),
+                    "ClusterWorkloadFimPolicy" => Ok(WorkloadKind(PolicyKind::Cluster)),
                     "FimPolicy" => Err(E::custom(
                         "this is a FimPolicy (files of the node), which `--policy` takes; a workload \
                          policy (files inside containers) has `kind: WorkloadFimPolicy`",
                     )),
                     other => Err(E::custom(format!(
-                        "kind {other:?} is not a workload policy; expected `kind: WorkloadFimPolicy`"
+                        "kind {other:?} is not a workload policy; expected `kind: WorkloadFimPolicy` or \
+                         `kind: ClusterWorkloadFimPolicy`"
                     ))),
                 }
             }
@@ -468,6 +548,9 @@ struct Spec {
     // An Option, so that leaving it out gets a message saying how to select everything.
     #[serde(default)]
     selector: Option<Selector>,
+    /// ClusterWorkloadFimPolicy only.
+    #[serde(default, rename = "namespaceSelector")]
+    namespace_selector: Option<Selector>,
     #[serde(default, deserialize_with = "containers")]
     containers: Option<Vec<String>>,
     #[serde(default, deserialize_with = "images")]
@@ -595,6 +678,50 @@ mod tests {
             let s = selector(yaml);
             assert_eq!([s.matches(&web), s.matches(&db), s.matches(&none)], want, "{yaml}");
         }
+    }
+
+    #[test]
+    fn a_cluster_policy_selects_the_namespaces_its_namespace_selector_matches() {
+        let yaml = "apiVersion: kubefim.io/v1alpha1\nkind: ClusterWorkloadFimPolicy\nmetadata: {name: c}\nspec:\n  \
+                    selector: {}\n  namespaceSelector: {matchLabels: {kubefim.io/monitor: \"true\"}}\n  rules: [{path: /etc}]\n";
+        let mut all = WorkloadPolicies::from_yaml(yaml, "t").unwrap();
+        let none = labels(&[]);
+        let w = |ns: Option<&'static str>| Workload { labels: &none, container_name: "c", image: "i", namespace: ns };
+        assert_eq!(all.0[0].kind, PolicyKind::Cluster);
+        assert!(!all.0[0].selects(&w(Some("shop"))), "nothing matches before namespaces are known");
+        let namespaces: BTreeMap<String, BTreeMap<String, String>> = [
+            ("shop".to_owned(), labels(&[("kubefim.io/monitor", "true")])),
+            ("dev".to_owned(), labels(&[("kubefim.io/monitor", "false")])),
+        ]
+        .into_iter()
+        .collect();
+        all.resolve_namespaces(&namespaces);
+        assert!(all.0[0].selects(&w(Some("shop"))));
+        assert!(!all.0[0].selects(&w(Some("dev"))));
+        assert!(!all.0[0].selects(&w(None)), "a container outside Kubernetes has no namespace to match");
+        // Without a namespaceSelector, a cluster policy selects in every namespace.
+        let every = yaml.replace("  namespaceSelector: {matchLabels: {kubefim.io/monitor: \"true\"}}\n", "");
+        let every = WorkloadPolicies::from_yaml(&every, "t").unwrap();
+        assert!(every.0[0].selects(&w(Some("dev"))) && every.0[0].selects(&w(None)));
+    }
+
+    #[test]
+    fn namespace_fields_belong_to_their_kind() {
+        let cluster_ns = "apiVersion: kubefim.io/v1alpha1\nkind: ClusterWorkloadFimPolicy\n\
+                          metadata: {name: c, namespace: shop}\nspec: {selector: {}}\n";
+        assert!(err(cluster_ns).contains("a cluster policy has no namespace"), "{}", err(cluster_ns));
+        let workload_sel = doc("w", "  selector: {}\n  namespaceSelector: {}\n");
+        assert!(
+            err(&workload_sel).contains("namespaceSelector is for a ClusterWorkloadFimPolicy"),
+            "{}",
+            err(&workload_sel)
+        );
+        // The same name in both kinds is two policies.
+        let both = format!(
+            "{}---\napiVersion: kubefim.io/v1alpha1\nkind: ClusterWorkloadFimPolicy\nmetadata: {{name: w}}\nspec: {{selector: {{}}}}\n",
+            doc("w", "  selector: {}\n")
+        );
+        assert_eq!(WorkloadPolicies::from_yaml(&both, "t").unwrap().iter().count(), 2);
     }
 
     #[test]
