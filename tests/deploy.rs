@@ -1,11 +1,13 @@
-//! The Kubernetes manifests (deploy/): rendered with `kubectl kustomize`, validated strictly
-//! against the OpenAPI schema of a current Kubernetes release (kubernetes-validate, which
-//! scripts/setup.sh installs), and checked for the least-privilege properties the DaemonSet
-//! promises: no privileged container, all capabilities dropped and only the listed ones
-//! added, read-only root and host mounts, read-only RBAC, only the public key. Also: the
-//! agent's command line agrees with the volumes and ports it names, the probes are HTTP
-//! probes (the image has no shell), and the image is the binary, its libraries and nothing
-//! else. tests/deploy_pod.rs runs the pod template for real.
+//! The Kubernetes manifests (deploy/): the base (`kubectl apply -k deploy/`) and every
+//! overlay rendered with `kubectl kustomize`, validated strictly against the OpenAPI schema
+//! of a current Kubernetes release (kubernetes-validate, which scripts/setup.sh installs),
+//! and checked for the least-privilege properties the DaemonSet promises: no privileged
+//! container, all capabilities dropped and only the listed ones added, read-only root and
+//! host mounts, RBAC that writes only Events and FimNodeStatus, a ValidatingAdmissionPolicy
+//! that holds each agent to its own node, only the public key. Also: the agent's command
+//! line (per overlay) agrees with the volumes and ports it names, the probes are HTTP probes
+//! (the image has no shell), and the image is the binary, its libraries and nothing else.
+//! tests/deploy_pod.rs runs the pod template for real; tests/crds.rs checks the CRDs.
 
 mod common;
 
@@ -13,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use common::deploy::{rendered_objects, rendered_text, repo};
-use serde_json::Value;
+use common::deploy::{KUSTOMIZATIONS, rendered_objects, rendered_objects_of, rendered_text_of, repo};
+use serde_json::{Value, json};
 
 const KUBERNETES_VERSION: &str = "1.32.0";
 
@@ -24,39 +26,161 @@ fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
-#[test]
-fn rendered_manifests_validate_strictly_against_the_kubernetes_schema() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, rendered_text()).unwrap();
+/// The API groups whose kinds are custom resources (their CRDs are not Kubernetes'), which
+/// kubernetes-validate has no schema for: kubefim's (tests/crds.rs validates them against
+/// deploy/crds) and the Prometheus Operator's (the monitoring pack's tests check those).
+const CUSTOM_GROUPS: [&str; 2] = ["kubefim.io", "monitoring.coreos.com"];
+
+/// `kubernetes_validate --strict` on a YAML file: exit status, and its output.
+fn kubernetes_validate(file: &Path) -> (bool, String) {
     let out = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSION])
-        .arg(&file)
+        .arg(file)
         .output()
         .expect("python3 with kubernetes-validate (scripts/setup.sh installs it)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "strict validation failed:\n{text}");
-    let kinds: BTreeSet<&str> =
-        ["namespace", "serviceaccount", "clusterrole", "clusterrolebinding", "configmap", "daemonset", "networkpolicy"]
-            .into_iter()
-            .collect();
-    for kind in kinds {
-        assert!(text.contains(&format!("passed for resource {kind}/")), "{kind} not validated:\n{text}");
+    (out.status.success(), text)
+}
+
+/// The API group of an object's apiVersion ("" for the core group).
+fn group(object: &Value) -> &str {
+    object["apiVersion"].as_str().unwrap().rsplit_once('/').map_or("", |(g, _)| g)
+}
+
+#[test]
+fn every_kustomization_renders_and_validates_strictly_against_the_kubernetes_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    for kustomization in KUSTOMIZATIONS {
+        let file = dir.path().join("rendered.yaml");
+        std::fs::write(&file, rendered_text_of(kustomization)).unwrap();
+        let (ok, text) = kubernetes_validate(&file);
+        assert!(ok, "{kustomization}: strict validation failed:\n{text}");
+        assert!(!text.contains("ERROR"), "{kustomization}:\n{text}");
+        // kubernetes-validate warns, and passes, where it has no schema: allowed only for
+        // custom resources. Every built-in object passed.
+        for line in text.lines().filter(|l| l.starts_with("WARN")) {
+            let custom = CUSTOM_GROUPS.iter().any(|g| line.contains(&format!("with api version {g}/")));
+            assert!(custom, "{kustomization}: no schema for a kind that is not a custom resource:\n{line}");
+        }
+        for object in rendered_objects_of(kustomization) {
+            let name = format!(
+                "{}/{}",
+                object["kind"].as_str().unwrap().to_lowercase(),
+                object["metadata"]["name"].as_str().unwrap()
+            );
+            if CUSTOM_GROUPS.contains(&group(&object)) {
+                continue;
+            }
+            assert!(
+                text.contains(&format!("passed for resource {name} ")),
+                "{kustomization}: {name} not validated:\n{text}"
+            );
+        }
     }
+    // The base holds what the README's table lists.
+    let kinds: BTreeSet<String> = rendered_objects().iter().map(|o| o["kind"].as_str().unwrap().to_owned()).collect();
+    let want: BTreeSet<String> = [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "DaemonSet",
+        "NetworkPolicy",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(kinds, want);
+}
+
+/// Kinds without a namespace.
+const CLUSTER_SCOPED: [&str; 6] = [
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+
+#[test]
+fn cluster_scoped_objects_have_no_namespace_and_the_others_are_in_kubefim() {
+    for kustomization in KUSTOMIZATIONS {
+        for object in rendered_objects_of(kustomization) {
+            let kind = object["kind"].as_str().unwrap();
+            let namespace = &object["metadata"]["namespace"];
+            if CLUSTER_SCOPED.contains(&kind) {
+                assert!(namespace.is_null(), "{kustomization}: the cluster-scoped {kind} has namespace {namespace}");
+            } else if !CUSTOM_GROUPS.contains(&group(&object)) {
+                assert_eq!(namespace, "kubefim", "{kustomization}: {kind} {}", object["metadata"]["name"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_overlays_build_on_the_base() {
+    let base = rendered_objects();
+    let key = |o: &Value| format!("{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap());
+    // workloads: the base, with the agent's command line extended and nothing else changed.
+    let workloads = rendered_objects_of("deploy/overlays/workloads");
+    assert_eq!(workloads.len(), base.len());
+    for (b, w) in base.iter().zip(&workloads) {
+        assert_eq!(key(b), key(w));
+        if b["kind"] == "DaemonSet" {
+            let mut w = w.clone();
+            w["spec"]["template"]["spec"]["containers"][0]["args"] =
+                b["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+            assert_eq!(&w, b, "the workloads overlay changes the DaemonSet beyond its args");
+        } else {
+            assert_eq!(w, b, "the workloads overlay changes {}", key(b));
+        }
+    }
+    // monitoring: every object of the base, and the pack's objects.
+    let monitoring = rendered_objects_of("deploy/overlays/monitoring");
+    let keys: BTreeSet<String> = monitoring.iter().map(key).collect();
+    for b in &base {
+        assert!(keys.contains(&key(b)), "the monitoring overlay lacks {}", key(b));
+    }
+    assert!(monitoring.len() > base.len(), "the monitoring overlay adds nothing to the base");
+    // deploy/ is the base, and only the base.
+    let root = std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).unwrap();
+    let root: Value = serde_norway::from_str(&root).unwrap();
+    assert_eq!(root["resources"], json!(["base"]));
+}
+
+/// The generated ConfigMap that holds the node policy (kubefim-policy-<hash>).
+fn policy_config_map(objects: &[Value]) -> &Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"] == "ConfigMap" && o["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("kubefim-policy-"))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one kubefim-policy ConfigMap");
+    found[0]
 }
 
 #[test]
 fn the_policy_config_map_is_the_shipped_node_policy() {
     let objects = rendered_objects();
-    let cm = one(&objects, "ConfigMap");
+    let cm = policy_config_map(&objects);
     let shipped = std::fs::read_to_string(repo().join("policies/node.yaml")).unwrap();
-    assert_eq!(cm["data"]["node.yaml"].as_str(), Some(shipped.as_str()), "deploy/policy-node.yaml is stale");
+    assert_eq!(cm["data"]["node.yaml"].as_str(), Some(shipped.as_str()), "deploy/base/policy-node.yaml is stale");
 }
 
 #[test]
-fn the_daemonset_is_least_privileged() {
-    let objects = rendered_objects();
-    let ds = one(&objects, "DaemonSet");
+fn the_daemonset_is_least_privileged_in_every_overlay() {
+    for kustomization in ["deploy", "deploy/overlays/monitoring", "deploy/overlays/workloads"] {
+        daemonset_is_least_privileged(&rendered_objects_of(kustomization));
+    }
+}
+
+fn daemonset_is_least_privileged(objects: &[Value]) {
+    let ds = one(objects, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert!(pod.get("initContainers").is_none(), "no init container (nothing is compiled on the node)");
     assert_ne!(pod["hostNetwork"], true);
@@ -100,23 +224,217 @@ fn the_daemonset_is_least_privileged() {
 }
 
 #[test]
-fn rbac_is_read_only_on_pods_and_nodes() {
+fn rbac_reads_what_the_agent_needs_and_writes_only_events_and_its_node_status() {
     let objects = rendered_objects();
     let role = one(&objects, "ClusterRole");
-    let mut granted = BTreeSet::new();
+    // (group, resource) -> verbs, as granted.
+    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for rule in role["rules"].as_array().unwrap() {
-        for resource in rule["resources"].as_array().unwrap() {
-            for verb in rule["verbs"].as_array().unwrap() {
-                granted.insert(format!("{}:{}", resource.as_str().unwrap(), verb.as_str().unwrap()));
+        let strings = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("a rule without {key}: {rule}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(), "{rule}");
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                for verb in strings("verbs") {
+                    assert!(![&group, &resource, &verb].iter().any(|s| s.contains('*')), "a wildcard in {rule}");
+                    granted.entry((group.clone(), resource.clone())).or_default().insert(verb);
+                }
+            }
+        }
+    }
+    let reads = ["get", "list", "watch"];
+    let want: BTreeMap<(String, String), BTreeSet<String>> = [
+        ("", "pods", &reads[..]),
+        ("", "nodes", &["get"][..]),
+        ("", "namespaces", &reads[..]),
+        ("kubefim.io", "workloadfimpolicies", &reads[..]),
+        ("kubefim.io", "clusterworkloadfimpolicies", &reads[..]),
+        ("", "events", &["create", "patch"][..]),
+        ("kubefim.io", "fimnodestatuses", &["get", "create", "update", "patch"][..]),
+        ("kubefim.io", "fimnodestatuses/status", &["get", "update", "patch"][..]),
+    ]
+    .into_iter()
+    .map(|(g, r, verbs)| ((g.to_owned(), r.to_owned()), verbs.iter().map(|v| (*v).to_owned()).collect()))
+    .collect();
+    assert_eq!(granted, want, "the agent's ClusterRole");
+    // Said once more as the properties that matter, so that a change to `want` is read twice.
+    for ((group, resource), verbs) in &granted {
+        assert!(!resource.contains("secrets") && !resource.starts_with("pods/"), "{group}/{resource}");
+        assert!(!verbs.contains("delete") && !verbs.contains("deletecollection") && !verbs.contains("escalate"));
+        let writes = verbs.iter().any(|v| ["create", "update", "patch"].contains(&v.as_str()));
+        assert!(
+            !writes || ["events", "fimnodestatuses", "fimnodestatuses/status"].contains(&resource.as_str()),
+            "{resource}: {verbs:?}"
+        );
+    }
+    let binding = one(&objects, "ClusterRoleBinding");
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubefim"})
+    );
+    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": "kubefim", "namespace": "kubefim"}]));
+    // No other role, no other binding.
+    for kind in ["Role", "RoleBinding"] {
+        assert!(objects.iter().all(|o| o["kind"] != kind), "a {kind}");
+    }
+}
+
+/// The agent's identity as the API server sees it: the DaemonSet's ServiceAccount.
+const AGENT_USER: &str = "system:serviceaccount:kubefim:kubefim";
+
+/// The node claim of a pod-bound ServiceAccount token.
+const NODE_CLAIM: &str = "authentication.kubernetes.io/node-name";
+
+#[test]
+fn the_admission_policy_holds_each_agent_to_its_own_node() {
+    // No API server here to run its CEL: its structure, and what each expression reads.
+    let objects = rendered_objects();
+    let policy = one(&objects, "ValidatingAdmissionPolicy");
+    let binding = one(&objects, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(policy["apiVersion"], "admissionregistration.k8s.io/v1");
+    let spec = &policy["spec"];
+    assert_eq!(spec["failurePolicy"], "Fail");
+    assert!(spec.get("paramKind").is_none(), "no parameters");
+    // Creates and updates (a patch is an update at admission) of FimNodeStatus, its status
+    // subresource, and core Events: exactly what RBAC lets the agent write.
+    let rules = spec["matchConstraints"]["resourceRules"].as_array().unwrap();
+    let mut matched = BTreeSet::new();
+    for rule in rules {
+        assert_eq!(rule["operations"], json!(["CREATE", "UPDATE"]), "{rule}");
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                matched.insert(format!("{}:{}", g.as_str().unwrap(), r.as_str().unwrap()));
             }
         }
     }
     let want: BTreeSet<String> =
-        ["pods:get", "pods:list", "pods:watch", "nodes:get"].into_iter().map(String::from).collect();
-    assert_eq!(granted, want);
-    let binding = one(&objects, "ClusterRoleBinding");
-    assert_eq!(binding["roleRef"]["name"], "kubefim");
-    assert_eq!(binding["subjects"][0]["name"], "kubefim");
+        [":events", "kubefim.io:fimnodestatuses", "kubefim.io:fimnodestatuses/status"].map(String::from).into();
+    assert_eq!(matched, want);
+    let role = one(&objects, "ClusterRole");
+    for rule in role["rules"].as_array().unwrap() {
+        let writes = rule["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| ["create", "update", "patch"].contains(&v.as_str().unwrap()));
+        for r in rule["resources"].as_array().unwrap().iter().filter(|_| writes) {
+            let g = rule["apiGroups"][0].as_str().unwrap();
+            assert!(
+                matched.contains(&format!("{g}:{}", r.as_str().unwrap())),
+                "{r} is written and not admitted by the policy"
+            );
+        }
+    }
+    // Only the agent's requests, by its ServiceAccount (the ClusterRoleBinding's subject).
+    let conditions = spec["matchConditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(conditions[0]["expression"], format!("request.userInfo.username == '{AGENT_USER}'"));
+    let subject = &one(&objects, "ClusterRoleBinding")["subjects"][0];
+    assert_eq!(
+        AGENT_USER,
+        format!(
+            "system:serviceaccount:{}:{}",
+            subject["namespace"].as_str().unwrap(),
+            subject["name"].as_str().unwrap()
+        )
+    );
+    // The node is the token's claim, '' without one...
+    let variables: BTreeMap<&str, &str> = spec["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["expression"].as_str().unwrap()))
+        .collect();
+    let node = variables["node"];
+    assert!(node.contains(&format!("'{NODE_CLAIM}' in request.userInfo.extra")), "{node}");
+    assert!(node.contains(&format!("request.userInfo.extra['{NODE_CLAIM}'][0]")), "{node}");
+    assert!(node.starts_with("has(request.userInfo.extra)"), "extra may be absent: {node}");
+    // ...and each validation is one of these, in this order.
+    let validations: Vec<String> = spec["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            assert_eq!(v["reason"], "Forbidden", "{v}");
+            assert!(v["message"].is_string() || v["messageExpression"].is_string(), "{v}");
+            v["expression"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    assert_eq!(validations.len(), 5, "{validations:#?}");
+    assert_eq!(validations[0], "variables.node != ''", "deny without a node claim");
+    assert_eq!(validations[1], "variables.isEvent || object.metadata.name == variables.node");
+    for field in ["object.source.host == variables.node", "object.reportingInstance == variables.node"] {
+        assert!(validations[2].contains(field) && validations[2].starts_with("!variables.isEvent ||"), "{field}");
+    }
+    assert!(validations[3].contains("object.reportingComponent == 'kubefim.io/agent'"));
+    for part in [
+        "object.involvedObject.kind == 'Pod'",
+        "object.involvedObject.namespace == request.namespace",
+        "object.involvedObject.kind == 'Node'",
+        "object.involvedObject.name == variables.node",
+        "request.namespace == 'default'",
+    ] {
+        assert!(validations[4].contains(part), "{part} in {}", validations[4]);
+    }
+    assert_eq!(variables["isEvent"], "request.resource.resource == 'events'");
+    // Bound, denying.
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert!(binding["spec"].get("matchResources").is_none(), "the binding narrows nothing");
+    // The comment says what CEL cannot check.
+    let text = std::fs::read_to_string(repo().join("deploy/base/admission.yaml")).unwrap();
+    assert!(text.contains("What it cannot check") && text.contains("lookup of the Pod"), "the limit is stated");
+}
+
+#[test]
+fn the_event_the_agent_writes_is_a_valid_event_and_the_fields_the_policy_reads() {
+    // The Event of a drifted pod, with exactly the fields the agent writes: valid for the
+    // API (strict), and it has every field the admission policy reads.
+    let event = json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": "web-7c9f.18c1a2b3c4d5e6f7", "namespace": "shop"},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": "web-7c9f", "namespace": "shop",
+                           "uid": "0e6c5a1e-0000-4000-8000-000000000001"},
+        "reason": "FileDrift",
+        "message": "/etc/nginx/nginx.conf modified (content) by sh (pid 4242) in container nginx",
+        "type": "Warning",
+        "source": {"component": "kubefim", "host": "worker-1"},
+        "reportingComponent": "kubefim.io/agent",
+        "reportingInstance": "worker-1",
+        "firstTimestamp": "2026-12-07T12:00:00Z",
+        "lastTimestamp": "2026-12-07T12:00:05Z",
+        "count": 3
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // As JSON (which is YAML): PyYAML reads an unquoted time as a datetime, not a string.
+    let file = dir.path().join("event.yaml");
+    std::fs::write(&file, event.to_string()).unwrap();
+    let (ok, text) = kubernetes_validate(&file);
+    assert!(ok && text.contains("passed for resource event/"), "{text}");
+    let objects = rendered_objects();
+    let expressions = one(&objects, "ValidatingAdmissionPolicy")["spec"]["validations"].to_string();
+    for path in [
+        "source.host",
+        "reportingInstance",
+        "reportingComponent",
+        "involvedObject.kind",
+        "involvedObject.name",
+        "involvedObject.namespace",
+    ] {
+        let mut v = &event;
+        for part in path.split('.') {
+            v = &v[part];
+        }
+        assert!(!v.is_null(), "the agent's Event has no {path}");
+        assert!(expressions.contains(&format!("object.{path}")), "the policy does not read {path}");
+    }
 }
 
 /// The agent's command line, as the DaemonSet passes it (the contract with the agent's flags).
@@ -135,6 +453,9 @@ const AGENT_ARGS: &[&str] = &[
     "--rescan-interval=1h",
     "--format=jsonl",
 ];
+
+/// What the workloads overlay adds to the agent's command line.
+const WORKLOADS_ARGS: &[&str] = &["--containers", "--layer-cache=/var/lib/kubefim/layer-cache"];
 
 /// The agent container of the rendered DaemonSet, and its pod spec.
 fn agent(objects: &[Value]) -> (&Value, &Value) {
@@ -156,10 +477,24 @@ fn volume_at<'a>(c: &'a Value, pod: &'a Value, mount_path: &str) -> (&'a Value, 
 
 #[test]
 fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
-    let objects = rendered_objects();
-    let (c, pod) = agent(&objects);
+    let workloads = [AGENT_ARGS, WORKLOADS_ARGS].concat();
+    for (kustomization, want) in [
+        ("deploy", AGENT_ARGS),
+        ("deploy/overlays/monitoring", AGENT_ARGS),
+        ("deploy/overlays/workloads", &workloads[..]),
+    ] {
+        let objects = rendered_objects_of(kustomization);
+        let (c, _) = agent(&objects);
+        let args: Vec<&str> = c["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+        assert_eq!(args, want, "{kustomization}: the agent's command line");
+        command_line_matches_the_volumes(&objects);
+    }
+}
+
+/// Each path and port the agent's flags name is the volume or port the pod has for it.
+fn command_line_matches_the_volumes(objects: &[Value]) {
+    let (c, pod) = agent(objects);
     let args: Vec<&str> = c["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
-    assert_eq!(args, AGENT_ARGS, "the agent's command line");
     assert!(c.get("command").is_none(), "the image's entry point is the binary");
     let flags: BTreeMap<&str, &str> =
         args.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.split_once('=').unwrap_or((a, ""))).collect();
@@ -170,8 +505,8 @@ fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
     assert_eq!(volume["hostPath"]["path"], "/");
     assert_eq!(mount["readOnly"], true);
     assert_eq!(mount["mountPropagation"], "HostToContainer");
-    // --db and --journal on the node's state hostPath, writable.
-    for flag in ["db", "journal"] {
+    // --db, --journal and --layer-cache (workloads) on the node's state hostPath, writable.
+    for flag in ["db", "journal", "layer-cache"].into_iter().filter(|f| flags.contains_key(f)) {
         let dir = Path::new(flags[flag]).parent().unwrap().to_str().unwrap();
         let (mount, volume) = volume_at(c, pod, dir);
         assert_eq!(volume["hostPath"]["path"], "/var/lib/kubefim", "--{flag}");
@@ -185,7 +520,7 @@ fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
     let policy = Path::new(flags["init-policy"]);
     let (mount, volume) = volume_at(c, pod, policy.parent().unwrap().to_str().unwrap());
     assert_eq!(mount["readOnly"], true);
-    let cm = one(&objects, "ConfigMap");
+    let cm = policy_config_map(objects);
     assert_eq!(volume["configMap"]["name"], cm["metadata"]["name"]);
     assert!(cm["data"][policy.file_name().unwrap().to_str().unwrap()].is_string());
     // --signatures: the kubefim-signatures ConfigMap, optional (it exists only once a first
@@ -207,7 +542,7 @@ fn the_agent_command_line_is_the_contract_and_matches_the_volumes() {
     let port = flags["listen"].rsplit_once(':').unwrap().1.parse::<u64>().unwrap();
     let ports = c["ports"].as_array().expect("ports");
     assert!(ports.iter().any(|p| p["name"] == "metrics" && p["containerPort"] == port), "{ports:?}");
-    let annotations = &one(&objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"];
+    let annotations = &one(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], port.to_string().as_str());
 }
@@ -230,7 +565,7 @@ fn the_probes_are_http_on_the_metrics_port() {
     assert!(patience >= 600, "the startup probe gives up after {patience} s");
 }
 
-/// The namespace whose pods may scrape the agent (deploy/networkpolicy.yaml).
+/// The namespace whose pods may scrape the agent (deploy/base/networkpolicy.yaml).
 const MONITORING_NAMESPACE: &str = "monitoring";
 
 #[test]
