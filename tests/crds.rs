@@ -2,7 +2,7 @@
 //! requires (every node typed, nothing it refuses), serves and stores v1alpha1, and its
 //! printer columns read fields its schema has. The example policies (deploy/examples)
 //! validate against their CRD and are read alike by the agent's own parser of workload
-//! policy files; bad objects (a relative path, an unknown field, an unknown operator...) are
+//! policies; bad objects (a relative path, an unknown field, an unknown operator...) are
 //! refused by both. A FimNodeStatus in the shape the agent writes validates.
 //!
 //! No API server runs here: the schema is checked as a JSON Schema (tests/common/deploy.rs
@@ -332,17 +332,9 @@ fn examples() -> Vec<(String, Vec<Value>)> {
 }
 
 /// `object` (a WorkloadFimPolicy or ClusterWorkloadFimPolicy) through the agent's parser of
-/// workload policy files, which knows no namespaceSelector and no cluster kind: a cluster
-/// policy is read as the namespaced policy its spec otherwise is.
-fn parse_as_file(object: &Value) -> Result<(), String> {
-    let mut doc = object.clone();
-    if doc["kind"] == "ClusterWorkloadFimPolicy" {
-        doc["kind"] = json!("WorkloadFimPolicy");
-        if let Some(spec) = doc["spec"].as_object_mut() {
-            spec.remove("namespaceSelector");
-        }
-    }
-    let yaml = serde_norway::to_string(&doc).unwrap();
+/// workload policies, the one that reads both files and objects.
+fn agent_parses(object: &Value) -> Result<(), String> {
+    let yaml = serde_norway::to_string(object).unwrap();
     WorkloadPolicies::from_yaml(&yaml, "example").map(|_| ()).map_err(|e| e.to_string())
 }
 
@@ -358,7 +350,7 @@ fn every_example_validates_against_its_crd_and_is_read_by_the_agent() {
             if let Err(e) = validate_against_crd(kind, object) {
                 panic!("{file}: {kind} {} does not validate:\n{e}", object["metadata"]["name"]);
             }
-            parse_as_file(object).unwrap_or_else(|e| panic!("{file}: the agent's parser refuses it: {e}"));
+            agent_parses(object).unwrap_or_else(|e| panic!("{file}: the agent's parser refuses it: {e}"));
             // Namespaced examples name no namespace: `kubectl apply -n NS -f` puts them in
             // the user's.
             assert!(object["metadata"].get("namespace").is_none(), "{file}: leave the namespace to -n");
@@ -417,7 +409,7 @@ fn good_policy() -> Value {
 fn bad_policies_are_refused_by_the_crd_as_by_the_agent() {
     let good = good_policy();
     validate_against_crd("WorkloadFimPolicy", &good).unwrap();
-    parse_as_file(&good).unwrap();
+    agent_parses(&good).unwrap();
     let cases: [(&str, fn(&mut Value)); 17] = [
         ("a rule path without a leading /", |p| p["spec"]["rules"][0]["path"] = json!("etc/nginx")),
         ("a rule path with ..", |p| p["spec"]["rules"][0]["path"] = json!("/etc/../root")),
@@ -447,7 +439,7 @@ fn bad_policies_are_refused_by_the_crd_as_by_the_agent() {
         let mut bad = good.clone();
         break_it(&mut bad);
         assert!(validate_against_crd("WorkloadFimPolicy", &bad).is_err(), "the CRD accepts {what}:\n{bad:#}");
-        assert!(parse_as_file(&bad).is_err(), "the agent's parser accepts {what} (the CRD refuses it)");
+        assert!(agent_parses(&bad).is_err(), "the agent's parser accepts {what} (the CRD refuses it)");
     }
     // The same rule path twice: rules are a list map keyed by path, whose duplicate keys the
     // API server refuses.
@@ -459,7 +451,7 @@ fn bad_policies_are_refused_by_the_crd_as_by_the_agent() {
     let mut twice = good.clone();
     twice["spec"]["rules"][1]["path"] = json!("/etc/nginx");
     assert!(validate_against_crd("WorkloadFimPolicy", &twice).unwrap_err().contains("duplicate"));
-    assert!(parse_as_file(&twice).is_err());
+    assert!(agent_parses(&twice).is_err());
 
     // A ClusterWorkloadFimPolicy takes a namespaceSelector, and checks it like the selector.
     let mut cluster = good.clone();
@@ -467,11 +459,18 @@ fn bad_policies_are_refused_by_the_crd_as_by_the_agent() {
     cluster["metadata"].as_object_mut().unwrap().remove("namespace");
     cluster["spec"]["namespaceSelector"] = json!({"matchLabels": {"kubefim.io/monitor": "true"}});
     validate_against_crd("ClusterWorkloadFimPolicy", &cluster).unwrap();
-    cluster["spec"]["namespaceSelector"] =
-        json!({"matchExpressions": [{"key": "team", "operator": "Exists", "values": ["a"]}]});
-    assert!(validate_against_crd("ClusterWorkloadFimPolicy", &cluster).is_err());
-    cluster["spec"]["namespaceSelector"] = json!({"matchExpressions": [{"key": "team", "operator": "Has"}]});
-    assert!(validate_against_crd("ClusterWorkloadFimPolicy", &cluster).is_err());
+    agent_parses(&cluster).unwrap();
+    let cases: [(&str, Value); 3] = [
+        ("Exists with values", json!({"matchExpressions": [{"key": "team", "operator": "Exists", "values": ["a"]}]})),
+        ("an unknown operator", json!({"matchExpressions": [{"key": "team", "operator": "Has"}]})),
+        ("an unknown field", json!({"matchLabel": {"team": "a"}})),
+    ];
+    for (what, selector) in cases {
+        let mut bad = cluster.clone();
+        bad["spec"]["namespaceSelector"] = selector;
+        assert!(validate_against_crd("ClusterWorkloadFimPolicy", &bad).is_err(), "the CRD accepts {what}");
+        assert!(agent_parses(&bad).is_err(), "the agent's parser accepts {what} (the CRD refuses it)");
+    }
 }
 
 #[test]

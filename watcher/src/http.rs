@@ -1,8 +1,9 @@
 //! The agent's HTTP endpoint: `/metrics` for Prometheus, `/healthz` (liveness: is the watch
 //! loop still turning?) and `/readyz` (readiness: is the agent doing its job yet?) for the
 //! kubelet. [`Health`] is what the watch loop updates; [`serve`] binds the address and serves
-//! on the caller's tokio runtime. This module holds no metric of its own (`metrics` does) and
-//! decides nothing about when the agent is ready: the watch loop says so.
+//! on the caller's tokio runtime. This module holds no metric of its own (`metrics` does; once
+//! served, [`Health`] copies its readiness into `kubefim_ready` so the gauge and `/readyz` never
+//! disagree) and decides nothing about when the agent is ready: the watch loop says so.
 //!
 //! Everything here runs on the watcher's current-thread runtime, next to the event loop, so
 //! no handler blocks: each one reads atomics or briefly locks a mutex nobody holds across an
@@ -18,12 +19,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -31,7 +32,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::metrics::{CONTENT_TYPE, Metrics};
+use crate::metrics::{CLASSIC_CONTENT_TYPE, CONTENT_TYPE, Metrics};
 
 /// Connections served at once. Probes (three), a scraper or two and some slack: far more than
 /// a node's legitimate clients, far fewer than the descriptors the watcher keeps for itself
@@ -90,6 +91,9 @@ pub struct Health {
     stale_after: Duration,
     /// `None` when ready, else why not.
     not_ready: Mutex<Option<String>>,
+    /// Where `kubefim_ready` lives, once [`serve`] has tied the two together: set under the
+    /// `not_ready` lock so that the gauge and `/readyz` always say the same.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl Default for Health {
@@ -111,7 +115,16 @@ impl Health {
             last_beat: AtomicU64::new(0),
             stale_after,
             not_ready: Mutex::new(Some("starting".to_owned())),
+            metrics: OnceLock::new(),
         }
+    }
+
+    /// From now on `kubefim_ready` in `metrics` follows readiness (set to it at once). A
+    /// second call is ignored: one agent has one registry.
+    fn report_to(&self, metrics: Arc<Metrics>) {
+        let state = self.lock();
+        metrics.set_ready(state.is_none());
+        let _ = self.metrics.set(metrics);
     }
 
     /// The watch loop is alive.
@@ -121,12 +134,21 @@ impl Health {
 
     /// Ready, or not ready for no particular reason ("not ready").
     pub fn set_ready(&self, ready: bool) {
-        *self.lock() = if ready { None } else { Some("not ready".to_owned()) };
+        self.set(if ready { None } else { Some("not ready".to_owned()) });
     }
 
     /// Not ready, for `reason` (e.g. "baseline awaiting signature"), which `/readyz` returns.
     pub fn set_not_ready(&self, reason: &str) {
-        *self.lock() = Some(reason.to_owned());
+        self.set(Some(reason.to_owned()));
+    }
+
+    /// The one place readiness changes: the gauge is written under the same lock.
+    fn set(&self, not_ready: Option<String>) {
+        let mut state = self.lock();
+        if let Some(metrics) = self.metrics.get() {
+            metrics.set_ready(not_ready.is_none());
+        }
+        *state = not_ready;
     }
 
     /// `Err(how long since the last beat)` once that exceeds `stale_after`.
@@ -172,6 +194,7 @@ pub fn serve(
     health: Arc<Health>,
 ) -> Result<(SocketAddr, JoinHandle<()>), Error> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    health.report_to(metrics.clone());
     // std's bind sets SO_REUSEADDR, so a restarted agent is not locked out by the previous
     // one's connections in TIME_WAIT, while a live listener still makes it fail.
     let listener = std::net::TcpListener::bind(addr).map_err(|source| bind_error(addr, source))?;
@@ -241,8 +264,51 @@ fn bind_error(addr: SocketAddr, source: io::Error) -> Error {
     Error::Bind { addr, hint, source }
 }
 
-async fn metrics_text(State(endpoint): State<Endpoint>) -> Response {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], endpoint.metrics.encode()).into_response()
+/// `/metrics`, in the format the client prefers (see [`wants_classic`]).
+async fn metrics_text(State(endpoint): State<Endpoint>, headers: HeaderMap) -> Response {
+    let accept = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    if wants_classic(&accept) {
+        ([(header::CONTENT_TYPE, CLASSIC_CONTENT_TYPE)], endpoint.metrics.encode_classic()).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], endpoint.metrics.encode()).into_response()
+    }
+}
+
+/// Whether an `Accept` header (several joined with commas) prefers the classic text format
+/// (`text/plain`) to OpenMetrics (`application/openmetrics-text`): each gets the q-value of the
+/// most specific range that matches it (`type/subtype`, then `type/*`, then `*/*`; RFC 9110
+/// 12.5.1), and classic wins only when its q is strictly higher. So no header, `*/*`, a tie
+/// and Prometheus' own default header (OpenMetrics first) get OpenMetrics, the richer format
+/// and the one this agent is tested against; `text/plain;version=0.0.4` alone, promtool's and
+/// older scrapers' request, gets classic. A `version` parameter is not matched: the client
+/// asking for text/plain 1.0.0 reads 0.0.4 too.
+fn wants_classic(accept: &str) -> bool {
+    // (specificity, q) of the best-matching range for each type, specificity 0 = no match.
+    let mut classic = (0, 0.0);
+    let mut openmetrics = (0, 0.0);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        let Some((kind, subtype)) = media.split_once('/') else { continue };
+        for (target, best) in
+            [(("text", "plain"), &mut classic), (("application", "openmetrics-text"), &mut openmetrics)]
+        {
+            let specificity = match (kind, subtype) {
+                (k, s) if (k, s) == target => 3,
+                (k, "*") if k == target.0 => 2,
+                ("*", "*") => 1,
+                _ => 0,
+            };
+            if specificity > best.0 {
+                *best = (specificity, q);
+            }
+        }
+    }
+    classic.1 > openmetrics.1
 }
 
 async fn healthz(State(endpoint): State<Endpoint>) -> Response {
@@ -263,4 +329,55 @@ async fn readyz(State(endpoint): State<Endpoint>) -> Response {
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_negotiation() {
+        for (accept, classic) in [
+            ("", false),
+            ("*/*", false),
+            ("text/plain;version=0.0.4", true),
+            ("text/plain; version=0.0.4; charset=utf-8", true),
+            ("TEXT/Plain", true),
+            ("text/*", true),
+            ("application/openmetrics-text", false),
+            ("text/plain, application/openmetrics-text", false),
+            ("text/plain;q=0.5, application/openmetrics-text", false),
+            ("text/plain, application/openmetrics-text;q=0.5", true),
+            ("text/plain;version=0.0.4;q=0.9,*/*;q=0.1", true),
+            // Prometheus 2.x's default.
+            (
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                 text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                false,
+            ),
+            // Prometheus 3 configured with scrape_protocols: [PrometheusText0.0.4].
+            ("text/plain;version=0.0.4;q=1,*/*;q=0.1", true),
+            ("text/plain;q=0", false),
+            ("text/plain;q=0, */*", false),
+            ("application/json", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(wants_classic(accept), classic, "Accept: {accept}");
+        }
+    }
+
+    #[test]
+    fn the_ready_gauge_follows_readiness() {
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::default();
+        health.set_ready(true);
+        health.report_to(metrics.clone());
+        assert!(metrics.encode().contains("\nkubefim_ready 1\n"), "set at once");
+        health.set_not_ready("baseline awaiting signature");
+        assert!(metrics.encode().contains("\nkubefim_ready 0\n"));
+        health.set_ready(true);
+        assert!(metrics.encode().contains("\nkubefim_ready 1\n"));
+        health.set_ready(false);
+        assert!(metrics.encode().contains("\nkubefim_ready 0\n"));
+    }
 }

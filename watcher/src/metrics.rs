@@ -9,12 +9,17 @@
 //! value is a time series kept forever by Prometheus and because metrics are readable by
 //! whoever can reach the port, which must not learn which files changed. The methods take
 //! `&'static str` so that a value built at run time (a path) does not even compile, and so
-//! that counting a kernel event allocates nothing.
+//! that counting a kernel event allocates nothing. The one exception is `namespace` on the
+//! container drift counters: bounded by the cluster's namespaces (not its pods), and what a
+//! per-tenant alert needs; it is "" outside Kubernetes.
+
+mod classic;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,6 +34,10 @@ use crate::selfcheck::Check;
 /// OpenMetrics 1.0 text (counters with `_total`, `# UNIT` lines, a closing `# EOF`), which
 /// Prometheus negotiates by default.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The media type of [`Metrics::encode_classic`]'s output: the classic Prometheus text format,
+/// for the clients that ask for it (promtool, older servers, other agents).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Upper bounds of the rehash-duration buckets, in seconds: 1-2.5-5 steps from 10 µs (a small
 /// file in the page cache) to 1 s (a large binary read from disk); slower ones land in `+Inf`.
@@ -80,10 +89,52 @@ struct CheckLabel {
     check: &'static str,
 }
 
+/// `state="..."` of `kubefim_workload_policies`: applied or rejected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// `namespace="..."`: a container's pod's namespace ("" outside Kubernetes). Owned: the
+/// namespace is read from the pod at run time, the one label value that is (see the module's
+/// doc for why it is bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    namespace: String,
+}
+
+/// `namespace="...",kind="..."`: container drift by namespace and change kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceKindLabel {
+    namespace: String,
+    kind: &'static str,
+}
+
 /// `version="..."` of `kubefim_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
     version: &'static str,
+}
+
+/// A family whose HELP and TYPE are written even before its first series: the encoder skips an
+/// empty family, and the namespaced families are empty until a container in some namespace
+/// drifts, yet Prometheus, the rules and the README test must see that the metric exists.
+/// (An OpenMetrics family may have no metric, a classic one no sample.)
+#[derive(Debug)]
+struct Listed<F>(F);
+
+impl<F: EncodeMetric> EncodeMetric for Listed<F> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// A gauge holding a float (timestamps, durations), stored as the bits of an `f64`.
@@ -115,7 +166,42 @@ pub struct Metrics {
     watched_inodes: CountGauge,
     self_check_failures: Family<CheckLabel, Counter>,
     self_check_ok: CountGauge,
+    ready: CountGauge,
+    policies: Family<StateLabel, CountGauge>,
+    policy_rejections: Counter,
+    container_changes: Family<NamespaceKindLabel, Counter>,
+    drift_exec: Family<NamespaceLabel, Counter>,
+    layer_modifications: Counter,
     pods: PodMetrics,
+    kube_writes: KubeWriteMetrics,
+}
+
+/// What the Kubernetes writers' calls can end in (`kubefim_kube_events_total{result}`).
+const KUBE_EVENT_RESULTS: [&str; 4] = ["created", "aggregated", "suppressed", "failed"];
+
+/// The Kubernetes writers' metrics (Events on pods and nodes, the node's FimNodeStatus),
+/// updated by their tasks: cloning shares the series.
+#[derive(Debug, Clone, Default)]
+pub struct KubeWriteMetrics {
+    /// `kubefim_kube_events_total{result}`.
+    events: Family<ResultLabel, Counter>,
+    /// `kubefim_node_status_writes_total{result}`.
+    status_writes: Family<ResultLabel, Counter>,
+}
+
+impl KubeWriteMetrics {
+    /// One Event write ended in `result`: "created" (POST of a new Event), "aggregated" (PATCH
+    /// of an existing Event's count), "suppressed" (over the rate limit, folded into a
+    /// summary), "failed" (the API refused or was unreachable).
+    pub fn event(&self, result: &'static str) {
+        self.events.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// One write of the node's FimNodeStatus, `ok` or failed.
+    pub fn status_write(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.status_writes.get_or_create(&ResultLabel { result }).inc();
+    }
 }
 
 /// The pod index's metrics, updated by its watch task as it applies events.
@@ -158,7 +244,14 @@ impl Metrics {
             watched_inodes: Gauge::default(),
             self_check_failures: Family::default(),
             self_check_ok: Gauge::default(),
+            ready: Gauge::default(),
+            policies: Family::default(),
+            policy_rejections: Counter::default(),
+            container_changes: Family::default(),
+            drift_exec: Family::default(),
+            layer_modifications: Counter::default(),
             pods: PodMetrics::default(),
+            kube_writes: KubeWriteMetrics::default(),
         };
         // Looking a series up creates it at zero; the read guard that comes back is not needed.
         for kind in CHANGE_KINDS {
@@ -179,6 +272,18 @@ impl Metrics {
         for check in Check::ALL {
             drop(metrics.self_check_failures.get_or_create(&CheckLabel { check: check.as_str() }));
         }
+        for state in ["applied", "rejected"] {
+            drop(metrics.policies.get_or_create(&StateLabel { state }));
+        }
+        for result in KUBE_EVENT_RESULTS {
+            drop(metrics.kube_writes.events.get_or_create(&ResultLabel { result }));
+        }
+        for result in ["ok", "failed"] {
+            drop(metrics.kube_writes.status_writes.get_or_create(&ResultLabel { result }));
+        }
+        // The namespaced families start empty (listed nonetheless, see `Listed`): which
+        // namespaces there are is not known here. A series is born at its first change, at 1,
+        // which increase() does not count: the shipped alerts also fire on a series that is new.
         metrics.register()
     }
 
@@ -294,6 +399,55 @@ impl Metrics {
         );
         // kubefim_pod_cache_entries
         r.register("kubefim_pod_cache_entries", "Pods in the attribution index", self.pods.pods.clone());
+        // kubefim_ready
+        r.register(
+            "kubefim_ready",
+            "1 while /readyz answers 200 (baseline trusted, programs attached, self-checks passing), else 0",
+            self.ready.clone(),
+        );
+        // kubefim_workload_policies{state}
+        r.register(
+            "kubefim_workload_policies",
+            "Workload policies (files and WorkloadFimPolicy objects) the agent holds, by state: applied or rejected",
+            self.policies.clone(),
+        );
+        // kubefim_policy_rejections_total
+        r.register(
+            "kubefim_policy_rejections",
+            "Workload policies refused (bad selector, unknown field...), each with a policy-rejected line",
+            self.policy_rejections.clone(),
+        );
+        // kubefim_container_changes_total{namespace,kind}
+        r.register(
+            "kubefim_container_changes",
+            "Changes found inside running containers, by their pod's namespace (empty outside Kubernetes) and kind",
+            Listed(self.container_changes.clone()),
+        );
+        // kubefim_drift_exec_total{namespace}
+        r.register(
+            "kubefim_drift_exec",
+            "Executions in a container of a file its image does not have as it is (drift-exec lines), by namespace",
+            Listed(self.drift_exec.clone()),
+        );
+        // kubefim_layer_modifications_total
+        r.register(
+            "kubefim_layer_modifications",
+            "Writes on the node to a monitored file of an image layer that containers use (layer-modified lines)",
+            self.layer_modifications.clone(),
+        );
+        // kubefim_kube_events_total{result}
+        r.register(
+            "kubefim_kube_events",
+            "Kubernetes Events about drift, by result: created, aggregated (count patched), suppressed (over the \
+             rate limit, folded into a summary), failed",
+            self.kube_writes.events.clone(),
+        );
+        // kubefim_node_status_writes_total{result}
+        r.register(
+            "kubefim_node_status_writes",
+            "Writes of this node's FimNodeStatus, by result: ok or failed",
+            self.kube_writes.status_writes.clone(),
+        );
         self
     }
 
@@ -378,6 +532,44 @@ impl Metrics {
         self.pods.clone()
     }
 
+    /// Whether `/readyz` answers 200. `http::Health` calls this on every change of its
+    /// readiness, so the two never disagree.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(u64::from(ready));
+    }
+
+    /// How many workload policies are applied and how many were rejected, now.
+    pub fn set_policies(&self, applied: u64, rejected: u64) {
+        self.policies.get_or_create(&StateLabel { state: "applied" }).set(applied);
+        self.policies.get_or_create(&StateLabel { state: "rejected" }).set(rejected);
+    }
+
+    /// One workload policy was refused (a policy-rejected line).
+    pub fn policy_rejected(&self) {
+        self.policy_rejections.inc();
+    }
+
+    /// One change found inside a container of a pod of `namespace` ("" outside Kubernetes),
+    /// `kind` being added, removed or modified.
+    pub fn container_change(&self, namespace: &str, kind: &'static str) {
+        self.container_changes.get_or_create(&NamespaceKindLabel { namespace: namespace.to_owned(), kind }).inc();
+    }
+
+    /// One drift-exec line: a container of a pod of `namespace` ran a file not as its image has it.
+    pub fn drift_exec(&self, namespace: &str) {
+        self.drift_exec.get_or_create(&NamespaceLabel { namespace: namespace.to_owned() }).inc();
+    }
+
+    /// One layer-modified line: a monitored file of an image layer was written on the node.
+    pub fn layer_modified(&self) {
+        self.layer_modifications.inc();
+    }
+
+    /// The Kubernetes writers' metrics (Events, the node status), for their tasks to update.
+    pub fn kube_write_metrics(&self) -> KubeWriteMetrics {
+        self.kube_writes.clone()
+    }
+
     /// The whole exposition, in the format named by [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -386,6 +578,12 @@ impl Metrics {
             tracing::error!("encoding the metrics failed: {e}");
         }
         text
+    }
+
+    /// The whole exposition in the classic text format 0.0.4 ([`CLASSIC_CONTENT_TYPE`]),
+    /// rewritten from [`Metrics::encode`]'s (see `classic` for why and how).
+    pub fn encode_classic(&self) -> String {
+        classic::from_openmetrics(&self.encode())
     }
 }
 
@@ -425,6 +623,80 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn kubernetes_and_container_metrics() {
+        let m = Metrics::new();
+        let text = m.encode();
+        // At zero before anything happens, where the label set is fixed.
+        for line in [
+            "kubefim_ready 0",
+            "kubefim_workload_policies{state=\"applied\"} 0",
+            "kubefim_workload_policies{state=\"rejected\"} 0",
+            "kubefim_policy_rejections_total 0",
+            "kubefim_layer_modifications_total 0",
+            "kubefim_kube_events_total{result=\"suppressed\"} 0",
+            "kubefim_node_status_writes_total{result=\"failed\"} 0",
+            "# TYPE kubefim_container_changes counter",
+            "# TYPE kubefim_drift_exec counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        m.set_ready(true);
+        m.set_policies(3, 1);
+        m.policy_rejected();
+        m.container_change("shop", "added");
+        m.container_change("shop", "added");
+        m.container_change("", "modified");
+        m.drift_exec("shop");
+        m.layer_modified();
+        let kube = m.kube_write_metrics();
+        kube.event("created");
+        kube.clone().event("aggregated");
+        kube.status_write(true);
+        kube.status_write(false);
+        let text = m.encode();
+        for line in [
+            "kubefim_ready 1",
+            "kubefim_workload_policies{state=\"applied\"} 3",
+            "kubefim_workload_policies{state=\"rejected\"} 1",
+            "kubefim_policy_rejections_total 1",
+            "kubefim_container_changes_total{namespace=\"shop\",kind=\"added\"} 2",
+            "kubefim_container_changes_total{namespace=\"\",kind=\"modified\"} 1",
+            "kubefim_drift_exec_total{namespace=\"shop\"} 1",
+            "kubefim_layer_modifications_total 1",
+            "kubefim_kube_events_total{result=\"created\"} 1",
+            "kubefim_kube_events_total{result=\"aggregated\"} 1",
+            "kubefim_node_status_writes_total{result=\"ok\"} 1",
+            "kubefim_node_status_writes_total{result=\"failed\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn classic_text_names_what_openmetrics_does() {
+        let m = Metrics::new();
+        m.container_change("shop", "added");
+        let text = m.encode_classic();
+        let build = format!("kubefim_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        for line in [
+            "# TYPE kubefim_build_info gauge",
+            build.as_str(),
+            "# TYPE kubefim_changes_total counter",
+            "# TYPE kubefim_rehash_duration_seconds histogram",
+            "kubefim_rehash_duration_seconds_count 0",
+            "# TYPE kubefim_container_changes_total counter",
+            "kubefim_container_changes_total{namespace=\"shop\",kind=\"added\"} 1",
+            "# TYPE kubefim_ready gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT") && !text.contains(" info\n"), "{text}");
+        // Every sample of one format is in the other.
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(samples(&text), samples(&m.encode()));
     }
 
     #[test]
