@@ -18,10 +18,11 @@ apt_packages() {
     # b3sum and aide are the peers the tests and benchmarks compare against; bpftool,
     # fatrace, auditd, fio, podman and runc are used by the eBPF and container tests;
     # time gives peak RSS; hyperfine runs the side-by-side benchmarks; busybox-static is
-    # the whole root file system of the test container image (no registry is reachable).
+    # the whole root file system of the test container image (no registry is reachable);
+    # prometheus brings promtool, which checks /metrics and unit-tests the shipped alert rules.
     local pkgs=(ca-certificates curl git gcc libc6-dev pkg-config make b3sum aide bpftool
         hyperfine time file fio fatrace auditd podman runc uidmap util-linux attr acl python3-pip
-        busybox-static catatonit)
+        busybox-static catatonit prometheus)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
