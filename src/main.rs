@@ -83,6 +83,8 @@ enum Command {
     },
     /// Watch the baseline's files through eBPF and report each change as it happens, with a
     /// content diff and who made it (needs root: CAP_BPF, CAP_PERFMON, and tracefs).
+    // --containers needs workload policies: files, or the Kubernetes API's objects.
+    #[command(group(clap::ArgGroup::new("workload_policies").args(["workload_policy", "kubernetes"]).multiple(true)))]
     Watch {
         /// The baseline database.
         #[arg(long)]
@@ -131,10 +133,13 @@ enum Command {
         #[arg(long, value_parser = parse_interval)]
         verify_interval: Option<std::time::Duration>,
         /// Also check every container a workload policy selects against its image: those
-        /// running at start and each new one the moment its first process starts.
-        #[arg(long, requires = "workload_policy")]
+        /// running at start and each new one the moment its first process starts. The
+        /// policies: --workload-policy files and, with --kubernetes, the WorkloadFimPolicy and
+        /// ClusterWorkloadFimPolicy objects of the API (changes apply to running containers).
+        #[arg(long, requires = "workload_policies")]
         containers: bool,
-        /// A WorkloadFimPolicy file, or a directory of them (repeatable).
+        /// A WorkloadFimPolicy or ClusterWorkloadFimPolicy file, or a directory of them
+        /// (repeatable).
         #[arg(long, requires = "containers")]
         workload_policy: Vec<PathBuf>,
         /// Where the records of image layer files are cached (default: `layer-cache` beside

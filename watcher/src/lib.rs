@@ -29,6 +29,7 @@ pub mod model;
 mod output;
 mod pending;
 pub mod pods;
+pub mod policy_objects;
 mod programs;
 mod reader;
 mod report;

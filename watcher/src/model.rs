@@ -385,6 +385,9 @@ pub enum Line {
     /// A file of an image layer that running checked containers use was changed on the node
     /// (a layer is a host directory every container of the image shares).
     LayerModified(LayerModified),
+    /// A workload policy object from the Kubernetes API that cannot be applied: the policies
+    /// applied before it stay in force, and it is taken again once it changes.
+    PolicyRejected(PolicyRejected),
 }
 
 /// A change to one path.
@@ -674,6 +677,8 @@ pub enum FoundBy {
     Startup,
     /// The exec of its first process (the kernel's `sched_process_exec`).
     Exec,
+    /// Running already, and selected by a workload policy added or changed since.
+    Policy,
 }
 
 /// A container checked against its image.
@@ -728,6 +733,21 @@ pub struct DriftExec {
     pub origin: Origin,
     /// The workload policies that ask for it (`namespace/name`).
     pub policies: Vec<String>,
+}
+
+/// A workload policy object that cannot be applied.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PolicyRejected {
+    /// `WorkloadFimPolicy` or `ClusterWorkloadFimPolicy`.
+    pub policy_kind: String,
+    /// The object's namespace (a WorkloadFimPolicy's).
+    pub namespace: Option<String>,
+    /// The object's name.
+    pub name: String,
+    /// The object's `metadata.resourceVersion`: the version rejected.
+    pub resource_version: Option<String>,
+    /// Why, and what to change.
+    pub error: String,
 }
 
 /// A file of an image layer in use changed on the node.

@@ -163,6 +163,13 @@ impl fmt::Display for Event {
                 Ok(())
             }
             Line::ContainerGone(g) => write!(f, "{time} container-gone {}", container(&g.container)),
+            Line::PolicyRejected(r) => {
+                let name = match &r.namespace {
+                    Some(ns) => format!("{ns}/{}", r.name),
+                    None => r.name.clone(),
+                };
+                write!(f, "{time} policy-rejected {} {}: {}", h(&r.policy_kind), h(&name), h(&r.error))
+            }
             Line::LayerModified(l) => {
                 write!(f, "{time} layer-modified {} in layer {}", h(&l.path.bytes.text), h(&l.layer))?;
                 if let Some(p) = &l.process {

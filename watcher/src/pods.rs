@@ -86,6 +86,14 @@ impl PodInfo {
     }
 }
 
+/// A client of the API server `kube` infers: the kubeconfig of `KUBECONFIG` or
+/// `~/.kube/config` if there is one, else the in-cluster service account. Must be called
+/// inside a tokio runtime.
+pub async fn client() -> Result<Client, Error> {
+    let config = kube::Config::infer().await.map_err(Error::Config)?;
+    Client::try_from(config).map_err(Error::Client)
+}
+
 /// A live index of this node's pods, kept up to date by a watch on the API server.
 ///
 /// Cheap to clone (one `Arc`). The watch runs as a task on the tokio runtime that started it
@@ -152,20 +160,26 @@ impl PodIndex {
     /// kubeconfig of `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster
     /// service account. The watch is spawned on the current tokio runtime.
     pub async fn start(node_name: &str, metrics: PodMetrics) -> Result<PodIndex, Error> {
-        let config = kube::Config::infer().await.map_err(Error::Config)?;
-        Self::start_with_config(config, node_name, metrics)
+        Self::start_with_client(client().await?, node_name, metrics)
     }
 
     /// Starts watching the pods of `node_name` on the API server `config` names. Must be
     /// called inside a tokio runtime (a current_thread one is enough); returns at once, before
     /// the first list has arrived.
     pub fn start_with_config(config: kube::Config, node_name: &str, metrics: PodMetrics) -> Result<PodIndex, Error> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let client = Client::try_from(config).map_err(Error::Client)?;
+        Self::start_with_client(client, node_name, metrics)
+    }
+
+    /// Starts watching the pods of `node_name` with `client` (shared with the agent's other
+    /// uses of the API). Must be called inside a tokio runtime.
+    pub fn start_with_client(client: Client, node_name: &str, metrics: PodMetrics) -> Result<PodIndex, Error> {
         let node = node_name.trim();
         if node.is_empty() {
             return Err(Error::NoNodeName);
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let client = Client::try_from(config).map_err(Error::Client)?;
         let api: Api<Pod> = Api::all(client);
         // (Re-)lists are served from the API server's watch cache (resourceVersion=0), not by
         // a quorum read of etcd, as the kubelet's own pod list is: this agent runs on every

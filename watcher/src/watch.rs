@@ -3,6 +3,7 @@
 //! what arrives (observations and losses from the reader, findings from the rescan thread,
 //! timers, signals) to the module that handles it, until SIGTERM or SIGINT.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,9 +26,10 @@ use crate::error::{Error, Result};
 use crate::http::Health;
 use crate::lifecycle::{self, SignatureWatch};
 use crate::metrics::Metrics;
-use crate::model::{Degraded, DegradedReason, Event, Line, Lost, Rescan, RescanReason, VerifyReason};
+use crate::model::{Degraded, DegradedReason, Event, Line, Lost, PolicyRejected, Rescan, RescanReason, VerifyReason};
 use crate::output::{Format, Printer};
 use crate::pods::PodIndex;
+use crate::policy_objects::{PolicySet, PolicySets};
 use crate::programs::{Attached, Programs};
 use crate::reader::{Message, Reader, ReaderParts};
 use crate::report::{Follow, Reporter, Reroot};
@@ -125,7 +127,16 @@ pub fn run(opts: WatchOptions) -> Result<()> {
         let (bound, _task) = crate::http::serve(addr, metrics.clone(), health.clone())?;
         eprintln!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
-    let pods = opts.kubernetes.then(|| start_pods(&background, &opts, &metrics)).flatten();
+    let kube = opts.kubernetes.then(|| start_kube(&background, &opts, &metrics)).flatten();
+    let pods = kube.as_ref().map(|k| k.pods.clone());
+    // Workload policies as objects, with --containers: the files' policies and the API's.
+    let policy_sets = match (&kube, &opts.containers) {
+        (Some(kube), Some(files)) => {
+            let _in = background.enter();
+            Some(crate::policy_objects::start(kube.client.clone(), files.clone()))
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -148,7 +159,13 @@ pub fn run(opts: WatchOptions) -> Result<()> {
             if journal_lock.is_none() {
                 journal_lock = Some(Lock::acquire(&journal_path, "watch")?);
             }
-            let services = Services { key: &key, metrics: &metrics, health: &health, pods: pods.clone() };
+            let services = Services {
+                key: &key,
+                metrics: &metrics,
+                health: &health,
+                pods: pods.clone(),
+                policy_sets: policy_sets.clone(),
+            };
             let session = Session::start(&opts, &journal_path, baseline, printer, services)?;
             match session.run(&mut signatures).await? {
                 Exit::Signal => return Ok(()),
@@ -161,11 +178,24 @@ pub fn run(opts: WatchOptions) -> Result<()> {
     })
 }
 
-/// Starts the index of this node's pods; without an API server (not in a cluster), says so
-/// and goes on without pod names.
-fn start_pods(background: &tokio::runtime::Runtime, opts: &WatchOptions, metrics: &Arc<Metrics>) -> Option<PodIndex> {
-    match background.block_on(PodIndex::start(&opts.node_name, metrics.pod_metrics())) {
-        Ok(index) => Some(index),
+/// The agent's uses of the Kubernetes API (`--kubernetes`), on the background runtime.
+struct KubeApi {
+    /// Shared by every use.
+    client: kube::Client,
+    /// This node's pods.
+    pods: PodIndex,
+}
+
+/// Connects to the Kubernetes API and starts the index of this node's pods; without an API
+/// server (not in a cluster), says so and goes on without pod names.
+fn start_kube(background: &tokio::runtime::Runtime, opts: &WatchOptions, metrics: &Arc<Metrics>) -> Option<KubeApi> {
+    let started = background.block_on(async {
+        let client = crate::pods::client().await?;
+        let pods = PodIndex::start_with_client(client.clone(), &opts.node_name, metrics.pod_metrics())?;
+        Ok::<_, crate::pods::Error>(KubeApi { client, pods })
+    });
+    match started {
+        Ok(kube) => Some(kube),
         Err(e) => {
             let line = Line::Degraded(Degraded {
                 reason: DegradedReason::NoKubernetesApi,
@@ -187,6 +217,7 @@ struct Services<'a> {
     metrics: &'a Arc<Metrics>,
     health: &'a Arc<Health>,
     pods: Option<PodIndex>,
+    policy_sets: Option<PolicySets>,
 }
 
 /// Where image layer records are cached.
@@ -202,6 +233,17 @@ async fn next_container(containers: &mut Option<Containers>) -> Option<Next> {
         Some(c) => c.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The next set of workload policies from the API; never, without them.
+async fn next_policy_set(sets: &mut Option<PolicySets>) -> Option<Arc<PolicySet>> {
+    let Some(rx) = sets else { return std::future::pending().await };
+    if rx.changed().await.is_err() {
+        // The watches ended (they do not, but a closed channel must not spin the loop).
+        *sets = None;
+        return None;
+    }
+    rx.borrow_and_update().clone()
 }
 
 /// Hands memory freed after a peak (parsing kernel BTF while loading, indexing the
@@ -239,6 +281,10 @@ struct Session<'a> {
     roots: Vec<Vec<u8>>,
     /// The containers checked against their images (`--containers`).
     containers: Option<Containers>,
+    /// The workload policies of the Kubernetes API, as they change.
+    policy_sets: Option<PolicySets>,
+    /// The policy objects rejected so far (kind/name, version): each is said once.
+    rejected: BTreeSet<(String, Option<String>)>,
 }
 
 impl<'a> Session<'a> {
@@ -324,13 +370,23 @@ impl<'a> Session<'a> {
         }
         reporter.say_if_filter_full()?;
         let pods = services.pods;
-        let containers = match &opts.containers {
+        // The API's latest policies when they were listed already (a new baseline started
+        // this session), else the files': the API's follow once listed.
+        let latest = services.policy_sets.as_ref().and_then(|sets| sets.borrow().as_ref().map(|s| s.policies.clone()));
+        let containers = match latest.as_ref().or(opts.containers.as_ref()) {
             Some(policies) => Some(
                 Containers::start(policies.clone(), opts.host.clone(), cgroups, &layer_cache_dir(opts), pods)
                     .map_err(|e| Error::io("starting the containers' checker thread", e))?,
             ),
             None => None,
         };
+        let mut policy_sets = services.policy_sets;
+        if latest.is_none() {
+            // Nothing listed yet: the first set is news to this session.
+            if let Some(sets) = &mut policy_sets {
+                sets.mark_changed();
+            }
+        }
         Ok(Session {
             opts,
             key: services.key,
@@ -347,6 +403,8 @@ impl<'a> Session<'a> {
             check,
             roots,
             containers,
+            policy_sets,
+            rejected: BTreeSet::new(),
         })
     }
 
@@ -407,6 +465,7 @@ impl<'a> Session<'a> {
                     self.found(found);
                 },
                 Some(next) = next_container(&mut self.containers) => self.container(next)?,
+                Some(set) = next_policy_set(&mut self.policy_sets) => self.policies(&set)?,
                 _ = sleep => {
                     self.reporter.process_due(false, &mut self.rescans)?;
                     if self.uring_rescan_at.is_some_and(|at| at <= Instant::now()) {
@@ -443,6 +502,28 @@ impl<'a> Session<'a> {
         }
         self.shutdown().await?;
         Ok(exit)
+    }
+
+    /// A new set of workload policies from the Kubernetes API: in force at once for every
+    /// running container; each object that cannot be applied said once (a line and a metric).
+    fn policies(&mut self, set: &PolicySet) -> Result<()> {
+        if let Some(containers) = &mut self.containers {
+            containers.set_policies(set.policies.clone(), &mut self.reporter.filter);
+            self.metrics.set_watched_inodes(self.reporter.filter.inodes());
+        }
+        self.metrics.set_policies(set.applied as u64, set.rejected.len() as u64);
+        for r in crate::policy_objects::newly_rejected(&self.rejected, &set.rejected) {
+            self.metrics.policy_rejected();
+            self.reporter.print(Line::PolicyRejected(PolicyRejected {
+                policy_kind: r.kind.name().to_owned(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                resource_version: r.resource_version.clone(),
+                error: r.error.clone(),
+            }))?;
+        }
+        self.rejected = set.rejected.iter().map(crate::policy_objects::rejection_key).collect();
+        Ok(())
     }
 
     /// A container checked or gone.

@@ -44,9 +44,13 @@ pub(super) enum Job {
         found_by: FoundBy,
         /// When the exec that revealed it happened (`found_by: exec`).
         exec_at: Option<Instant>,
+        /// Which selection of it this check is for (see [`Checked::generation`]).
+        generation: u64,
     },
     /// Kernel events on a checked container's monitored entries: compare it again.
-    Recheck { id: String, touches: Vec<Touch> },
+    Recheck { id: String, touches: Vec<Touch>, generation: u64 },
+    /// The workload policies changed: later jobs are done under these.
+    Policies(Arc<WorkloadPolicies>),
     /// An exec in a container checked for drift execution: is what ran its image's?
     Exec(Box<ExecJob>),
     /// A container is gone: forget what was reported of it.
@@ -123,6 +127,9 @@ pub(crate) struct Checked {
     pub layers: Vec<(Layer, Merged)>,
     /// The container compared again, for a [`Job::Recheck`] (done, whatever it found).
     pub rechecked: Option<String>,
+    /// The selection of the container the job was for: once policies change, a container's
+    /// selection is counted up, and what a job for an earlier one listed is not watched.
+    pub generation: u64,
 }
 
 /// A container compared here, and what was last reported of it.
@@ -150,8 +157,16 @@ impl Checker {
     /// Does one job.
     pub fn run(&mut self, job: Job) -> Option<Checked> {
         match job {
-            Job::Check { container, found_by, exec_at } => Some(self.check(*container, found_by, exec_at)),
-            Job::Recheck { id, touches } => self.recheck(&id, &touches),
+            Job::Check { container, found_by, exec_at, generation } => {
+                Some(Checked { generation, ..self.check(*container, found_by, exec_at) })
+            }
+            Job::Recheck { id, touches, generation } => {
+                self.recheck(&id, &touches).map(|checked| Checked { generation, ..checked })
+            }
+            Job::Policies(policies) => {
+                self.policies = policies;
+                None
+            }
             Job::Exec(exec) => Some(check_exec(*exec)),
             Job::Layer(job) => Some(check_layer(*job)),
             Job::Forget(id) => {

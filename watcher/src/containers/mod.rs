@@ -70,6 +70,14 @@ struct ExecCheck {
 
 /// A container known here while it runs.
 struct Known {
+    /// What was found of it: what selection is decided on again when policies change.
+    c: RunningContainer,
+    /// The policies that select it, each as a digest of its kind, name and text: a policy
+    /// changed or added that selects it, or one taken away, changes this.
+    selection: Vec<u64>,
+    /// Counted up each time its selection changes; a check made for an earlier one is not
+    /// watched.
+    generation: u64,
     /// Its cgroups (marked in the kernel's map).
     cgroups: Vec<u64>,
     /// Its description in lines; `None` when no policy selects it (nothing is said of it).
@@ -317,18 +325,16 @@ impl Containers {
             // Gone already: nothing to keep (its cgroup stays undecided; it has no more execs).
             return;
         };
-        let selected = check::selected(&c, &self.policies).then(|| describe(&c));
-        let exec_check = selected.as_ref().and_then(|_| {
-            let w = check::workload(&c);
-            let policies: Vec<String> =
-                self.policies.for_workload(&w).iter().filter(|p| p.drift_exec).map(|p| p.qualified_name()).collect();
-            let root = c.root.as_ref().ok()?.clone();
-            (!policies.is_empty()).then_some(ExecCheck { root, policies })
-        });
+        let selection = selection(&c, &self.policies);
+        let selected = (!selection.is_empty()).then(|| describe(&c));
+        let exec_check = exec_check(&c, &self.policies);
         if let Some(cgroup) = cgroup {
             mark(&mut self.cgroups, cgroup, exec_check.is_some());
         }
         let known = Known {
+            c: c.clone(),
+            selection,
+            generation: 0,
             cgroups: cgroup.into_iter().collect(),
             selected: selected.clone(),
             exec_check,
@@ -346,7 +352,44 @@ impl Containers {
         if selected.is_some() {
             // A full queue (thousands of containers started at once) waits here rather
             // than lose a check.
-            let _ = self.jobs.send(Job::Check { container: Box::new(c), found_by, exec_at });
+            let _ = self.jobs.send(Job::Check { container: Box::new(c), found_by, exec_at, generation: 0 });
+        }
+    }
+
+    /// Puts `policies` in force: a running container that a policy now selects, or selects
+    /// differently (a policy that selects it was changed), is checked again from the start
+    /// (`found_by: policy`); one no policy selects any more is let go of (its entries leave
+    /// the kernel filter; it stays known, so a later policy can select it again).
+    pub fn set_policies(&mut self, policies: WorkloadPolicies, filter: &mut KernelFilter) {
+        self.policies = Arc::new(policies);
+        let _ = self.jobs.send(Job::Policies(self.policies.clone()));
+        let ids: Vec<String> = self.known.keys().cloned().collect();
+        for id in ids {
+            let Some(known) = self.known.get(&id) else { continue };
+            let now = selection(&known.c, &self.policies);
+            if now == known.selection {
+                continue;
+            }
+            self.unwatch(&id, filter);
+            let _ = self.jobs.send(Job::Forget(id.clone()));
+            let Some(known) = self.known.get_mut(&id) else { continue };
+            known.generation += 1;
+            known.selection = now;
+            known.comparing = false;
+            known.selected = (!known.selection.is_empty()).then(|| describe(&known.c));
+            known.exec_check = exec_check(&known.c, &self.policies);
+            for cgroup in &known.cgroups {
+                mark(&mut self.cgroups, *cgroup, known.exec_check.is_some());
+            }
+            if known.selected.is_some() {
+                let job = Job::Check {
+                    container: Box::new(known.c.clone()),
+                    found_by: FoundBy::Policy,
+                    exec_at: None,
+                    generation: known.generation,
+                };
+                let _ = self.jobs.send(job);
+            }
         }
     }
 
@@ -366,12 +409,22 @@ impl Containers {
             ));
             tokio::select! {
                 checked = self.checked.recv() => {
-                    if let Some(id) = checked.as_ref().and_then(|c| c.rechecked.as_ref())
+                    let mut checked = checked?;
+                    if let Some(id) = &checked.rechecked
                         && let Some(known) = self.known.get_mut(id)
+                        && known.generation == checked.generation
                     {
                         known.comparing = false;
                     }
-                    return checked.map(Next::Checked);
+                    // Listed under policies no longer in force: its lines were true when
+                    // made, its entries are not the ones to watch.
+                    if let Some((id, _)) = &checked.watch
+                        && self.known.get(id).is_none_or(|k| k.generation != checked.generation)
+                    {
+                        checked.watch = None;
+                        checked.layers.clear();
+                    }
+                    return Some(Next::Checked(checked));
                 }
                 gone = self.gone_rx.recv() => return gone.map(Next::Gone),
                 _ = sleep, if due.is_some() => self.send_due(),
@@ -393,7 +446,7 @@ impl Containers {
                 known.comparing = true;
                 let touches = std::mem::take(&mut known.touches);
                 // A full queue waits: the comparison must not be lost.
-                let _ = self.jobs.send(Job::Recheck { id: id.clone(), touches });
+                let _ = self.jobs.send(Job::Recheck { id: id.clone(), touches, generation: known.generation });
             }
         }
         for layer in self.layers.values_mut() {
@@ -556,19 +609,35 @@ impl Containers {
 
     /// Releases a container whose process exited; the line to print when it was checked.
     pub fn gone(&mut self, id: &str, filter: &mut KernelFilter) -> Option<Event> {
+        self.unwatch(id, filter);
         let known = self.known.remove(id)?;
         for cgroup in &known.cgroups {
             self.cgroups.forget(*cgroup);
         }
+        let _ = self.jobs.send(Job::Forget(id.to_owned()));
+        let (container, pod) = known.selected?;
+        Some(Event::now(Line::ContainerGone(ContainerGone { container, pod })))
+    }
+
+    /// Takes a container's entries, and the layers no other checked container uses, out of
+    /// the kernel filter.
+    fn unwatch(&mut self, id: &str, filter: &mut KernelFilter) {
+        let Some(known) = self.known.get_mut(id) else { return };
         // Its overlay's inode numbers, and in time its device number, are reused.
         for key in known.watched.keys().chain(&known.created) {
             filter.unwatch(*key);
         }
-        if let Some(dev) = known.dev {
+        known.watched.clear();
+        known.created.clear();
+        known.touches.clear();
+        known.due = None;
+        known.root = None;
+        if let Some(dev) = known.dev.take() {
             self.by_dev.remove(&dev);
         }
-        for layer in &known.layers {
-            let Some(watch) = self.layers.get_mut(layer) else { continue };
+        let selected = known.selected.clone();
+        for layer in std::mem::take(&mut known.layers) {
+            let Some(watch) = self.layers.get_mut(&layer) else { continue };
             watch.users.retain(|u| u != id);
             if watch.users.is_empty() {
                 // No checked container uses it: what is pending is said, then it is let go.
@@ -576,7 +645,7 @@ impl Containers {
                     let job = LayerJob {
                         dir: watch.dir.clone(),
                         touches: std::mem::take(&mut watch.touches),
-                        users: known.selected.clone().into_iter().collect(),
+                        users: selected.clone().into_iter().collect(),
                     };
                     let _ = self.jobs.send(Job::Layer(Box::new(job)));
                 }
@@ -587,12 +656,9 @@ impl Containers {
                 for key in &watch.created {
                     filter.unwatch(*key);
                 }
-                self.layers.remove(layer);
+                self.layers.remove(&layer);
             }
         }
-        let _ = self.jobs.send(Job::Forget(id.to_owned()));
-        let (container, pod) = known.selected?;
-        Some(Event::now(Line::ContainerGone(ContainerGone { container, pod })))
     }
 }
 
@@ -600,6 +666,29 @@ impl Containers {
 pub(crate) enum Next {
     Checked(Checked),
     Gone(String),
+}
+
+/// The policies that select `c`, each as a digest of what it is (see [`Known::selection`]).
+fn selection(c: &RunningContainer, policies: &WorkloadPolicies) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    policies
+        .for_workload(&check::workload(c))
+        .iter()
+        .map(|p| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (p.kind.name(), p.qualified_name(), p.source()).hash(&mut h);
+            h.finish()
+        })
+        .collect()
+}
+
+/// What an exec in `c` is checked with, when a policy that selects it asks for drift execution.
+fn exec_check(c: &RunningContainer, policies: &WorkloadPolicies) -> Option<ExecCheck> {
+    let w = check::workload(c);
+    let policies: Vec<String> =
+        policies.for_workload(&w).iter().filter(|p| p.drift_exec).map(|p| p.qualified_name()).collect();
+    let root = c.root.as_ref().ok()?.clone();
+    (!policies.is_empty()).then_some(ExecCheck { root, policies })
 }
 
 /// Marks a cgroup decided on in the kernel's map: every exec sent when its container is
