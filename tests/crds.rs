@@ -130,10 +130,8 @@ fn structural_violations(schema: &Value, at: &str, in_junctor: bool, out: &mut V
     if node.contains_key("properties") && node.contains_key("additionalProperties") {
         out.push(format!("{at}: properties and additionalProperties together"));
     }
-    if let Some(items) = node.get("items") {
-        if !items.is_object() {
-            out.push(format!("{at}: items must be one schema"));
-        }
+    if node.get("items").is_some_and(|items| !items.is_object()) {
+        out.push(format!("{at}: items must be one schema"));
     }
     if node.get("type") == Some(&json!("array")) && !node.contains_key("items") {
         out.push(format!("{at}: an array without items"));
@@ -168,10 +166,10 @@ fn structural_violations(schema: &Value, at: &str, in_junctor: bool, out: &mut V
             }
         }
     }
-    if let Some(list) = node.get("x-kubernetes-list-type").and_then(Value::as_str) {
-        if !["atomic", "set", "map"].contains(&list) || node["type"] != "array" {
-            out.push(format!("{at}: x-kubernetes-list-type {list} on a non-array or unknown"));
-        }
+    if let Some(list) = node.get("x-kubernetes-list-type").and_then(Value::as_str)
+        && (!["atomic", "set", "map"].contains(&list) || node["type"] != "array")
+    {
+        out.push(format!("{at}: x-kubernetes-list-type {list} on a non-array or unknown"));
     }
     // Every field of a junctor's schemas is also specified outside it.
     for junctor in ["allOf", "anyOf", "oneOf"] {
@@ -370,9 +368,7 @@ fn every_example_validates_against_its_crd_and_is_read_by_the_agent() {
     let spec = &cluster[0]["spec"];
     assert_eq!(spec["namespaceSelector"], json!({"matchLabels": {"kubefim.io/monitor": "true"}}));
     let rules = spec["rules"].as_array().unwrap();
-    for secret in ["/etc/shadow"] {
-        assert!(rules.iter().any(|r| r["path"] == secret && r["secret"] == true), "{secret} is secret");
-    }
+    assert!(rules.iter().any(|r| r["path"] == "/etc/shadow" && r["secret"] == true), "/etc/shadow is secret");
     for path in ["/etc/passwd", "/usr/bin", "/usr/sbin"] {
         assert!(rules.iter().any(|r| r["path"] == path), "{path} is covered");
     }
@@ -383,6 +379,9 @@ fn every_example_validates_against_its_crd_and_is_read_by_the_agent() {
         validate_against_crd("WorkloadFimPolicy", &object).unwrap_or_else(|e| panic!("workload-example.yaml: {e}"));
     }
 }
+
+/// A way to break a valid object, and what it breaks.
+type Breakage = (&'static str, fn(&mut Value));
 
 /// A valid WorkloadFimPolicy to break.
 fn good_policy() -> Value {
@@ -410,7 +409,7 @@ fn bad_policies_are_refused_by_the_crd_as_by_the_agent() {
     let good = good_policy();
     validate_against_crd("WorkloadFimPolicy", &good).unwrap();
     agent_parses(&good).unwrap();
-    let cases: [(&str, fn(&mut Value)); 17] = [
+    let cases: [Breakage; 17] = [
         ("a rule path without a leading /", |p| p["spec"]["rules"][0]["path"] = json!("etc/nginx")),
         ("a rule path with ..", |p| p["spec"]["rules"][0]["path"] = json!("/etc/../root")),
         ("an exemption path without a leading /", |p| p["spec"]["exemptions"][0]["path"] = json!("var/cache")),
@@ -563,7 +562,7 @@ fn a_node_status_in_the_agents_shape_validates() {
     )
     .unwrap();
 
-    let cases: [(&str, fn(&mut Value)); 11] = [
+    let cases: [Breakage; 11] = [
         ("an unknown result", |s| s["status"]["lastVerify"]["result"] = json!("dirty")),
         ("content in a recent change", |s| s["status"]["recentChanges"][0]["content"] = json!("secret")),
         ("21 recent changes", |s| {

@@ -110,7 +110,7 @@ pub fn validate_against_crd(kind: &str, object: &Value) -> Result<(), String> {
     if object["kind"] != kind {
         errors.push(format!("kind is {}, want {kind}", object["kind"]));
     }
-    if !object["metadata"]["name"].as_str().is_some_and(|n| !n.is_empty()) {
+    if object["metadata"]["name"].as_str().is_none_or(str::is_empty) {
         errors.push("metadata.name is missing".to_owned());
     }
     let schema = crd_schema(kind);
