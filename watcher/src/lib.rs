@@ -14,7 +14,6 @@
 mod actor;
 mod ancestors;
 mod btf;
-mod cluster;
 mod containers;
 pub mod error;
 mod event;
