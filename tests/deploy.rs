@@ -548,6 +548,41 @@ fn command_line_matches_the_volumes(objects: &[Value]) {
 }
 
 #[test]
+fn the_binary_takes_every_overlays_command_line() {
+    // The flags are the binary's: each overlay's command line parses (clap refuses an unknown
+    // flag or a missing companion with its usage). Run as nobody, with a host root that does
+    // not exist, so that the agent stops at its first check and loads nothing.
+    for kustomization in ["deploy", "deploy/overlays/workloads"] {
+        let objects = rendered_objects_of(kustomization);
+        let (c, _) = agent(&objects);
+        let args: Vec<String> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let a = a.as_str().unwrap().replace("$(NODE_NAME)", "worker-1");
+                if a.starts_with("--host-root=") {
+                    "--host-root=/nonexistent/kubefim-deploy-test".to_owned()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let run = common::kubefim_as_nobody(&args);
+        assert!(
+            !run.stderr.contains("Usage:"),
+            "{kustomization}: the binary refuses its command line:\n{}",
+            run.dump()
+        );
+        assert!(run.stderr.contains("/nonexistent/kubefim-deploy-test"), "{kustomization}: {}", run.dump());
+        assert_ne!(run.code(), 0, "{kustomization}");
+    }
+    // And the check would see a flag the binary does not know.
+    let run = common::kubefim_as_nobody(["watch", "--db=/x", "--pubkey=/y", "--no-such-flag"]);
+    assert!(run.stderr.contains("Usage:"), "{}", run.dump());
+}
+
+#[test]
 fn the_probes_are_http_on_the_metrics_port() {
     let objects = rendered_objects();
     let (c, _) = agent(&objects);
