@@ -14,14 +14,16 @@
 //!
 //! The bound. Every API write (a create, a patch, a summary) takes a token from the object's
 //! bucket (burst 10, one more every 10 s) and from the node's (burst 50, one more a second).
-//! A storm of T seconds on one pod therefore makes at most `10 + T/10` writes about that pod
-//! (11 for a storm of 1 s, whatever its size), and the node at most `50 + T` writes in all;
-//! a write that fails is retried at most 3 times, with backoff. Drifts over the limit are
-//! counted `suppressed` and folded into one summary per object, written when the object's
-//! bucket has a token again ("N more file changes in pod P since HH:MM:SS UTC, e.g. ..."),
-//! so the pod's events still say drift went on. Exact counts are in the metrics and the
-//! FimNodeStatus, not in Events. Memory is bounded too: the aggregation cache and the
-//! per-object limiter each keep at most 4096 entries, least recently used evicted first.
+//! A storm of T seconds on one pod therefore makes at most `10 + ⌊T / 10 s⌋` writes about
+//! that pod (10 for a storm of 10,000 changes in one second), and the node at most
+//! `50 + ⌊T / 1 s⌋` writes in all; a write that fails is retried at most 3 times, with
+//! backoff, for at most 30 s. Drifts over the limit are counted `suppressed` and folded into
+//! one summary per object, written when the object's bucket has a token again ("N more file
+//! changes in pod P since HH:MM:SS UTC, e.g. ..."; later ones aggregate into it), so the pod's
+//! events still say drift went on. Exact counts are in the metrics and the FimNodeStatus, not
+//! in Events. Memory is bounded too: the aggregation cache and the per-object limiter each keep
+//! at most 4096 entries, least recently used evicted first (with an evicted object's pending
+//! summary: its drifts stay counted in the metrics).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -427,9 +429,11 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut drifts: mpsc::Receiver<Drift>, limiter: Arc<Mutex<Limiter>>) {
         // RBAC has `get nodes`; without the uid a Node's Events still show, by name.
-        match Api::<Node>::all(self.client.clone()).get_opt(&self.node).await {
-            Ok(node) => self.node_uid = node.and_then(|n| n.metadata.uid),
-            Err(e) => debug!(node = %self.node, error = %e, "the node's uid is unknown; its Events name it only"),
+        let nodes = Api::<Node>::all(self.client.clone());
+        match tokio::time::timeout(self.config.write_timeout, nodes.get_opt(&self.node)).await {
+            Ok(Ok(node)) => self.node_uid = node.and_then(|n| n.metadata.uid),
+            Ok(Err(e)) => debug!(node = %self.node, error = %e, "the node's uid is unknown; its Events name it only"),
+            Err(_) => debug!(node = %self.node, "no answer about the node; its Events name it only"),
         }
         let tick = self
             .config
@@ -665,5 +669,51 @@ impl<K: Clone + Eq + Hash, V> Lru<K, V> {
 
     fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
         self.entries.iter_mut().map(|(k, (_, v))| (k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lru_keeps_the_most_recently_used() {
+        let mut lru = Lru::new(2);
+        lru.insert("a", 1);
+        lru.insert("b", 2);
+        assert!(lru.get_mut(&"a").is_some());
+        lru.insert("c", 3);
+        assert!(lru.get_mut(&"b").is_none(), "b was the least recently used");
+        assert_eq!((lru.get_mut(&"a").copied(), lru.get_mut(&"c").copied()), (Some(1), Some(3)));
+        assert_eq!((lru.entries.len(), lru.order.len()), (2, 2));
+    }
+
+    #[test]
+    fn a_bucket_refills_one_token_per_period_up_to_its_burst() {
+        let start = Instant::now();
+        let mut bucket = Bucket { tokens: 0, since: start };
+        bucket.refill(start + Duration::from_millis(2500), 10, Duration::from_secs(1));
+        assert_eq!(bucket.tokens, 2);
+        bucket.refill(start + Duration::from_millis(3000), 10, Duration::from_secs(1));
+        assert_eq!(bucket.tokens, 3, "the half period left over counts");
+        bucket.refill(start + Duration::from_secs(60), 10, Duration::from_secs(1));
+        assert_eq!(bucket.tokens, 10);
+    }
+
+    #[test]
+    fn messages_are_bounded_and_escape_control_characters() {
+        let long = Drift {
+            regarding: Regarding::Node,
+            reason: Reason::FileDrift,
+            path: format!("/etc/{}\nforged line", "é".repeat(600)),
+            kind: "modified".into(),
+            writer: Some("sh (pid 1)".into()),
+            container: None,
+            secret: false,
+        };
+        let m = message(&long);
+        assert!(m.len() <= MAX_MESSAGE && m.ends_with('…'), "{} bytes", m.len());
+        let short = Drift { path: "/etc/a\nb".into(), ..long };
+        assert_eq!(message(&short), "modified /etc/a\\nb by sh (pid 1)");
     }
 }
