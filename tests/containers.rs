@@ -670,6 +670,208 @@ fn on_kubernetes_workload_policies_select_on_the_pods_labels() {
     assert!(w.stop().success());
 }
 
+/// Where the stand-in API server keeps each kind of policy object.
+const WORKLOAD_POLICIES: &str = "/apis/kubefim.io/v1alpha1/namespaces/shop/workloadfimpolicies";
+const CLUSTER_POLICIES: &str = "/apis/kubefim.io/v1alpha1/clusterworkloadfimpolicies";
+
+/// A policy object as `kubectl apply` would store it.
+fn policy_object(kind: &str, namespace: Option<&str>, name: &str, spec: Value) -> Value {
+    let mut metadata = serde_json::json!({"name": name, "uid": format!("uid-{name}"), "generation": 1});
+    if let Some(ns) = namespace {
+        metadata["namespace"] = Value::from(ns);
+    }
+    serde_json::json!({"apiVersion": "kubefim.io/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec})
+}
+
+#[test]
+fn workload_policy_objects_from_the_api_apply_to_running_containers_as_they_change() {
+    let Some(selected) = Selected::policy("objects", "") else { return };
+    let app = selected.app.clone();
+    let uid = |n: u32| format!("{:08x}-2222-4222-8333-{:012x}", std::process::id(), n);
+    let list = serde_json::json!({
+        "kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "10"},
+        "items": [
+            labeled_pod("shop", "web-1", &uid(1), serde_json::json!({"app": app})),
+            labeled_pod("other", "web-2", &uid(2), serde_json::json!({"app": app})),
+        ],
+    });
+    let api = common::api::ApiServer::start(list);
+    for (ns, monitor) in [("shop", "false"), ("other", "true")] {
+        let namespace = serde_json::json!({"metadata": {"name": ns, "labels": {"kubefim.io/monitor": monitor}}});
+        api.push("/api/v1/namespaces", "ADDED", namespace);
+    }
+    let kubeconfig = selected.tmp.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let fx = Fixture::on_disk();
+    fs::write(fx.t("host.conf"), "host\n").unwrap();
+    fx.create(&fx.write_policy(&[Rule::new(fx.tree())]));
+    // No policy file: the API's objects are the only policies.
+    let w = Watcher::start_on_env(
+        &fx,
+        &["--containers", "--kubernetes", "--node-name", "test-node", "--listen", "127.0.0.1:0"],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    let pod_container = |ns: &str, pod: &str, n: u32| {
+        let mut args = vec!["run".to_owned(), "-d".to_owned()];
+        for a in [
+            format!("io.kubernetes.pod.namespace={ns}"),
+            format!("io.kubernetes.pod.name={pod}"),
+            format!("io.kubernetes.pod.uid={}", uid(n)),
+            "io.kubernetes.container.name=app".to_owned(),
+        ] {
+            args.extend(["--annotation".to_owned(), a]);
+        }
+        args.extend(container_args(&[], "none", DRIFT_IMAGE, "echo x >> /etc/app.conf && exec sleep 600"));
+        Container { id: podman_ok(&args) }
+    };
+    let shop = pod_container("shop", "web-1", 1);
+    let other = pod_container("other", "web-2", 2);
+    // Every list the agent needs was made (and nothing selects the containers yet).
+    let listed = |path: &str| api.requests().iter().any(|r| r.path == path);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(listed("/apis/kubefim.io/v1alpha1/workloadfimpolicies")
+        && listed(CLUSTER_POLICIES)
+        && listed("/api/v1/namespaces"))
+    {
+        assert!(Instant::now() < deadline, "the policy objects were never listed: {:#?}", api.requests());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(w.lines().iter().all(|l| l["kind"] != "container-watched"), "selected with no policy\n{}", w.dump());
+
+    // A tenant's policy in `shop`: its pod is checked at once, the same labels in `other` are not.
+    let spec = |rules: Value| serde_json::json!({"selector": {"matchLabels": {"app": app}}, "rules": rules});
+    let rules = serde_json::json!([{"path": "/etc", "diff": true}]);
+    api.push(WORKLOAD_POLICIES, "ADDED", policy_object("WorkloadFimPolicy", Some("shop"), "web", spec(rules)));
+    let applied = Instant::now();
+    let watched = w.wait_for("the shop container selected by the new object", Duration::from_secs(5), |l| {
+        l["kind"] == "container-watched" && l["container"]["id"] == shop.id.as_str()
+    });
+    eprintln!("applied {:?} after the object was added", applied.elapsed());
+    assert_eq!(watched["found_by"], "policy", "{watched:#}");
+    assert_eq!(watched["policies"], serde_json::json!(["shop/web"]), "{watched:#}");
+    let changes = container_changes(&w, &shop.id);
+    let app_conf = change_at(&changes, "/etc/app.conf").unwrap_or_else(|| panic!("{}", w.dump()));
+    assert_eq!(app_conf["pod"]["namespace"], "shop", "{app_conf:#}");
+
+    // Changed: checked again under the new version (a rule on /srv added).
+    let rules = serde_json::json!([{"path": "/etc", "diff": true}, {"path": "/srv"}]);
+    api.push(WORKLOAD_POLICIES, "MODIFIED", policy_object("WorkloadFimPolicy", Some("shop"), "web", spec(rules)));
+    let rechecked = w.wait_for("the shop container checked under the changed object", Duration::from_secs(5), |l| {
+        l["kind"] == "container-watched" && l["container"]["id"] == shop.id.as_str() && l != &watched
+    });
+    assert!(rechecked["watched"].as_u64() > watched["watched"].as_u64(), "/srv not watched: {rechecked:#}");
+
+    // A cluster policy selects the namespaces labelled for it: `other`'s container now.
+    let cluster_spec = serde_json::json!({
+        "selector": {"matchLabels": {"app": app}},
+        "namespaceSelector": {"matchLabels": {"kubefim.io/monitor": "true"}},
+        "rules": [{"path": "/etc"}],
+    });
+    api.push(CLUSTER_POLICIES, "ADDED", policy_object("ClusterWorkloadFimPolicy", None, "monitored", cluster_spec));
+    let other_watched = w.wait_for("the other container selected by the cluster policy", Duration::from_secs(5), |l| {
+        l["kind"] == "container-watched" && l["container"]["id"] == other.id.as_str()
+    });
+    assert_eq!(other_watched["policies"], serde_json::json!(["monitored"]), "{other_watched:#}");
+    assert!(
+        w.lines()
+            .iter()
+            .filter(|l| l["kind"] == "container-watched" && l["container"]["id"] == shop.id.as_str())
+            .count()
+            == 2,
+        "the shop container (namespace not labelled) was selected by the cluster policy\n{}",
+        w.dump()
+    );
+
+    // A bad object: rejected with a line and a metric, the others stay in force, no exit.
+    let bad = serde_json::json!({"selector": {"matchExpressions": [{"key": "app", "operator": "In"}]}, "rules": []});
+    api.push(WORKLOAD_POLICIES, "ADDED", policy_object("WorkloadFimPolicy", Some("shop"), "broken", bad));
+    let rejected = w.wait_for("policy-rejected", Duration::from_secs(5), |l| l["kind"] == "policy-rejected");
+    assert_eq!(
+        (&rejected["policy_kind"], &rejected["namespace"], &rejected["name"]),
+        (&Value::from("WorkloadFimPolicy"), &Value::from("shop"), &Value::from("broken")),
+        "{rejected:#}"
+    );
+    assert!(rejected["error"].as_str().is_some_and(|e| e.contains("needs at least one value")), "{rejected:#}");
+    assert_eq!(w.metric("kubefim_policy_rejections_total"), 1.0, "{}", w.dump());
+
+    // Drift where people look: a Warning Event on the drifted container's pod, in its
+    // namespace; a host change on the Node, in `default`; the node's FimNodeStatus.
+    fs::write(fx.t("host.conf"), "host changed\n").unwrap();
+    let event_where = |collection: &str, what: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(e) = api.objects(collection).into_iter().find(|e| what(e)) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no such event in {collection}: {:#?}", api.objects("/api/v1/events"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let pod_event = event_where("/api/v1/namespaces/shop/events", &|e| {
+        e["involvedObject"]["name"] == "web-1" && e["message"].as_str().is_some_and(|m| m.contains("/etc/app.conf"))
+    });
+    assert_eq!(
+        (&pod_event["type"], &pod_event["reason"], &pod_event["involvedObject"]["kind"]),
+        (&Value::from("Warning"), &Value::from("FileDrift"), &Value::from("Pod")),
+        "{pod_event:#}"
+    );
+    assert_eq!(pod_event["involvedObject"]["uid"], uid(1), "{pod_event:#}");
+    assert_eq!(pod_event["source"]["host"], "test-node", "{pod_event:#}");
+    let host = fx.t("host.conf");
+    let node_event = event_where("/api/v1/namespaces/default/events", &|e| {
+        e["involvedObject"]["kind"] == "Node"
+            && e["message"].as_str().is_some_and(|m| m.contains(host.to_str().unwrap()))
+    });
+    assert_eq!(node_event["involvedObject"]["name"], "test-node", "{node_event:#}");
+    // A tenant reads only their namespace: nothing of `shop` is written elsewhere.
+    for e in api.objects("/api/v1/events") {
+        if e["involvedObject"]["kind"] == "Pod" {
+            assert_eq!(e["metadata"]["namespace"], e["involvedObject"]["namespace"], "{e:#}");
+        }
+    }
+    let status_path = "/apis/kubefim.io/v1alpha1/fimnodestatuses/test-node";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let done = api.object(status_path).filter(|o| {
+            let s = &o["status"];
+            s["containerDrift"].as_array().is_some_and(|d| d.iter().any(|n| n["namespace"] == "shop"))
+                && s["policies"]["rejected"] == 1
+                && s["recentChanges"].as_array().is_some_and(|r| r.iter().any(|c| c["path"] == host.to_str().unwrap()))
+        });
+        if let Some(o) = done {
+            break o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node status never said it: {:#}",
+            api.object(status_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    common::deploy::validate_against_crd("FimNodeStatus", &status).unwrap_or_else(|e| panic!("{e}\n{status:#}"));
+    let condition =
+        |t: &str| status["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).cloned();
+    assert_eq!(condition("PoliciesApplied").unwrap()["status"], "False", "{status:#}");
+    assert_eq!(condition("Ready").unwrap()["status"], "True", "{status:#}");
+    assert_eq!(status["status"]["baseline"]["trusted"], true, "{status:#}");
+    assert!(!status.to_string().contains("host changed"), "file content in the status: {status:#}");
+
+    // Deleted: the shop container is let go of; a later change in it is not reported.
+    api.push(WORKLOAD_POLICIES, "DELETED", policy_object("WorkloadFimPolicy", Some("shop"), "web", Value::Null));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let before = w.metric("kubefim_watched_inodes");
+    while w.metric("kubefim_watched_inodes") >= before {
+        assert!(Instant::now() < deadline, "the deselected container's entries are still watched\n{}", w.dump());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    podman_ok(&["exec", &shop.id, "/bin/sh", "-c", "echo later >> /etc/app.conf"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let later = container_changes(&w, &shop.id).into_iter().filter(|c| c["detected_by"] == "event").count();
+    assert_eq!(later, 0, "a change reported in a container no policy selects\n{}", w.dump());
+    assert!(w.stop().success());
+}
+
 /// An image of this test's own (a layer over the drift image with `/etc/layer.conf`), so
 /// that writing into its layer changes no other test's image; removed when dropped.
 struct OwnImage {
@@ -749,5 +951,5 @@ fn watch_reports_a_host_write_into_an_image_layer_with_every_container_that_uses
 fn watch_containers_needs_a_workload_policy() {
     let run = common::kubefim(["watch", "--db", "x", "--pubkey", "y", "--containers"]);
     run.expect_code(2);
-    assert!(run.stderr.contains("--workload-policy"), "{}", run.dump());
+    assert!(run.stderr.contains("--workload-policy") && run.stderr.contains("--kubernetes"), "{}", run.dump());
 }

@@ -14,6 +14,7 @@
 mod actor;
 mod ancestors;
 mod btf;
+mod cluster;
 mod containers;
 pub mod error;
 mod event;

@@ -25,6 +25,7 @@ use kubefim_common::{EVENT_IO_WORKER, InodeKey, Op};
 
 use crate::actor::Actor;
 use crate::ancestors::Ancestors;
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::filter::KernelFilter;
 use crate::metrics::Metrics;
@@ -77,6 +78,8 @@ pub(crate) struct Reporter {
     metrics: Arc<Metrics>,
     host: HostRoot,
     pub ancestors: Ancestors,
+    /// What the cluster is told of the lines (`--kubernetes`).
+    cluster: Option<Cluster>,
 }
 
 /// The mapping's view of the state and the queue.
@@ -152,7 +155,7 @@ impl Reporter {
         metrics: Arc<Metrics>,
         host: HostRoot,
     ) -> Self {
-        Reporter { state, filter, queue: Queue::default(), printer, metrics, host, ancestors }
+        Reporter { state, filter, queue: Queue::default(), printer, metrics, host, ancestors, cluster: None }
     }
 
     /// Prints one line.
@@ -162,7 +165,13 @@ impl Reporter {
 
     /// Prints one line made elsewhere (a container's check).
     pub fn print_event(&mut self, event: &Event) -> Result<()> {
+        crate::cluster::observe(&self.metrics, self.cluster.as_ref(), event);
         self.printer.print(event).map_err(|e| Error::io("writing to stdout", e))
+    }
+
+    /// Tells the cluster what is printed from now on (`--kubernetes`).
+    pub fn set_cluster(&mut self, cluster: Option<Cluster>) {
+        self.cluster = cluster;
     }
 
     /// The printer, for lines printed elsewhere (the baseline's lifecycle).

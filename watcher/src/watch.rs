@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use kubefim_baseline::baseline::TrustedBaseline;
 use kubefim_baseline::journal::Journal;
@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::actor::Attribution;
 use crate::ancestors::Ancestors;
+use crate::cluster::Cluster;
 use crate::containers::{Containers, Next};
 use crate::error::{Error, Result};
 use crate::http::Health;
@@ -129,6 +130,11 @@ pub fn run(opts: WatchOptions) -> Result<()> {
     }
     let kube = opts.kubernetes.then(|| start_kube(&background, &opts, &metrics)).flatten();
     let pods = kube.as_ref().map(|k| k.pods.clone());
+    // Drift as Events on pods and the node, and the node's FimNodeStatus.
+    let cluster = kube.as_ref().map(|k| {
+        let _in = background.enter();
+        Cluster::start(k.client.clone(), &opts.node_name, &metrics)
+    });
     // Workload policies as objects, with --containers: the files' policies and the API's.
     let policy_sets = match (&kube, &opts.containers) {
         (Some(kube), Some(files)) => {
@@ -165,6 +171,7 @@ pub fn run(opts: WatchOptions) -> Result<()> {
                 health: &health,
                 pods: pods.clone(),
                 policy_sets: policy_sets.clone(),
+                cluster: cluster.clone(),
             };
             let session = Session::start(&opts, &journal_path, baseline, printer, services)?;
             match session.run(&mut signatures).await? {
@@ -218,6 +225,7 @@ struct Services<'a> {
     health: &'a Arc<Health>,
     pods: Option<PodIndex>,
     policy_sets: Option<PolicySets>,
+    cluster: Option<Cluster>,
 }
 
 /// Where image layer records are cached.
@@ -285,6 +293,10 @@ struct Session<'a> {
     policy_sets: Option<PolicySets>,
     /// The policy objects rejected so far (kind/name, version): each is said once.
     rejected: BTreeSet<(String, Option<String>)>,
+    /// What the cluster is told (`--kubernetes`).
+    cluster: Option<Cluster>,
+    /// The programs attached and those this kernel lacks.
+    programs: (u64, u64),
 }
 
 impl<'a> Session<'a> {
@@ -303,6 +315,7 @@ impl<'a> Session<'a> {
         health.set_not_ready("starting: indexing the baseline");
         let started = Instant::now();
         let policy = baseline.policy.clone();
+        let policy_name = policy.name.clone();
         let state = State::load(baseline, journal)?;
         tracing::debug!(ms = started.elapsed().as_millis(), entries = state.index().len(), "indexed");
         // Room for what exists, what gets created while watching and renames' new inodes; the
@@ -315,6 +328,7 @@ impl<'a> Session<'a> {
         let programs = Programs::load(std::process::id(), room(inodes), room(names), opts.ring_buffer_bytes, execs)?;
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded and attached");
         let (attached, mut filter, source, cgroups) = programs.into_parts();
+        let programs = (attached.attached as u64, attached.missing.len() as u64);
         let (tx, rx) = mpsc::channel(QUEUE);
         let reader = Reader::start(ReaderParts {
             source,
@@ -359,6 +373,10 @@ impl<'a> Session<'a> {
         skip.extend(opts.ready_file.clone());
         let rescans = Rescans::new(policy, Setup { host: opts.host.clone(), skip }, metrics.clone());
         let mut reporter = Reporter::new(state, filter, ancestors, printer, metrics.clone(), opts.host.clone());
+        reporter.set_cluster(services.cluster.clone());
+        if let Some(cluster) = &services.cluster {
+            cluster.baseline(reporter.state.index().len() as u64, SystemTime::UNIX_EPOCH + created, &policy_name);
+        }
         if !attached.missing.is_empty() {
             reporter.print(Line::Degraded(Degraded {
                 reason: DegradedReason::MissingTracepoints,
@@ -405,6 +423,8 @@ impl<'a> Session<'a> {
             containers,
             policy_sets,
             rejected: BTreeSet::new(),
+            cluster: services.cluster,
+            programs,
         })
     }
 
@@ -418,6 +438,9 @@ impl<'a> Session<'a> {
         }
         self.health.set_ready(true);
         self.metrics.set_self_check_ok(true);
+        if let Some(cluster) = &self.cluster {
+            cluster.ready(true, "the programs are attached and the baseline's files watched", self.programs);
+        }
         self.rescans.request(Request::all(RescanReason::Startup, Some(VerifyReason::Startup)));
         self.reporter.flush()
     }
@@ -523,6 +546,11 @@ impl<'a> Session<'a> {
             }))?;
         }
         self.rejected = set.rejected.iter().map(crate::policy_objects::rejection_key).collect();
+        if let Some(cluster) = &self.cluster {
+            let names: Vec<String> =
+                set.rejected.iter().map(|r| format!("{} {}", r.kind.name(), r.qualified_name())).collect();
+            cluster.policies(set.applied as u64, &names);
+        }
         Ok(())
     }
 
@@ -615,12 +643,22 @@ impl<'a> Session<'a> {
                 tracing::info!("the kernel side passes its self-check again: ready");
                 self.metrics.set_self_check_ok(true);
                 self.health.set_ready(true);
+                if let Some(cluster) = &self.cluster {
+                    cluster.ready(true, "the kernel side passes its self-check again", self.programs);
+                }
             }
             Outcome::Failed(failed) => {
                 for check in &failed.checks {
                     self.metrics.self_check_failed(*check);
                 }
                 self.metrics.set_self_check_ok(false);
+                if let Some(cluster) = &self.cluster {
+                    cluster.ready(
+                        false,
+                        "the kernel side failed its self-check; everything is rescanned",
+                        self.programs,
+                    );
+                }
                 self.health.set_not_ready(
                     "the kernel side failed its self-check (see the degraded line): its filter is put back and \
                      everything rescanned; ready again once its canary is seen",
