@@ -3,8 +3,8 @@
 //! of a current Kubernetes release (kubernetes-validate, which scripts/setup.sh installs),
 //! and checked for the least-privilege properties the DaemonSet promises: no privileged
 //! container, all capabilities dropped and only the listed ones added, read-only root and
-//! host mounts, RBAC that writes only Events and FimNodeStatus, a ValidatingAdmissionPolicy
-//! that holds each agent to its own node, only the public key. Also: the agent's command
+//! host mounts, RBAC that writes only Events and FimNodeStatus, ValidatingAdmissionPolicies
+//! that hold each agent to its own node, only the public key. Also: the agent's command
 //! line (per overlay) agrees with the volumes and ports it names, the probes are HTTP probes
 //! (the image has no shell), and the image is the binary, its libraries and nothing else.
 //! tests/deploy_pod.rs runs the pod template for real; tests/crds.rs checks the CRDs.
@@ -291,21 +291,57 @@ const AGENT_USER: &str = "system:serviceaccount:kubefim:kubefim";
 /// The node claim of a pod-bound ServiceAccount token.
 const NODE_CLAIM: &str = "authentication.kubernetes.io/node-name";
 
-#[test]
-fn the_admission_policy_holds_each_agent_to_its_own_node() {
-    // No API server here to run its CEL: its structure, and what each expression reads.
-    let objects = rendered_objects();
-    let policy = one(&objects, "ValidatingAdmissionPolicy");
-    let binding = one(&objects, "ValidatingAdmissionPolicyBinding");
+/// The admission policy of `name` and its binding, with the policy's validations (their
+/// expressions, whitespace collapsed) after the first, which is always "no node claim, no
+/// write".
+fn admission_policy<'a>(objects: &'a [Value], name: &str) -> (&'a Value, Vec<String>) {
+    let policy = objects
+        .iter()
+        .find(|o| o["kind"] == "ValidatingAdmissionPolicy" && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy {name}"));
     assert_eq!(policy["apiVersion"], "admissionregistration.k8s.io/v1");
     let spec = &policy["spec"];
-    assert_eq!(spec["failurePolicy"], "Fail");
-    assert!(spec.get("paramKind").is_none(), "no parameters");
-    // Creates and updates (a patch is an update at admission) of FimNodeStatus, its status
-    // subresource, and core Events: exactly what RBAC lets the agent write.
-    let rules = spec["matchConstraints"]["resourceRules"].as_array().unwrap();
+    assert_eq!(spec["failurePolicy"], "Fail", "{name}");
+    assert!(spec.get("paramKind").is_none(), "{name}: no parameters");
+    // Bound, denying, narrowing nothing.
+    let bindings: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ValidatingAdmissionPolicyBinding" && o["spec"]["policyName"] == name)
+        .collect();
+    assert_eq!(bindings.len(), 1, "{name}: one binding");
+    assert_eq!(bindings[0]["spec"]["validationActions"], json!(["Deny"]), "{name}");
+    assert!(bindings[0]["spec"].get("matchResources").is_none(), "{name}: the binding narrows nothing");
+    // Only the agent's requests, by its ServiceAccount (the ClusterRoleBinding's subject).
+    let conditions = spec["matchConditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 1, "{name}");
+    assert_eq!(conditions[0]["expression"], format!("request.userInfo.username == '{AGENT_USER}'"), "{name}");
+    // The node is the token's claim, '' without one (extra itself may be absent).
+    let variables = spec["variables"].as_array().unwrap();
+    assert_eq!(variables.len(), 1, "{name}");
+    assert_eq!(variables[0]["name"], "node");
+    let node = variables[0]["expression"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(node.starts_with("has(request.userInfo.extra) &&"), "{name}: {node}");
+    assert!(node.contains(&format!("'{NODE_CLAIM}' in request.userInfo.extra")), "{name}: {node}");
+    assert!(node.contains(&format!("? request.userInfo.extra['{NODE_CLAIM}'][0] : ''")), "{name}: {node}");
+    let mut validations: Vec<String> = spec["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            assert_eq!(v["reason"], "Forbidden", "{v}");
+            assert!(v["message"].is_string() || v["messageExpression"].is_string(), "{v}");
+            v["expression"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    assert_eq!(validations.remove(0), "variables.node != ''", "{name}: deny without a node claim first");
+    (policy, validations)
+}
+
+/// The resources a policy matches (`group:resource`), and that only creates and updates (a
+/// patch is an update at admission) are matched.
+fn matched_resources(policy: &Value) -> BTreeSet<String> {
     let mut matched = BTreeSet::new();
-    for rule in rules {
+    for rule in policy["spec"]["matchConstraints"]["resourceRules"].as_array().unwrap() {
         assert_eq!(rule["operations"], json!(["CREATE", "UPDATE"]), "{rule}");
         for g in rule["apiGroups"].as_array().unwrap() {
             for r in rule["resources"].as_array().unwrap() {
@@ -313,9 +349,53 @@ fn the_admission_policy_holds_each_agent_to_its_own_node() {
             }
         }
     }
+    matched
+}
+
+#[test]
+fn the_admission_policies_hold_each_agent_to_its_own_node() {
+    // No API server here to run their CEL: their structure, and what each expression reads.
+    let objects = rendered_objects();
+    let subject = &one(&objects, "ClusterRoleBinding")["subjects"][0];
+    assert_eq!(
+        AGENT_USER,
+        format!(
+            "system:serviceaccount:{}:{}",
+            subject["namespace"].as_str().unwrap(),
+            subject["name"].as_str().unwrap()
+        )
+    );
+    let policies: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "ValidatingAdmissionPolicy").collect();
+    assert_eq!(policies.len(), 2);
+
+    // FimNodeStatus: only the one named after the token's node.
+    let (status, validations) = admission_policy(&objects, "kubefim-agent-node-status");
     let want: BTreeSet<String> =
-        [":events", "kubefim.io:fimnodestatuses", "kubefim.io:fimnodestatuses/status"].map(String::from).into();
-    assert_eq!(matched, want);
+        ["kubefim.io:fimnodestatuses", "kubefim.io:fimnodestatuses/status"].map(String::from).into();
+    assert_eq!(matched_resources(status), want);
+    assert_eq!(validations, ["object.metadata.name == variables.node"]);
+
+    // Events: reported by the token's node, as the agent, about a Pod (in its namespace) or
+    // that Node (in default).
+    let (events, validations) = admission_policy(&objects, "kubefim-agent-node-events");
+    assert_eq!(matched_resources(events), BTreeSet::from([":events".to_owned()]));
+    assert_eq!(validations.len(), 3, "{validations:#?}");
+    for field in ["object.source.host == variables.node", "object.reportingInstance == variables.node"] {
+        assert!(validations[0].contains(field), "{field}");
+    }
+    assert!(validations[1].contains("object.reportingComponent == 'kubefim.io/agent'"));
+    for part in [
+        "object.involvedObject.kind == 'Pod'",
+        "object.involvedObject.namespace == request.namespace",
+        "object.involvedObject.kind == 'Node'",
+        "object.involvedObject.name == variables.node",
+        "request.namespace == 'default'",
+    ] {
+        assert!(validations[2].contains(part), "{part} in {}", validations[2]);
+    }
+
+    // Everything RBAC lets the agent write, a policy admits.
+    let admitted: BTreeSet<String> = matched_resources(status).union(&matched_resources(events)).cloned().collect();
     let role = one(&objects, "ClusterRole");
     for rule in role["rules"].as_array().unwrap() {
         let writes = rule["verbs"]
@@ -326,67 +406,11 @@ fn the_admission_policy_holds_each_agent_to_its_own_node() {
         for r in rule["resources"].as_array().unwrap().iter().filter(|_| writes) {
             let g = rule["apiGroups"][0].as_str().unwrap();
             assert!(
-                matched.contains(&format!("{g}:{}", r.as_str().unwrap())),
-                "{r} is written and not admitted by the policy"
+                admitted.contains(&format!("{g}:{}", r.as_str().unwrap())),
+                "{r} is written and no policy admits it"
             );
         }
     }
-    // Only the agent's requests, by its ServiceAccount (the ClusterRoleBinding's subject).
-    let conditions = spec["matchConditions"].as_array().unwrap();
-    assert_eq!(conditions.len(), 1);
-    assert_eq!(conditions[0]["expression"], format!("request.userInfo.username == '{AGENT_USER}'"));
-    let subject = &one(&objects, "ClusterRoleBinding")["subjects"][0];
-    assert_eq!(
-        AGENT_USER,
-        format!(
-            "system:serviceaccount:{}:{}",
-            subject["namespace"].as_str().unwrap(),
-            subject["name"].as_str().unwrap()
-        )
-    );
-    // The node is the token's claim, '' without one...
-    let variables: BTreeMap<&str, &str> = spec["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v["name"].as_str().unwrap(), v["expression"].as_str().unwrap()))
-        .collect();
-    let node = variables["node"];
-    assert!(node.contains(&format!("'{NODE_CLAIM}' in request.userInfo.extra")), "{node}");
-    assert!(node.contains(&format!("request.userInfo.extra['{NODE_CLAIM}'][0]")), "{node}");
-    assert!(node.starts_with("has(request.userInfo.extra)"), "extra may be absent: {node}");
-    // ...and each validation is one of these, in this order.
-    let validations: Vec<String> = spec["validations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            assert_eq!(v["reason"], "Forbidden", "{v}");
-            assert!(v["message"].is_string() || v["messageExpression"].is_string(), "{v}");
-            v["expression"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" ")
-        })
-        .collect();
-    assert_eq!(validations.len(), 5, "{validations:#?}");
-    assert_eq!(validations[0], "variables.node != ''", "deny without a node claim");
-    assert_eq!(validations[1], "variables.isEvent || object.metadata.name == variables.node");
-    for field in ["object.source.host == variables.node", "object.reportingInstance == variables.node"] {
-        assert!(validations[2].contains(field) && validations[2].starts_with("!variables.isEvent ||"), "{field}");
-    }
-    assert!(validations[3].contains("object.reportingComponent == 'kubefim.io/agent'"));
-    for part in [
-        "object.involvedObject.kind == 'Pod'",
-        "object.involvedObject.namespace == request.namespace",
-        "object.involvedObject.kind == 'Node'",
-        "object.involvedObject.name == variables.node",
-        "request.namespace == 'default'",
-    ] {
-        assert!(validations[4].contains(part), "{part} in {}", validations[4]);
-    }
-    assert_eq!(variables["isEvent"], "request.resource.resource == 'events'");
-    // Bound, denying.
-    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
-    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
-    assert!(binding["spec"].get("matchResources").is_none(), "the binding narrows nothing");
     // The comment says what CEL cannot check.
     let text = std::fs::read_to_string(repo().join("deploy/base/admission.yaml")).unwrap();
     assert!(text.contains("What it cannot check") && text.contains("lookup of the Pod"), "the limit is stated");
@@ -419,7 +443,8 @@ fn the_event_the_agent_writes_is_a_valid_event_and_the_fields_the_policy_reads()
     let (ok, text) = kubernetes_validate(&file);
     assert!(ok && text.contains("passed for resource event/"), "{text}");
     let objects = rendered_objects();
-    let expressions = one(&objects, "ValidatingAdmissionPolicy")["spec"]["validations"].to_string();
+    let policy = objects.iter().find(|o| o["metadata"]["name"] == "kubefim-agent-node-events").unwrap();
+    let expressions = policy["spec"]["validations"].to_string();
     for path in [
         "source.host",
         "reportingInstance",
