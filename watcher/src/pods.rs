@@ -48,7 +48,7 @@ pub enum Error {
     /// The node name is empty, which would watch every pod of the cluster.
     #[error(
         "no node name to select this node's pods with; set NODE_NAME from the downward API \
-         (fieldRef spec.nodeName), as deploy/daemonset.yaml does"
+         (fieldRef spec.nodeName), as deploy/base/daemonset.yaml does"
     )]
     NoNodeName,
     /// Called outside a tokio runtime, so there is nothing to run the watch on.
