@@ -118,7 +118,8 @@ struct BuildLabel {
 
 /// A family whose HELP and TYPE are written even before its first series: the encoder skips an
 /// empty family, and the namespaced families are empty until a container in some namespace
-/// drifts, yet Prometheus, the rules and the README test must see that the metric exists.
+/// drifts (the events family until the first kernel event), yet Prometheus, the rules, the
+/// dashboard and the README test must see that the metric exists.
 /// (An OpenMetrics family may have no metric, a classic one no sample.)
 #[derive(Debug)]
 struct Listed<F>(F);
@@ -299,7 +300,8 @@ impl Metrics {
             Info::new(BuildLabel { version: env!("CARGO_PKG_VERSION") }),
         );
         // kubefim_events_total{op}
-        r.register("kubefim_events", "Kernel events received, by operation", self.events.clone());
+        // Listed from the start: its ops are many, and a series appears with its op's first event.
+        r.register("kubefim_events", "Kernel events received, by operation", Listed(self.events.clone()));
         // kubefim_changes_total{kind}
         r.register("kubefim_changes", "Changes reported, by kind", self.changes.clone());
         // kubefim_lost_events_total{dropped_by}
