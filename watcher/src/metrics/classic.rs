@@ -22,7 +22,7 @@
 /// value (a timestamp, an exemplar) cut down to the timestamp. `None` for a line that is not
 /// a sample (which the caller keeps as it is).
 fn split_sample(line: &str) -> Option<(&str, &str)> {
-    let name_end = line.find(|c: char| c == '{' || c == ' ')?;
+    let name_end = line.find(['{', ' '])?;
     let name = &line[..name_end];
     let mut rest_start = name_end;
     if line[name_end..].starts_with('{') {
