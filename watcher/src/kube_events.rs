@@ -25,8 +25,7 @@
 //! at most 4096 entries, least recently used evicted first (with an evicted object's pending
 //! summary: its drifts stay counted in the metrics).
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::Hash;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +33,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use lru::LruCache;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -173,7 +173,7 @@ impl KubeEvents {
             client,
             node: node.to_owned(),
             node_uid: None,
-            cache: Lru::new(config.cache_capacity),
+            cache: bounded(config.cache_capacity),
             config,
             metrics: metrics.clone(),
             last_name: 0,
@@ -252,7 +252,7 @@ struct Limiter {
     node_burst: u32,
     node_refill: Duration,
     node: Bucket,
-    objects: Lru<Regarding, ObjectLimit>,
+    objects: LruCache<Regarding, ObjectLimit>,
 }
 
 impl Limiter {
@@ -263,7 +263,7 @@ impl Limiter {
             node_burst: config.node_burst,
             node_refill: config.node_refill,
             node: Bucket::full(config.node_burst, Instant::now()),
-            objects: Lru::new(config.cache_capacity),
+            objects: bounded(config.cache_capacity),
         }
     }
 
@@ -272,9 +272,10 @@ impl Limiter {
     /// the summary, written first when a token comes, keeps the order).
     fn take(&mut self, regarding: &Regarding, now: Instant) -> bool {
         let burst = self.object_burst;
-        let object = self
-            .objects
-            .get_or_insert_with(regarding, || ObjectLimit { bucket: Bucket::full(burst, now), suppressed: None });
+        let object = self.objects.get_or_insert_mut(regarding.clone(), || ObjectLimit {
+            bucket: Bucket::full(burst, now),
+            suppressed: None,
+        });
         object.suppressed.is_none()
             && Limiter::take_both(
                 object,
@@ -305,7 +306,7 @@ impl Limiter {
     /// Folds a drift that may not be written into its object's next summary.
     fn suppress(&mut self, drift: &Drift, now: SystemTime) {
         // Only evicted since `take` could make a new entry here: its bucket starts empty.
-        let object = self.objects.get_or_insert_with(&drift.regarding, || ObjectLimit {
+        let object = self.objects.get_or_insert_mut(drift.regarding.clone(), || ObjectLimit {
             bucket: Bucket { tokens: 0, since: Instant::now() },
             suppressed: None,
         });
@@ -419,7 +420,7 @@ struct Writer {
     node: String,
     node_uid: Option<String>,
     config: Config,
-    cache: Lru<AggregationKey, Written>,
+    cache: LruCache<AggregationKey, Written>,
     metrics: KubeWriteMetrics,
     last_name: u128,
     warned: Option<Instant>,
@@ -497,7 +498,7 @@ impl Writer {
                 }
                 // Gone (Events expire after an hour by default): write a new one.
                 Err(kube::Error::Api(status)) if status.is_not_found() => {
-                    self.cache.remove(&key);
+                    self.cache.pop(&key);
                 }
                 Err(e) => {
                     self.failed(&e);
@@ -535,7 +536,7 @@ impl Writer {
                 self.retrying(move || async move { api.create(&PostParams::default(), event).await.map(drop) }).await;
             match created {
                 Ok(()) => {
-                    self.cache.insert(key, Written { namespace, name, count: 1, at: Instant::now() });
+                    self.cache.put(key, Written { namespace, name, count: 1, at: Instant::now() });
                     return Some(Outcome::Created);
                 }
                 // The name is taken (a restarted agent in the same nanosecond): take another.
@@ -609,6 +610,11 @@ fn transient(error: &kube::Error) -> bool {
     }
 }
 
+/// An LRU map of at most `capacity` entries (at least one).
+fn bounded<K: std::hash::Hash + Eq, V>(capacity: usize) -> LruCache<K, V> {
+    LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN))
+}
+
 fn reference(kind: &str, name: &str, namespace: Option<&String>, uid: Option<String>) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".to_owned()),
@@ -620,73 +626,9 @@ fn reference(kind: &str, name: &str, namespace: Option<&String>, uid: Option<Str
     }
 }
 
-/// A map of at most `capacity` entries that evicts the least recently used.
-struct Lru<K, V> {
-    entries: HashMap<K, (u64, V)>,
-    order: BTreeMap<u64, K>,
-    clock: u64,
-    capacity: usize,
-}
-
-impl<K: Clone + Eq + Hash, V> Lru<K, V> {
-    fn new(capacity: usize) -> Lru<K, V> {
-        Lru { entries: HashMap::new(), order: BTreeMap::new(), clock: 0, capacity: capacity.max(1) }
-    }
-
-    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let (used, value) = self.entries.get_mut(key)?;
-        self.clock += 1;
-        self.order.remove(used);
-        self.order.insert(self.clock, key.clone());
-        *used = self.clock;
-        Some(value)
-    }
-
-    fn insert(&mut self, key: K, value: V) {
-        self.remove(&key);
-        if self.entries.len() >= self.capacity
-            && let Some((_, oldest)) = self.order.pop_first()
-        {
-            self.entries.remove(&oldest);
-        }
-        self.clock += 1;
-        self.order.insert(self.clock, key.clone());
-        self.entries.insert(key, (self.clock, value));
-    }
-
-    fn get_or_insert_with(&mut self, key: &K, make: impl FnOnce() -> V) -> &mut V {
-        if !self.entries.contains_key(key) {
-            self.insert(key.clone(), make());
-        }
-        self.get_mut(key).expect("inserted above")
-    }
-
-    fn remove(&mut self, key: &K) {
-        if let Some((used, _)) = self.entries.remove(key) {
-            self.order.remove(&used);
-        }
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
-        self.entries.iter_mut().map(|(k, (_, v))| (k, v))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_lru_keeps_the_most_recently_used() {
-        let mut lru = Lru::new(2);
-        lru.insert("a", 1);
-        lru.insert("b", 2);
-        assert!(lru.get_mut(&"a").is_some());
-        lru.insert("c", 3);
-        assert!(lru.get_mut(&"b").is_none(), "b was the least recently used");
-        assert_eq!((lru.get_mut(&"a").copied(), lru.get_mut(&"c").copied()), (Some(1), Some(3)));
-        assert_eq!((lru.entries.len(), lru.order.len()), (2, 2));
-    }
 
     #[test]
     fn a_bucket_refills_one_token_per_period_up_to_its_burst() {
