@@ -222,6 +222,28 @@ fn a_selected_containers_changes_are_reported_against_its_image_and_nothing_else
 }
 
 #[test]
+fn fifos_in_an_image_layer_are_compared_without_being_read() {
+    if !root_or_skip() {
+        return;
+    }
+    ensure_drift_image();
+    // Opening a FIFO for reading waits for a writer: a check that read one would never end
+    // (`verify_containers` gives it TIMEOUT).
+    let image = OwnImage::with_layer("fifo", "mkfifo /etc/pipe /etc/kept");
+    let tmp = tempfile::tempdir().unwrap();
+    let app = format!("fifo{}", std::process::id());
+    let policy = write_policy(tmp.path(), &app);
+    let c = Container::start(&app, &image.name, "rm /etc/pipe && echo now-a-file > /etc/pipe");
+    let (code, doc, dump) = verify_containers(&policy);
+    assert_eq!(code, 1, "{dump}");
+    let report = report_for(&doc, &c.id).unwrap_or_else(|| panic!("not checked\n{dump}"));
+    let pipe = change(report, "/etc/pipe").unwrap_or_else(|| panic!("the FIFO made a file\n{report:#}"));
+    assert_eq!(pipe["kind"], "modified", "{pipe:#}");
+    assert!(changed(pipe).contains(&"type"), "{pipe:#}");
+    assert!(change(report, "/etc/kept").is_none(), "the image's own FIFO is no change\n{report:#}");
+}
+
+#[test]
 fn a_container_that_changed_nothing_is_clean_and_exits_0() {
     if !root_or_skip() {
         return;
@@ -880,6 +902,11 @@ struct OwnImage {
 
 impl OwnImage {
     fn build(tag: &str) -> OwnImage {
+        OwnImage::with_layer(tag, "echo 'layer 1' > /etc/layer.conf")
+    }
+
+    /// An image whose top layer is what `script` made over the drift image.
+    fn with_layer(tag: &str, script: &str) -> OwnImage {
         let name = format!("localhost/kubefim-{tag}-{}:latest", std::process::id());
         let builder = format!("kubefim-{tag}-build-{}", std::process::id());
         podman_ok(&[
@@ -893,7 +920,7 @@ impl OwnImage {
             DRIFT_IMAGE,
             "/bin/sh",
             "-c",
-            "echo 'layer 1' > /etc/layer.conf",
+            script,
         ]);
         podman_ok(&["commit", &builder, &name]);
         podman_ok(&["rm", "-f", &builder]);
