@@ -63,6 +63,20 @@ fn same_mount_ns(pid: u32) -> bool {
     ours.is_some() && theirs == *ours
 }
 
+/// Whether the actor shares the watcher's mount namespace: by the namespace the kernel
+/// recorded with its event, which an actor that exits at once cannot make unreadable (asking
+/// /proc after the actor's directory was opened raced with its exit, and a path then went
+/// unplaced); by /proc only for an event that carries none.
+fn shares_our_mounts(recorded: u32, pid: u32) -> bool {
+    static OURS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let ours =
+        OURS.get_or_init(|| rustix::fs::stat("/proc/self/ns/mnt").ok().and_then(|s| u32::try_from(s.st_ino).ok()));
+    match ours {
+        Some(ours) if recorded != 0 => recorded == *ours,
+        _ => same_mount_ns(pid),
+    }
+}
+
 /// The directory a path event's path is in, as its actor saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Seen {
@@ -124,7 +138,7 @@ pub(crate) fn look(host: &HostRoot, host_view: Option<&HostView>, ev: &KernelEve
         PathBuf::from(format!("/proc/{pid}/fd/{}", h.dirfd[i]))
     };
     let (dir_fd, ours) = match open_below(&base, parent_rel, absolute) {
-        Some(fd) => (fd, same_mount_ns(pid)),
+        Some(fd) => (fd, shares_our_mounts(h.mnt_ns, pid)),
         None => {
             host_view.filter(|v| absolute && h.start[i] == v.root && h.mnt_ns == v.mnt_ns)?;
             (open_below(&host.disk(Path::new("/")), parent_rel, true)?, true)
