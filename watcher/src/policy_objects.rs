@@ -65,10 +65,7 @@ pub struct Rejected {
 impl Rejected {
     /// `namespace/name`, or `name`.
     pub fn qualified_name(&self) -> String {
-        match &self.namespace {
-            Some(ns) => format!("{ns}/{}", self.name),
-            None => self.name.clone(),
-        }
+        qualified(self.namespace.as_deref(), &self.name)
     }
 }
 
@@ -207,11 +204,12 @@ fn parse(kind: PolicyKind, object: &DynamicObject) -> Result<WorkloadPolicies, S
         "spec": spec,
     });
     // JSON is YAML: the object goes through the file parser unchanged.
-    let origin = format!("{} {} (Kubernetes API)", kind.name(), qualified(object.namespace(), &object.name_any()));
+    let origin =
+        format!("{} {} (Kubernetes API)", kind.name(), qualified(object.namespace().as_deref(), &object.name_any()));
     WorkloadPolicies::from_yaml(&doc.to_string(), &origin).map_err(|e| e.to_string())
 }
 
-fn qualified(namespace: Option<String>, name: &str) -> String {
+fn qualified(namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name.to_owned(),
@@ -220,11 +218,7 @@ fn qualified(namespace: Option<String>, name: &str) -> String {
 
 /// What changed between two rejected lists: those to report (new, or a new version).
 pub fn newly_rejected<'a>(before: &BTreeSet<(String, Option<String>)>, now: &'a [Rejected]) -> Vec<&'a Rejected> {
-    now.iter()
-        .filter(|r| {
-            !before.contains(&(format!("{}/{}", r.kind.name(), r.qualified_name()), r.resource_version.clone()))
-        })
-        .collect()
+    now.iter().filter(|r| !before.contains(&rejection_key(r))).collect()
 }
 
 /// The key [`newly_rejected`] remembers a rejection by.

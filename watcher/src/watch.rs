@@ -311,7 +311,8 @@ impl<'a> Session<'a> {
         let id = format!("{}:{}", baseline.manifest.created_unix_ns, baseline.manifest.host);
         let journal = Journal::open(journal_path, &id)?;
         let created = Duration::from_nanos(u64::try_from(baseline.manifest.created_unix_ns).unwrap_or(0));
-        metrics.set_baseline(baseline.len(), created.as_secs_f64(), true);
+        let entries = baseline.len();
+        metrics.set_baseline(entries, created.as_secs_f64(), true);
         health.set_not_ready("starting: indexing the baseline");
         let started = Instant::now();
         let policy = baseline.policy.clone();
@@ -375,7 +376,7 @@ impl<'a> Session<'a> {
         let mut reporter = Reporter::new(state, filter, ancestors, printer, metrics.clone(), opts.host.clone());
         reporter.set_cluster(services.cluster.clone());
         if let Some(cluster) = &services.cluster {
-            cluster.baseline(reporter.state.index().len() as u64, SystemTime::UNIX_EPOCH + created, &policy_name);
+            cluster.baseline(entries, SystemTime::UNIX_EPOCH + created, &policy_name);
         }
         if !attached.missing.is_empty() {
             reporter.print(Line::Degraded(Degraded {
