@@ -270,19 +270,9 @@ impl WorkloadPolicies {
     }
 
     fn unique(all: Vec<WorkloadPolicy>) -> Result<WorkloadPolicies> {
-        let mut seen: HashMap<(PolicyKind, Option<&str>, &str), &str> = HashMap::with_capacity(all.len());
-        for p in &all {
-            if let Some(first) = seen.insert((p.kind, p.namespace.as_deref(), &p.name), &p.origin) {
-                let (kind, name) = (p.kind.name(), p.qualified_name());
-                let message = if first == p.origin {
-                    format!("the {kind} {name} is defined twice in this file; rename one")
-                } else {
-                    format!("the {kind} {name} is also defined in {first}; rename one")
-                };
-                return Err(Error::Policy { origin: p.origin.clone(), message });
-            }
-        }
-        Ok(WorkloadPolicies(all))
+        let mut set = Gathered::default();
+        set.add(WorkloadPolicies(all))?;
+        Ok(set.finish())
     }
 
     /// Matches each ClusterWorkloadFimPolicy's `namespaceSelector` against the labels of the
@@ -294,13 +284,6 @@ impl WorkloadPolicies {
                     namespaces.iter().filter(|(_, labels)| selector.matches(labels)).map(|(n, _)| n.clone()).collect();
             }
         }
-    }
-
-    /// Both sets in one, refused like [`WorkloadPolicies::load`] when a name is in both.
-    pub fn merged(self, other: WorkloadPolicies) -> Result<WorkloadPolicies> {
-        let mut all = self.0;
-        all.extend(other.0);
-        WorkloadPolicies::unique(all)
     }
 
     /// The policies that select `w`, in the order read.
@@ -317,6 +300,59 @@ impl WorkloadPolicies {
     pub fn iter(&self) -> impl Iterator<Item = &WorkloadPolicy> {
         self.0.iter()
     }
+}
+
+/// A policy's identity: two policies with the same one are an error.
+type Identity = (PolicyKind, Option<String>, String);
+
+/// Policies gathered from several sources (files, API objects), one source at a time: a
+/// source that defines a name already gathered is refused whole, and what was gathered stays.
+/// Each addition costs what it adds, however many were gathered before.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    all: Vec<WorkloadPolicy>,
+    /// Where each identity was defined.
+    origins: HashMap<Identity, String>,
+}
+
+impl Gathered {
+    /// Starts from `policies` (already checked to be unique).
+    pub fn new(policies: WorkloadPolicies) -> Gathered {
+        let origins = policies.0.iter().map(|p| (identity(p), p.origin.clone())).collect();
+        Gathered { all: policies.0, origins }
+    }
+
+    /// Adds every policy of `more`, or none when one of its names is defined already (in
+    /// `more` itself or before).
+    pub fn add(&mut self, more: WorkloadPolicies) -> Result<()> {
+        let mut new: HashMap<Identity, &str> = HashMap::with_capacity(more.0.len());
+        for p in &more.0 {
+            let id = identity(p);
+            let first = self.origins.get(&id).map(String::as_str).or_else(|| new.get(&id).copied());
+            if let Some(first) = first {
+                let (kind, name) = (p.kind.name(), p.qualified_name());
+                let message = if first == p.origin {
+                    format!("the {kind} {name} is defined twice in this file; rename one")
+                } else {
+                    format!("the {kind} {name} is also defined in {first}; rename one")
+                };
+                return Err(Error::Policy { origin: p.origin.clone(), message });
+            }
+            new.insert(id, &p.origin);
+        }
+        self.origins.extend(more.0.iter().map(|p| (identity(p), p.origin.clone())));
+        self.all.extend(more.0);
+        Ok(())
+    }
+
+    /// The policies, in the order gathered.
+    pub fn finish(self) -> WorkloadPolicies {
+        WorkloadPolicies(self.all)
+    }
+}
+
+fn identity(p: &WorkloadPolicy) -> Identity {
+    (p.kind, p.namespace.clone(), p.name.clone())
 }
 
 /// The files a path names: itself, or a directory's `*.yaml` / `*.yml` files by name.
@@ -932,6 +968,21 @@ mod tests {
         assert_eq!(WorkloadPolicies::load(&[one_file, two]).unwrap().iter().count(), 3);
         let twice = format!("{}---\n{}", doc("web", "  selector: {}\n"), doc("web", "  selector: {}\n"));
         assert!(err(&twice).contains("defined twice in this file"));
+    }
+
+    #[test]
+    fn a_source_that_defines_a_gathered_name_is_refused_whole_and_the_rest_stays() {
+        let source = |origin: &str, names: &[&str]| {
+            let text: Vec<String> = names.iter().map(|n| doc(n, "  selector: {}\n")).collect();
+            WorkloadPolicies::from_yaml(&text.join("---\n"), origin).unwrap()
+        };
+        let mut all = Gathered::new(source("files", &["a", "b"]));
+        all.add(source("object c", &["c"])).unwrap();
+        let e = all.add(source("object d", &["d", "b"])).unwrap_err().to_string();
+        assert!(e.contains("object d") && e.contains("also defined in files"), "{e}");
+        all.add(source("object e", &["e"])).unwrap();
+        let names: Vec<String> = all.finish().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["a", "b", "c", "e"], "d came with b, so neither was taken");
     }
 
     #[test]

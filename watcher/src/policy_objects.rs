@@ -24,7 +24,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, ResourceExt};
-use kubefim_baseline::workload::{PolicyKind, WorkloadPolicies};
+use kubefim_baseline::workload::{Gathered, PolicyKind, WorkloadPolicies};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -162,16 +162,13 @@ fn build(
     objects.sort_by(|(ka, a), (kb, b)| {
         (ka.name(), a.namespace(), a.name_any()).cmp(&(kb.name(), b.namespace(), b.name_any()))
     });
-    let mut policies = files.clone();
+    let mut policies = Gathered::new(files.clone());
     let mut applied = 0;
     let mut rejected = Vec::new();
     for (kind, object) in objects {
-        let parsed = parse(kind, &object).and_then(|p| policies.clone().merged(p).map_err(|e| e.to_string()));
+        let parsed = parse(kind, &object).and_then(|p| policies.add(p).map_err(|e| e.to_string()));
         match parsed {
-            Ok(all) => {
-                policies = all;
-                applied += 1;
-            }
+            Ok(()) => applied += 1,
             Err(error) => rejected.push(Rejected {
                 kind,
                 namespace: object.namespace(),
@@ -183,6 +180,7 @@ fn build(
     }
     let labels: BTreeMap<String, BTreeMap<String, String>> =
         namespaces.state().iter().map(|n| (n.name_any(), n.labels().clone())).collect();
+    let mut policies = policies.finish();
     policies.resolve_namespaces(&labels);
     PolicySet { policies, applied, rejected }
 }
