@@ -325,9 +325,8 @@ impl Containers {
             // Gone already: nothing to keep (its cgroup stays undecided; it has no more execs).
             return;
         };
-        let selection = selection(&c, &self.policies);
+        let (selection, exec_check) = selection(&c, &self.policies);
         let selected = (!selection.is_empty()).then(|| describe(&c));
-        let exec_check = exec_check(&c, &self.policies);
         if let Some(cgroup) = cgroup {
             mark(&mut self.cgroups, cgroup, exec_check.is_some());
         }
@@ -366,7 +365,7 @@ impl Containers {
         let ids: Vec<String> = self.known.keys().cloned().collect();
         for id in ids {
             let Some(known) = self.known.get(&id) else { continue };
-            let now = selection(&known.c, &self.policies);
+            let (now, exec_check) = selection(&known.c, &self.policies);
             if now == known.selection {
                 continue;
             }
@@ -377,7 +376,7 @@ impl Containers {
             known.selection = now;
             known.comparing = false;
             known.selected = (!known.selection.is_empty()).then(|| describe(&known.c));
-            known.exec_check = exec_check(&known.c, &self.policies);
+            known.exec_check = exec_check;
             for cgroup in &known.cgroups {
                 mark(&mut self.cgroups, *cgroup, known.exec_check.is_some());
             }
@@ -668,27 +667,26 @@ pub(crate) enum Next {
     Gone(String),
 }
 
-/// The policies that select `c`, each as a digest of what it is (see [`Known::selection`]).
-fn selection(c: &RunningContainer, policies: &WorkloadPolicies) -> Vec<u64> {
+/// Which policies select `c` (a digest of each: a policy changed under the same name is
+/// another selection), and what an exec in it is checked with when one of them asks for
+/// drift execution; the policies are matched once for both.
+fn selection(c: &RunningContainer, policies: &WorkloadPolicies) -> (Vec<u64>, Option<ExecCheck>) {
     use std::hash::{Hash, Hasher};
-    policies
-        .for_workload(&check::workload(c))
+    let selecting = policies.for_workload(&check::workload(c));
+    let digests = selecting
         .iter()
         .map(|p| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (p.kind.name(), p.qualified_name(), p.source()).hash(&mut h);
             h.finish()
         })
-        .collect()
-}
-
-/// What an exec in `c` is checked with, when a policy that selects it asks for drift execution.
-fn exec_check(c: &RunningContainer, policies: &WorkloadPolicies) -> Option<ExecCheck> {
-    let w = check::workload(c);
-    let policies: Vec<String> =
-        policies.for_workload(&w).iter().filter(|p| p.drift_exec).map(|p| p.qualified_name()).collect();
-    let root = c.root.as_ref().ok()?.clone();
-    (!policies.is_empty()).then_some(ExecCheck { root, policies })
+        .collect();
+    let exec: Vec<String> = selecting.iter().filter(|p| p.drift_exec).map(|p| p.qualified_name()).collect();
+    let exec_check = match &c.root {
+        Ok(root) if !exec.is_empty() => Some(ExecCheck { root: root.clone(), policies: exec }),
+        _ => None,
+    };
+    (digests, exec_check)
 }
 
 /// Marks a cgroup decided on in the kernel's map: every exec sent when its container is
