@@ -975,6 +975,44 @@ fn watch_reports_a_host_write_into_an_image_layer_with_every_container_that_uses
 }
 
 #[test]
+fn a_layer_shared_by_containers_of_different_policies_is_watched_for_each_ones_paths() {
+    let Some(selected) = Selected::policy("layerpol", "") else { return };
+    // A second policy, over another app, that monitors what the first does not.
+    let other_app = format!("{}-opt", selected.app);
+    let other = selected.tmp.path().join("opt.yaml");
+    fs::write(
+        &other,
+        format!(
+            "apiVersion: kubefim.io/v1alpha1\nkind: WorkloadFimPolicy\nmetadata: {{name: {other_app}}}\nspec:\n  \
+             selector:\n    matchLabels: {{app: {other_app}}}\n  rules:\n    - path: /opt\n"
+        ),
+    )
+    .unwrap();
+    let image = OwnImage::with_layer("layerpol", "mkdir -p /opt/tool && echo v1 > /opt/tool/run.sh");
+    let (_fx, w) = selected.watch_with(&["--workload-policy", other.to_str().unwrap()]);
+    // The container whose policy does not monitor /opt lists the shared layer first.
+    let etc_only = Container::start(&selected.app, &image.name, "true");
+    watched_line(&w, &etc_only.id, Duration::from_secs(10));
+    let opt = Container::start(&other_app, &image.name, "true");
+    watched_line(&w, &opt.id, Duration::from_secs(10));
+    let lower = podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.LowerDir}}", &opt.id]);
+    let top = fs::canonicalize(lower.split(':').next().unwrap()).unwrap();
+    let file = top.join("opt/tool/run.sh");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "v1\n", "{} is not the image's top layer", top.display());
+
+    let status =
+        Command::new("/bin/sh").arg("-c").arg("echo tampered >> \"$1\"").arg("sh").arg(&file).status().unwrap();
+    assert!(status.success());
+    let line = w.wait_for("layer-modified of a path only the second policy monitors", Duration::from_secs(10), |l| {
+        l["kind"] == "layer-modified" && l["path"] == "/opt/tool/run.sh"
+    });
+    let users: Vec<&str> = line["containers"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert!(users.contains(&opt.id.as_str()), "{line:#}");
+    drop((etc_only, opt));
+    assert!(w.stop().success());
+}
+
+#[test]
 fn watch_containers_needs_a_workload_policy() {
     let run = common::kubefim(["watch", "--db", "x", "--pubkey", "y", "--containers"]);
     run.expect_code(2);

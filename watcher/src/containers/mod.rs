@@ -494,7 +494,8 @@ impl Containers {
     }
 
     /// Watches the monitored files of the layers a container uses (listed at its first
-    /// check), each layer once however many containers use it.
+    /// check under the policies that select it), each file once however many containers
+    /// use its layer.
     pub fn watch_layers(&mut self, id: &str, layers: Vec<(Layer, Merged)>, filter: &mut KernelFilter) {
         let Some(known) = self.known.get_mut(id) else { return };
         for (layer, merged) in layers {
@@ -506,14 +507,17 @@ impl Containers {
                 touches: Vec::new(),
                 due: None,
             });
-            if watch.users.is_empty() {
-                for e in merged.entries {
-                    let key = InodeKey::from_stat(e.dev, e.ino);
-                    let name = e.path.file_name().map(OsStr::as_bytes).unwrap_or_default();
-                    filter.watch(key, e.is_dir, name);
-                    self.layer_files.insert(key, layer.id);
-                    watch.entries.insert(key, e.path);
+            // Each user's listing is added: containers of one image may be selected by
+            // policies that monitor different paths of it.
+            for e in merged.entries {
+                let key = InodeKey::from_stat(e.dev, e.ino);
+                if watch.entries.contains_key(&key) {
+                    continue;
                 }
+                let name = e.path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+                filter.watch(key, e.is_dir, name);
+                self.layer_files.insert(key, layer.id);
+                watch.entries.insert(key, e.path);
             }
             if !watch.users.iter().any(|u| u == id) {
                 watch.users.push(id.to_owned());
