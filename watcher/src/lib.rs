@@ -54,3 +54,85 @@ pub mod kernel {
     pub use crate::event::KernelEvent;
     pub use crate::programs::Programs;
 }
+
+/// The watcher's hot paths on their real types, for the criterion benches of
+/// `kubefim-benches` (`benches/benches/watcher_paths.rs`), behind the `bench` feature: the
+/// debounce queue (`pending`) and the baseline index (`index`), which are crate-private, get
+/// a thin handle each; event decoding is [`kernel::KernelEvent::decode`]. Not an API.
+#[cfg(feature = "bench")]
+#[doc(hidden)]
+pub mod bench {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::{Instant, SystemTime};
+
+    use kubefim_baseline::record::FileKind;
+    use kubefim_common::InodeKey;
+
+    pub use crate::model::FileOp;
+
+    /// `pending::Queue`, fed by one process.
+    pub struct DebounceQueue {
+        queue: crate::pending::Queue,
+        actor: Arc<crate::actor::Actor>,
+    }
+
+    impl DebounceQueue {
+        /// An empty queue; its events come from a host process `pid`.
+        pub fn new(pid: u32) -> DebounceQueue {
+            let process = crate::model::Process {
+                pid,
+                ppid: 1,
+                uid: 0,
+                gid: 0,
+                comm: "bench".to_owned(),
+                exe: None,
+                cmdline: None,
+            };
+            let actor = Arc::new(crate::actor::Actor { process, container: None, pod: None });
+            DebounceQueue { queue: crate::pending::Queue::default(), actor }
+        }
+
+        /// Notes a syscall event on `path`, as the loop does (`close`: a writer's close).
+        pub fn note(&mut self, path: &Path, op: Option<FileOp>, close: bool, time: SystemTime) {
+            let note = crate::pending::Note { op, close, syscall: true, inferred: false };
+            self.queue.note(path, &self.actor, note, time);
+        }
+
+        /// Takes what is due (everything with `all`); how many paths that was.
+        pub fn take_due(&mut self, all: bool) -> usize {
+            self.queue.take_due(all).len()
+        }
+
+        /// When the next path is due.
+        pub fn next_due(&self) -> Option<Instant> {
+            self.queue.next_due()
+        }
+    }
+
+    /// `index::Index`, built as `state::State::load` builds it from a baseline's records.
+    pub struct BaselineIndex(crate::index::Index);
+
+    impl BaselineIndex {
+        /// An index of `(path, inode, is a directory)`, in any order.
+        pub fn build<'a>(records: impl IntoIterator<Item = (&'a [u8], InodeKey, bool)>) -> BaselineIndex {
+            let mut builder = crate::index::IndexBuilder::new();
+            for (path, key, is_dir) in records {
+                let id = builder.entry_for(path, is_dir);
+                let kind = if is_dir { FileKind::Dir } else { FileKind::File };
+                builder.set(id, Some((key, kind, key.ino)), crate::index::SIGNED);
+            }
+            BaselineIndex(builder.finish())
+        }
+
+        /// The entry of a path (`State::get`'s first step).
+        pub fn lookup(&self, path: &Path) -> Option<u32> {
+            self.0.lookup(path)
+        }
+
+        /// The paths whose current inode is `key` (`State::paths_of_inode`: an inode event).
+        pub fn paths_of_inode(&self, key: InodeKey) -> Vec<PathBuf> {
+            self.0.ids_of_inode(key).into_iter().map(|id| self.0.path(id)).collect()
+        }
+    }
+}

@@ -5,11 +5,8 @@
 //! with its memory sampled at each. A benchmark run by hand as root, not a test: see
 //! benches/README.md. Progress goes to stderr, the Markdown report to stdout.
 
-mod fixture;
-mod procfs;
 mod report;
 mod run;
-mod tree;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,10 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use crate::fixture::{Binary, Fixture};
+use kubefim_benches::fixture::{Binary, Fixture};
+use kubefim_benches::markdown::command_line;
+use kubefim_benches::tree::{Tree, label, parse_size};
+
 use crate::report::SizeResult;
 use crate::run::RunOptions;
-use crate::tree::Tree;
 
 /// Measure `kubefim watch`'s start-up time and memory against the baseline size (root only).
 #[derive(Parser)]
@@ -55,45 +54,6 @@ struct Args {
     /// Copy the watcher's stderr to ours.
     #[arg(long)]
     verbose: bool,
-}
-
-/// `100000`, `100k`, `1m`, `2.5m`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let lower = s.trim().to_ascii_lowercase();
-    let (number, unit) = match lower.strip_suffix('k') {
-        Some(n) => (n, 1e3),
-        None => lower.strip_suffix('m').map_or((lower.as_str(), 1.0), |n| (n, 1e6)),
-    };
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a size like 100000, 100k or 1m"))?;
-    let files = (value * unit).round();
-    if !(1.0..=1e9).contains(&files) {
-        return Err(format!("{s:?}: sizes go from 1 to 1000m files"));
-    }
-    #[expect(clippy::cast_possible_truncation, reason = "between 1 and 1e9 (checked above), an integer after round()")]
-    let files = files as u64;
-    Ok(files)
-}
-
-/// The name of a size in paths: `1m`, `100k`, `1500`.
-fn label(files: u64) -> String {
-    match files {
-        f if f.is_multiple_of(1_000_000) => format!("{}m", f / 1_000_000),
-        f if f.is_multiple_of(1000) => format!("{}k", f / 1000),
-        f => f.to_string(),
-    }
-}
-
-fn command_line() -> String {
-    std::env::args()
-        .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./,=:".contains(c)) {
-                a
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn main() {

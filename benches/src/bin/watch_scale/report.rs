@@ -2,9 +2,11 @@
 //! size reused or made, a table of medians, and every raw sample after it.
 
 use std::fmt::Write as _;
-use std::time::SystemTime;
 
-use crate::fixture::Binary;
+use kubefim_benches::fixture::Binary;
+use kubefim_benches::host;
+use kubefim_benches::stats::median;
+
 use crate::run::{Sample, mib};
 
 /// Everything measured for one size.
@@ -18,48 +20,13 @@ pub struct SizeResult {
 
 /// The facts printed before the table.
 pub fn header(command: &str, kubefim: &Binary) -> String {
-    let mut out = String::new();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let uname = rustix::system::uname();
-    let kernel = uname.release().to_string_lossy();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    let modified = std::fs::metadata(&kubefim.path)
-        .and_then(|m| m.modified())
-        .map_or_else(|_| "?".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
-    let _ = writeln!(out, "# kubefim watch: start-up and memory against the baseline size\n");
-    let _ = writeln!(out, "- command: `{command}`");
-    let _ = writeln!(out, "- date: {}", humantime::format_rfc3339_seconds(SystemTime::now()));
-    let _ = writeln!(
-        out,
-        "- machine: {cpus} CPUs, kernel {kernel}, {:.1} GiB memory, load average at start {}",
-        mib(mem_kib) / 1024.0,
-        load.join(" ")
-    );
-    let _ = writeln!(
-        out,
-        "- binary: {} ({}, built {modified}, blake3 {})",
-        kubefim.path.display(),
-        kubefim.version,
-        &kubefim.blake3[..16]
-    );
-    out
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if !n.is_multiple_of(2) => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
+    format!(
+        "# kubefim watch: start-up and memory against the baseline size\n\n- command: `{command}`\n- date: {}\n         - machine: {}, load average at start {}\n- binary: {}\n",
+        host::now(),
+        host::machine(),
+        host::load(),
+        kubefim.describe()
+    )
 }
 
 fn cell(value: Option<f64>, decimals: usize) -> String {
@@ -87,7 +54,7 @@ pub fn body(results: &[SizeResult]) -> String {
     );
     let _ = writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in results {
-        let col = |f: &dyn Fn(&Sample) -> Option<f64>| median(r.samples.iter().filter_map(f).collect());
+        let col = |f: &dyn Fn(&Sample) -> Option<f64>| median(&r.samples.iter().filter_map(f).collect::<Vec<_>>());
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -114,7 +81,7 @@ pub fn body(results: &[SizeResult]) -> String {
          an append to a monitored file, right after ready, to its `modified` line. \"kernel maps\": memlock of the \
          watcher's {} maps (bpftool).",
         by.join("`, `"),
-        crate::procfs::KERNEL_MAPS.join(", ")
+        kubefim_benches::procfs::KERNEL_MAPS.join(", ")
     );
     let _ = writeln!(out, "\n## Raw samples\n");
     for r in results {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::fixture::{Binary, Fixture, remove};
-use crate::procfs::{self, Memory};
-use crate::tree::ProbeRestore;
+use kubefim_benches::fixture::{Binary, Fixture, remove};
+use kubefim_benches::procfs::{self, Memory};
+use kubefim_benches::tree::ProbeRestore;
 
 /// How long the change line of the probe may take once appended.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);

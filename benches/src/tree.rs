@@ -1,7 +1,8 @@
 //! The generated tree one size measures: N regular files of 256 bytes, 1000 per directory
 //! (`d0000/f0000` ...), the layout of the trees made by hand before this harness (so that
 //! `/var/tmp/scale/t1m` is reused as it is). Owns checking, completing, and the probe file
-//! that each run appends to (and puts back afterwards); not what kubefim makes of the tree.
+//! that each run appends to (and puts back afterwards), and the sizes' names (`100k`, `1m`);
+//! not what kubefim makes of the tree.
 
 use std::fs::{self, File, FileTimes, OpenOptions};
 use std::io::Write;
@@ -20,6 +21,32 @@ const CONTENT: [u8; 256] = {
     c[255] = b'\n';
     c
 };
+
+/// A number of files as given on the command line: `100000`, `100k`, `1m`, `2.5m`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (number, unit) = match lower.strip_suffix('k') {
+        Some(n) => (n, 1e3),
+        None => lower.strip_suffix('m').map_or((lower.as_str(), 1.0), |n| (n, 1e6)),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a size like 100000, 100k or 1m"))?;
+    let files = (value * unit).round();
+    if !(1.0..=1e9).contains(&files) {
+        return Err(format!("{s:?}: sizes go from 1 to 1000m files"));
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "between 1 and 1e9 (checked above), an integer after round()")]
+    let files = files as u64;
+    Ok(files)
+}
+
+/// The name of a size in paths: `1m`, `100k`, `1500`.
+pub fn label(files: u64) -> String {
+    match files {
+        f if f.is_multiple_of(1_000_000) => format!("{}m", f / 1_000_000),
+        f if f.is_multiple_of(1000) => format!("{}k", f / 1000),
+        f => f.to_string(),
+    }
+}
 
 /// A tree of `files` files under `path`.
 pub struct Tree {
@@ -186,5 +213,33 @@ impl Drop for ProbeRestore {
         if let Err(e) = restored {
             eprintln!("warning: could not put the probe file {} back: {e}", self.path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_their_names() {
+        assert_eq!(parse_size("100k"), Ok(100_000));
+        assert_eq!(parse_size("1M"), Ok(1_000_000));
+        assert_eq!(parse_size("2.5m"), Ok(2_500_000));
+        assert_eq!(parse_size("1500"), Ok(1500));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert_eq!((label(1_000_000), label(100_000), label(1500)), ("1m".into(), "100k".into(), "1500".into()));
+    }
+
+    #[test]
+    fn a_tree_is_written_checked_and_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree { path: dir.path().join("t"), files: 2500 };
+        assert_eq!(tree.incomplete_dirs().unwrap(), [0, 1, 2]);
+        tree.fill(&[0, 1, 2], 2).unwrap();
+        assert!(tree.incomplete_dirs().unwrap().is_empty());
+        assert_eq!(fs::read_dir(tree.path.join("d0002")).unwrap().count(), 500);
+        fs::remove_file(tree.path.join("d0001/f0999")).unwrap();
+        assert_eq!(tree.incomplete_dirs().unwrap(), [1]);
     }
 }

@@ -1,7 +1,8 @@
 //! What `kubefim watch` needs besides the tree, kept next to it under the root so that the
 //! next invocation reuses it: the key pair (`keys/`), a one-rule policy (`p<size>.yaml`) and
 //! a signed baseline (`db<size>`, with `db<size>.made-by` saying which binary, policy and key
-//! made it). Also the tools' child processes (`Tool`), which die with the harness.
+//! made it). Also how the harnesses run tools: children that die with the harness, and
+//! commands whose failure carries their stderr.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -32,6 +33,15 @@ impl Binary {
         Ok(Binary { path, version, blake3 })
     }
 
+    /// `PATH (VERSION, built MTIME, blake3 0123456789abcdef)`, for a report's header.
+    pub fn describe(&self) -> String {
+        let modified = fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .map_or_else(|_| "?".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
+        format!("{} ({}, built {modified}, blake3 {})", self.path.display(), self.version, &self.blake3[..16])
+    }
+
+    /// A command running it, killed if the harness dies.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.path);
         die_with_parent(&mut cmd);

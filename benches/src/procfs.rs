@@ -1,7 +1,7 @@
-//! What the harness reads about a running watcher from outside: its memory and CPU time
-//! (`/proc/PID/status`, `/proc/PID/stat`) and the kernel memory of its eBPF maps (the map
-//! fds it holds, `/proc/PID/fdinfo`, named by `bpftool`). Reads only; no kubefim knowledge
-//! beyond the map names.
+//! What the harnesses read about running processes from outside: memory and CPU time
+//! (`/proc/PID/status`, `/proc/PID/stat`), the whole machine's CPU time (`/proc/stat`) and
+//! the kernel memory of the watcher's eBPF maps (the map fds it holds, `/proc/PID/fdinfo`,
+//! named by `bpftool`). Reads only; no kubefim knowledge beyond the map names.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -34,8 +34,31 @@ pub fn memory(pid: u32) -> Result<Memory> {
     Ok(Memory { rss_kib: field("VmRSS:")?, hwm_kib: field("VmHWM:")? })
 }
 
-/// User plus system CPU seconds of the whole process (all threads) so far.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
+/// Clock ticks a second in /proc: USER_HZ is 100 in the kernel's user ABI whatever
+/// CONFIG_HZ is.
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// User and system CPU time, in ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ticks {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl Ticks {
+    /// `self - earlier`, in seconds: (user, system).
+    pub fn seconds_since(self, earlier: Ticks) -> (f64, f64) {
+        let s = |a: u64, b: u64| a.saturating_sub(b) as f64 / TICKS_PER_SECOND;
+        (s(self.user, earlier.user), s(self.system, earlier.system))
+    }
+
+    fn add(self, other: Ticks) -> Ticks {
+        Ticks { user: self.user + other.user, system: self.system + other.system }
+    }
+}
+
+/// User and system CPU time of a whole process (all threads) so far.
+pub fn cpu_ticks(pid: u32) -> Result<Ticks> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may hold spaces, hence the last ')'): state is
@@ -45,8 +68,34 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let ticks = |i: usize| -> Result<u64> {
         fields.get(i - 3).and_then(|f| f.parse().ok()).with_context(|| format!("parsing field {i} of {path}"))
     };
-    // USER_HZ is 100 in the kernel's user ABI whatever CONFIG_HZ is.
-    Ok((ticks(14)? + ticks(15)?) as f64 / 100.0)
+    Ok(Ticks { user: ticks(14)?, system: ticks(15)? })
+}
+
+/// The CPU time of several processes together; one that is gone counts for nothing (its
+/// ticks until then are lost: callers read monitors that outlive the window).
+pub fn cpu_ticks_of(pids: &[u32]) -> Ticks {
+    pids.iter().filter_map(|&p| cpu_ticks(p).ok()).fold(Ticks::default(), Ticks::add)
+}
+
+/// User (with nice) and system CPU time of every CPU of the machine, from `/proc/stat`.
+pub fn machine_ticks() -> Result<Ticks> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    match cpu[..] {
+        [user, nice, system, ..] => Ok(Ticks { user: user + nice, system }),
+        _ => bail!("no cpu line in /proc/stat"),
+    }
+}
+
+/// User plus system CPU seconds of the whole process (all threads) so far.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let t = cpu_ticks(pid)?;
+    Ok((t.user + t.system) as f64 / TICKS_PER_SECOND)
 }
 
 /// Bytes of kernel memory (`memlock`) per map name, for the [`KERNEL_MAPS`] the process holds.
