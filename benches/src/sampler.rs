@@ -54,7 +54,9 @@ pub struct Sample {
     /// The command's own CPU (with its reaped children), seconds.
     pub user_s: f64,
     pub sys_s: f64,
-    /// Peak RSS of the command or its largest reaped child, KiB.
+    /// Peak RSS of the command or its largest reaped child, KiB. Never below the size of
+    /// the process that spawned it (exec records the peak of the memory shared until then),
+    /// so the harness that spawns measured commands stays small.
     pub max_rss_kib: u64,
     /// The monitors' CPU over the window, seconds.
     pub monitor_user_s: f64,
@@ -256,15 +258,21 @@ mod tests {
 
     #[test]
     fn cpu_and_peak_rss_include_the_reaped_children_of_a_pipeline() {
-        // The shell's child (head | tr) runs the CPU; the shell holds 40 MB in a variable.
-        let s =
-            sample(&mut sh("x=$(head -c 40000000 /dev/zero | tr '\\0' a); test ${#x} -eq 40000000"), &[], &Drain::Exit)
-                .unwrap();
+        // The shell's child (head | tr) runs the CPU; the shell holds 200 MB in a variable.
+        // A child's peak starts at its parent's size when it was spawned (exec records the
+        // peak of the memory it shared with the parent), and this test binary is tens of MB:
+        // the command's own peak must stand well above that floor.
+        let s = sample(
+            &mut sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); test ${#x} -eq 200000000"),
+            &[],
+            &Drain::Exit,
+        )
+        .unwrap();
         assert_eq!(s.code, 0);
-        assert!(s.max_rss_kib > 39_000, "peak RSS {} KiB", s.max_rss_kib);
+        assert!(s.max_rss_kib > 195_000, "peak RSS {} KiB", s.max_rss_kib);
         assert!(s.user_s + s.sys_s > 0.0);
         let small = sample(&mut sh("true"), &[], &Drain::Exit).unwrap();
-        assert!(small.max_rss_kib < s.max_rss_kib / 4, "{} vs {}", small.max_rss_kib, s.max_rss_kib);
+        assert!(small.max_rss_kib + 100_000 < s.max_rss_kib, "{} vs {}", small.max_rss_kib, s.max_rss_kib);
     }
 
     #[test]
