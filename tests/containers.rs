@@ -936,6 +936,18 @@ impl Drop for OwnImage {
     }
 }
 
+/// The top image layer of container `id` (the one its image's own commit made), on the host.
+fn top_layer(id: &str) -> PathBuf {
+    let lower = podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.LowerDir}}", id]);
+    fs::canonicalize(lower.split(':').next().unwrap()).unwrap()
+}
+
+/// A host process (a real child) appends a line to `file`.
+fn append_from_host(file: &Path) {
+    let status = Command::new("/bin/sh").arg("-c").arg("echo tampered >> \"$1\"").arg("sh").arg(file).status().unwrap();
+    assert!(status.success());
+}
+
 #[test]
 fn watch_reports_a_host_write_into_an_image_layer_with_every_container_that_uses_it() {
     let Some(selected) = Selected::policy("layer", "") else { return };
@@ -947,15 +959,11 @@ fn watch_reports_a_host_write_into_an_image_layer_with_every_container_that_uses
     watched_line(&w, &first.id, Duration::from_secs(10));
     watched_line(&w, &second.id, Duration::from_secs(10));
     // The image's top layer: the one its own commit made.
-    let lower = podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.LowerDir}}", &first.id]);
-    let top = fs::canonicalize(lower.split(':').next().unwrap()).unwrap();
+    let top = top_layer(&first.id);
     let file = top.join("etc/layer.conf");
     assert_eq!(fs::read_to_string(&file).unwrap(), "layer 1\n", "{} is not the image's top layer", top.display());
 
-    // A host process (a real child) appends to the layer's file.
-    let status =
-        Command::new("/bin/sh").arg("-c").arg("echo tampered >> \"$1\"").arg("sh").arg(&file).status().unwrap();
-    assert!(status.success());
+    append_from_host(&file);
     let line = w.wait_for("layer-modified", Duration::from_secs(10), |l| {
         l["kind"] == "layer-modified" && l["path"] == "/etc/layer.conf"
     });
@@ -995,14 +1003,11 @@ fn a_layer_shared_by_containers_of_different_policies_is_watched_for_each_ones_p
     watched_line(&w, &etc_only.id, Duration::from_secs(10));
     let opt = Container::start(&other_app, &image.name, "true");
     watched_line(&w, &opt.id, Duration::from_secs(10));
-    let lower = podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.LowerDir}}", &opt.id]);
-    let top = fs::canonicalize(lower.split(':').next().unwrap()).unwrap();
+    let top = top_layer(&opt.id);
     let file = top.join("opt/tool/run.sh");
     assert_eq!(fs::read_to_string(&file).unwrap(), "v1\n", "{} is not the image's top layer", top.display());
 
-    let status =
-        Command::new("/bin/sh").arg("-c").arg("echo tampered >> \"$1\"").arg("sh").arg(&file).status().unwrap();
-    assert!(status.success());
+    append_from_host(&file);
     let line = w.wait_for("layer-modified of a path only the second policy monitors", Duration::from_secs(10), |l| {
         l["kind"] == "layer-modified" && l["path"] == "/opt/tool/run.sh"
     });
