@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::lock::lock_path;
-use crate::policy::{Policy, path_bytes};
+use crate::policy::{Policy, path_bytes, path_from_bytes};
 use crate::record::{CHUNK_RECORDS, FileRecord, PathRecord, RecordLoc, decode_chunk, encode_chunk};
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
@@ -20,8 +20,14 @@ use crate::seal::{self, Seal};
 use crate::sign::{CanonicalDigest, PublicKey, SigningKey};
 use crate::store::{self, SIGNATURE_KEY, Store, TreeKind};
 
-/// The layout version of a baseline; verify refuses others.
-pub const FORMAT_VERSION: u32 = 1;
+/// The layout version of a baseline. 2: records are stored in path order (`Path`'s `Ord`,
+/// the scan's order), so verify merges them with a rescan instead of holding them. 1: in
+/// the order a scan's threads finished them; still trusted and watched, but not verified
+/// ([`Error::OldFormat`]).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The first format whose records are in path order.
+const SORTED_SINCE: u32 = 2;
 
 /// The meta-tree key of the manifest.
 pub(crate) const MANIFEST_KEY: &[u8] = b"manifest";
@@ -50,29 +56,57 @@ pub struct Manifest {
     pub accepted: Vec<String>,
 }
 
-/// Scanned entries on their way into a new store, from the scan's threads to one writer.
-struct ChannelSink(mpsc::SyncSender<ScannedEntry>);
+/// Scanned entries on their way into a new store: records, in order, to one writer; text
+/// content straight into the store from the thread that read it.
+struct ChannelSink<'a> {
+    tx: mpsc::SyncSender<ScannedEntry>,
+    store: &'a Store,
+    /// The first content that could not be stored.
+    failed: Mutex<Option<Error>>,
+}
 
-impl ScanSink for ChannelSink {
+impl ScanSink for ChannelSink<'_> {
     fn entry(&self, entry: ScannedEntry) {
         // The writer only hangs up after an error, which it reports; nothing to do here.
-        let _ = self.0.send(entry);
+        let _ = self.tx.send(entry);
+    }
+
+    fn content(&self, hash: &Hash, text: &[u8]) {
+        if let Err(e) = self.store.put_content(hash, text) {
+            self.failed.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+        }
     }
 }
 
-/// Writes records into the store in chunks of [`CHUNK_RECORDS`], under increasing keys.
+/// Writes records into the store in chunks of [`CHUNK_RECORDS`], under increasing keys, and
+/// checks they come in path order (what [`FORMAT_VERSION`] 2 promises readers).
 pub(crate) struct ChunkWriter<'a> {
     store: &'a Store,
     next: u64,
     pending: Vec<PathRecord>,
+    /// The path of the last record written.
+    last: Option<Vec<u8>>,
 }
 
 impl<'a> ChunkWriter<'a> {
     pub(crate) fn new(store: &'a Store) -> Self {
-        ChunkWriter { store, next: 0, pending: Vec::with_capacity(CHUNK_RECORDS) }
+        ChunkWriter { store, next: 0, pending: Vec::with_capacity(CHUNK_RECORDS), last: None }
     }
 
     fn push(&mut self, path: Vec<u8>, record: FileRecord) -> Result<()> {
+        let last = self.pending.last().map(|(p, _)| p).or(self.last.as_ref());
+        if let Some(last) = last
+            && path_from_bytes(last) >= path_from_bytes(&path)
+        {
+            return Err(Error::Store {
+                path: self.store.path().to_owned(),
+                message: format!(
+                    "records out of path order ({} after {}): a bug in kubefim; nothing was installed",
+                    path_from_bytes(&path).display(),
+                    path_from_bytes(last).display()
+                ),
+            });
+        }
         self.pending.push((path, record));
         if self.pending.len() == CHUNK_RECORDS { self.flush() } else { Ok(()) }
     }
@@ -83,32 +117,64 @@ impl<'a> ChunkWriter<'a> {
         }
         self.store.put(TreeKind::Records, &self.next.to_be_bytes(), &encode_chunk(&self.pending))?;
         self.next += 1;
+        self.last = self.pending.pop().map(|(p, _)| p);
         self.pending.clear();
         Ok(())
     }
 }
 
-fn write_entry(writer: &mut ChunkWriter<'_>, entry: ScannedEntry) -> Result<()> {
-    if let (Some(content), Some(hash)) = (&entry.content, entry.record.hash()) {
-        writer.store.put_content(hash, content)?;
-    }
-    writer.push(path_bytes(&entry.path).to_vec(), entry.record)
-}
-
 /// Scans `scan` into the store, pipelined: the scan's threads hash while this thread writes.
-pub(crate) fn scan_into(writer: &mut ChunkWriter<'_>, scan: &Scan<'_>, progress: &ScanProgress) -> Result<ScanSummary> {
+/// `kept` (records kept from an earlier baseline, in path order, none of them under the
+/// scan's roots) are merged in, so the store gets one sequence in path order.
+pub(crate) fn scan_into(
+    writer: &mut ChunkWriter<'_>,
+    scan: &Scan<'_>,
+    progress: &ScanProgress,
+    kept: impl Iterator<Item = Result<PathRecord>>,
+) -> Result<ScanSummary> {
+    let store = writer.store;
     let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
-    std::thread::scope(|s| {
-        let scanner = s.spawn(move || scan.run(&ChannelSink(tx), progress));
+    let mut kept = kept.peekable();
+    let (written, summary, failed) = std::thread::scope(|s| {
+        let scanner = s.spawn(move || {
+            let sink = ChannelSink { tx, store, failed: Mutex::new(None) };
+            let summary = scan.run(&sink, progress);
+            (summary, sink.failed.into_inner().unwrap_or_else(PoisonError::into_inner))
+        });
         let mut written = Ok(());
         for entry in rx {
             if written.is_ok() {
-                written = write_entry(writer, entry);
+                written = write_merged(writer, &mut kept, entry);
             }
         }
-        let summary = scanner.join().expect("the scan does not panic");
-        written.and_then(|()| writer.flush()).map(|()| summary)
-    })
+        let (summary, failed) = scanner.join().expect("the scan does not panic");
+        (written, summary, failed)
+    });
+    written?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    for rest in kept {
+        let (path, record) = rest?;
+        writer.push(path, record)?;
+    }
+    writer.flush()?;
+    Ok(summary)
+}
+
+/// Writes `entry` after the kept records that come before it.
+fn write_merged(
+    writer: &mut ChunkWriter<'_>,
+    kept: &mut std::iter::Peekable<impl Iterator<Item = Result<PathRecord>>>,
+    entry: ScannedEntry,
+) -> Result<()> {
+    while let Some(before) =
+        kept.next_if(|k| k.as_ref().is_ok_and(|(p, _)| path_from_bytes(p) < entry.path.as_path()) || k.is_err())
+    {
+        let (path, record) = before?;
+        writer.push(path, record)?;
+    }
+    writer.push(path_bytes(&entry.path).to_vec(), entry.record)
 }
 
 fn host_name() -> String {
@@ -187,7 +253,7 @@ pub fn create(
 ) -> Result<ScanSummary> {
     write_baseline(db, key, |store| {
         let scan = Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).skip(store.path());
-        let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress)?;
+        let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress, std::iter::empty())?;
         Ok((manifest(policy, summary.entries, &summary, Vec::new()), summary))
     })
 }
@@ -208,6 +274,10 @@ pub struct TrustedBaseline {
     /// The chunks read last, decoded (most recent first): readers look up records of the
     /// same directories in bursts.
     cache: Mutex<Vec<(usize, Arc<Vec<PathRecord>>)>>,
+    /// Each non-empty chunk's first path, once a pass in path order has read them all: with
+    /// records in path order, what [`TrustedBaseline::find`] searches (one path a chunk,
+    /// about 1,000 for a million records).
+    firsts: OnceLock<Vec<(usize, Box<[u8]>)>>,
 }
 
 /// How many decoded chunks [`TrustedBaseline`] keeps (a chunk of small files is ~300 KB).
@@ -275,9 +345,9 @@ impl TrustedBaseline {
         let manifest: Manifest = manifest_bytes
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| untrusted("its manifest is missing or unreadable".into()))?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(untrusted(format!(
-                "format version {} is not the {FORMAT_VERSION} this kubefim reads",
+                "format version {} is not one this kubefim reads (1 to {FORMAT_VERSION})",
                 manifest.format_version
             )));
         }
@@ -291,7 +361,7 @@ impl TrustedBaseline {
                 rule.attributes = rule.attributes.without(crate::policy::Attribute::Flags);
             }
         }
-        Ok(TrustedBaseline { store, manifest, policy, chunks, cache: Mutex::new(Vec::new()) })
+        Ok(TrustedBaseline { store, manifest, policy, chunks, cache: Mutex::new(Vec::new()), firsts: OnceLock::new() })
     }
 
     /// How many records the baseline has (its signed manifest says).
@@ -370,8 +440,34 @@ impl TrustedBaseline {
         decode_chunk(&bytes).ok_or_else(|| untrusted(format!("record chunk {i} has an unknown format")))
     }
 
-    /// Every record by path, in memory: for the commands that still compare by path lookup
-    /// (verify, show); the watcher reads by location instead.
+    /// Every record in path order (`Path`'s `Ord`), one chunk in memory at a time, each
+    /// checked to come after the one before it. A baseline of format 1 has them in another
+    /// order: [`Error::OldFormat`], saying that `what` (for example "verified") cannot be done.
+    pub fn records_in_order(&self, what: &'static str) -> Result<InOrder<'_>> {
+        if self.manifest.format_version < SORTED_SINCE {
+            return Err(Error::OldFormat { path: self.path().to_owned(), version: self.manifest.format_version, what });
+        }
+        Ok(InOrder { baseline: self, next_chunk: 0, chunk: Vec::new().into_iter(), last: None, firsts: Vec::new() })
+    }
+
+    /// The record of `path`, found by binary search in the chunk whose first path is the
+    /// last one not after it (records are in path order). The first call reads every chunk
+    /// once, unless a whole [`TrustedBaseline::records_in_order`] pass did already.
+    pub fn find(&self, path: &Path) -> Result<Option<FileRecord>> {
+        if self.firsts.get().is_none() {
+            for record in self.records_in_order("searched by path")? {
+                record?;
+            }
+        }
+        let firsts = self.firsts.get().expect("set by a whole pass");
+        let at = firsts.partition_point(|(_, first)| path_from_bytes(first) <= path);
+        let Some((chunk, _)) = at.checked_sub(1).map(|i| &firsts[i]) else { return Ok(None) };
+        let chunk = self.chunk(*chunk)?;
+        Ok(chunk.binary_search_by(|(p, _)| path_from_bytes(p).cmp(path)).ok().map(|i| chunk[i].1.clone()))
+    }
+
+    /// Every record by path, in memory: for `show`, which prints them in byte order; the
+    /// watcher reads by location, verify in path order.
     pub fn record_map(&self) -> Result<BTreeMap<Vec<u8>, FileRecord>> {
         let mut records = BTreeMap::new();
         self.for_each_record(|_, path, record| {
@@ -389,6 +485,69 @@ impl TrustedBaseline {
     /// The database path.
     pub fn path(&self) -> &Path {
         self.store.path()
+    }
+}
+
+/// [`TrustedBaseline::records_in_order`]'s iterator.
+pub struct InOrder<'a> {
+    baseline: &'a TrustedBaseline,
+    next_chunk: usize,
+    chunk: std::vec::IntoIter<PathRecord>,
+    /// The path of the record returned last.
+    last: Option<Vec<u8>>,
+    /// The first path of every chunk read so far.
+    firsts: Vec<(usize, Box<[u8]>)>,
+}
+
+impl Iterator for InOrder<'_> {
+    type Item = Result<PathRecord>;
+
+    fn next(&mut self) -> Option<Result<PathRecord>> {
+        let (path, record) = loop {
+            if let Some(r) = self.chunk.next() {
+                break r;
+            }
+            let i = self.next_chunk;
+            if i >= self.baseline.chunks.len() {
+                if i == self.baseline.chunks.len() {
+                    self.baseline.firsts.get_or_init(|| std::mem::take(&mut self.firsts));
+                    self.next_chunk += 1;
+                }
+                return None;
+            }
+            self.next_chunk += 1;
+            // Read around the cache: a whole pass would only evict what readers use.
+            match self.baseline.read_chunk(i) {
+                Ok(chunk) => {
+                    if let Some((first, _)) = chunk.first() {
+                        self.firsts.push((i, first.as_slice().into()));
+                    }
+                    self.chunk = chunk.into_iter();
+                }
+                Err(e) => {
+                    self.next_chunk = usize::MAX;
+                    return Some(Err(e));
+                }
+            }
+        };
+        if let Some(last) = &self.last
+            && path_from_bytes(last) >= path_from_bytes(&path)
+        {
+            // Signed, so written like this: by a kubefim with a bug, or a signer's own tool.
+            self.next_chunk = usize::MAX;
+            self.chunk = Vec::new().into_iter();
+            return Some(Err(Error::Untrusted {
+                path: self.baseline.path().to_owned(),
+                reason: format!(
+                    "its records are out of path order ({} after {}, in record chunk {}); make a new one with `kubefim baseline create`",
+                    path_from_bytes(&path).display(),
+                    path_from_bytes(last).display(),
+                    self.next_chunk.min(self.baseline.chunks.len()).saturating_sub(1),
+                ),
+            }));
+        }
+        self.last = Some(path.clone());
+        Some(Ok((path, record)))
     }
 }
 
@@ -427,26 +586,23 @@ pub fn accept(
         }
         roots.push(abs);
     }
+    let records = trusted.records_in_order("accepted path by path")?;
     write_baseline(db, key, |store| {
-        let under_accepted = |k: &[u8]| roots.iter().any(|r| crate::policy::path_from_bytes(k).starts_with(r));
+        let under_accepted = |k: &[u8]| roots.iter().any(|r| path_from_bytes(k).starts_with(r));
         let mut kept = 0u64;
-        let mut writer = ChunkWriter::new(store);
-        trusted.for_each_record(|_, k, record| {
-            if under_accepted(k) {
-                return Ok(());
-            }
+        let kept_records = records.filter(|r| !r.as_ref().is_ok_and(|(k, _)| under_accepted(k))).map(|r| {
+            let (k, record) = r?;
             if let (true, Some(hash)) = (record.content_stored, record.hash())
                 && let Some(content) = trusted.content(hash)?
             {
                 store.put_content(hash, &content)?;
             }
-            writer.push(k.to_vec(), record.clone())?;
             kept += 1;
-            Ok(())
-        })?;
+            Ok((k, record))
+        });
         let scan =
             Scan::paths(&trusted.policy, roots.clone()).under(host).skip(db).skip(&lock_path(db)).skip(store.path());
-        let summary = scan_into(&mut writer, &scan, progress)?;
+        let summary = scan_into(&mut ChunkWriter::new(store), &scan, progress, kept_records)?;
         let accepted = roots.iter().map(|r| r.display().to_string()).collect();
         Ok((manifest(&trusted.policy, kept + summary.entries, &summary, accepted), summary))
     })
@@ -580,6 +736,67 @@ mod tests {
         trusted.cache.lock().unwrap().clear();
         let err = trusted.record(seen[0].0).unwrap_err();
         assert!(err.is_untrusted() && err.to_string().contains("changed after its signature was checked"), "{err}");
+    }
+
+    /// Edits the database and signs it anew with the right key, as a signer's own tool with a
+    /// bug would: everything verifies, only what was signed is wrong.
+    fn edit_and_resign(db: &Path, key: &SigningKey, edit: impl FnOnce(&Store)) {
+        tamper_and_reseal(db, key, |s| {
+            edit(s);
+            s.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&canonical_digest(s).unwrap())).unwrap();
+        });
+    }
+
+    #[test]
+    fn signed_records_out_of_path_order_are_an_error_not_a_miss() {
+        let (_dir, db, key, public) = fixture();
+        edit_and_resign(&db, &key, |s| {
+            let (k, mut entries) = first_chunk(s);
+            entries.swap(0, 1);
+            s.put(TreeKind::Records, &k, &encode_chunk(&entries)).unwrap();
+        });
+        let trusted = TrustedBaseline::open(&db, &public).expect("the signature verifies");
+        let err = crate::verify::verify(&trusted, &HostRoot::identity(), &ScanProgress::default()).unwrap_err();
+        assert!(err.is_untrusted() && err.to_string().contains("out of path order"), "{err}");
+    }
+
+    #[test]
+    fn an_older_format_is_watched_but_not_verified_and_a_new_baseline_is_the_way_out() {
+        let (dir, db, key, public) = fixture();
+        edit_and_resign(&db, &key, |s| {
+            let m = s.get(TreeKind::Meta, MANIFEST_KEY).unwrap().unwrap();
+            let m = String::from_utf8(m).unwrap().replace("\"format_version\":2", "\"format_version\":1");
+            s.put(TreeKind::Meta, MANIFEST_KEY, m.as_bytes()).unwrap();
+        });
+        let host = HostRoot::identity();
+        let trusted = TrustedBaseline::open(&db, &public).expect("format 1 is still trusted (the watcher reads it)");
+        assert_eq!(trusted.manifest.format_version, 1);
+        let err = crate::verify::verify(&trusted, &host, &ScanProgress::default()).unwrap_err();
+        assert!(matches!(err, Error::OldFormat { version: 1, .. }), "{err}");
+        assert!(err.to_string().contains("kubefim baseline create"), "{err}");
+        drop(trusted);
+        let tree = dir.path().join("tree");
+        let err = accept(&host, &db, &key, &public, &[tree.join("a")], &ScanProgress::default()).unwrap_err();
+        assert!(matches!(err, Error::OldFormat { .. }), "{err}");
+        let err = crate::verify::verify_db(&db, &public, &host, &ScanProgress::default()).err().unwrap();
+        assert!(matches!(err, Error::OldFormat { .. }), "{err}");
+        accept(&host, &db, &key, &public, &[], &ScanProgress::default()).unwrap();
+        let (trusted, report) = crate::verify::verify_db(&db, &public, &host, &ScanProgress::default()).unwrap();
+        assert_eq!(trusted.manifest.format_version, FORMAT_VERSION);
+        assert!(report.is_clean(), "{:?}", report.changes);
+    }
+
+    #[test]
+    fn records_are_found_by_path_in_their_chunk() {
+        let (dir, db, _key, public) = fixture();
+        let trusted = TrustedBaseline::open(&db, &public).unwrap();
+        let tree = dir.path().join("tree");
+        for p in [tree.clone(), tree.join("a"), tree.join("sub"), tree.join("sub/b")] {
+            assert!(trusted.find(&p).unwrap().is_some(), "{}", p.display());
+        }
+        for p in [dir.path().to_owned(), tree.join("a.txt"), tree.join("sub/c"), tree.join("zz")] {
+            assert!(trusted.find(&p).unwrap().is_none(), "{}", p.display());
+        }
     }
 
     #[test]

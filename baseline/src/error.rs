@@ -44,6 +44,21 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The baseline was written by a kubefim that stored records in scan order (format 1):
+    /// it is still trusted and watched, but what needs its records in path order (verify,
+    /// accepting some paths) cannot use it.
+    #[error(
+        "baseline {path} has format {version}, whose records are not in path order, so it cannot be \
+         {what}; make a new one with `kubefim baseline create` (or `kubefim baseline accept` without paths)"
+    )]
+    OldFormat {
+        /// The database.
+        path: PathBuf,
+        /// Its format version.
+        version: u32,
+        /// What could not be done ("verified").
+        what: &'static str,
+    },
     /// The database could not be created or written.
     #[error("baseline store {path}: {message}")]
     Store {

@@ -236,7 +236,7 @@ pub fn scan(
     let filled = (|| {
         let scan =
             Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).skip(&pending).skip(store.path());
-        let summary = scan_into(&mut ChunkWriter::new(&store), &scan, progress)?;
+        let summary = scan_into(&mut ChunkWriter::new(&store), &scan, progress, std::iter::empty())?;
         let mut manifest = manifest(policy, summary.entries, &summary, Vec::new());
         manifest.host = node.to_owned();
         let manifest_bytes = serde_json::to_vec(&manifest).expect("a manifest serialises");

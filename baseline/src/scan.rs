@@ -1,31 +1,37 @@
 //! The scan: walks the roots a policy names (`walk`: through directory descriptors, never
 //! following a symlink, not crossing file systems) and turns every entry into a
-//! [`FileRecord`] on all cores (rayon), handing each to a [`ScanSink`] as soon as it is ready
-//! so the caller can store or compare while the walk goes on. Every entry is read by name
+//! [`FileRecord`] on all cores (rayon), a batch at a time, handing the records to a
+//! [`ScanSink`] in the walk's order, which is `Path`'s order, so the caller can store or merge
+//! them while the walk goes on and hold a window of them, never the tree. The roots' walks
+//! are merged into that one order (a nested root on another file system is walked beside
+//! its parent's). Text content kept for diffs goes to the sink from the thread that read it
+//! and travels no further. Every entry is read by name
 //! from its directory's descriptor ([`crate::beneath`]): regular files are opened once
 //! (`O_NOFOLLOW | O_NONBLOCK | O_NOATIME`), `fstat`ed, hashed and `fstat`ed again; FIFOs,
 //! sockets and devices are never opened. Problems with one entry (unreadable, vanished,
 //! changed while read) are warnings, never fatal.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Seek};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 use rustix::fs::Stat;
 
 use crate::beneath;
-use crate::hash;
+use crate::hash::{self, Hash};
 use crate::mapped::{self, Mapped};
 use crate::policy::{Attribute, MAX_DIFF_CONTENT, Policy, Rule};
 use crate::record::{FLAGS_RECORDED, FileKind, FileRecord};
 use crate::root::HostRoot;
-use crate::walk::{self, Walked};
+use crate::walk::{self, Entry, Walked};
 
 /// How many times a file that changes while it is read is read again before it is recorded
 /// as unstable.
@@ -38,8 +44,16 @@ const READ_BUFFER: usize = 1 << 20;
 /// smaller ones are cheaper to read.
 const MAP_THRESHOLD: u64 = 64 << 10;
 
-/// Batches of listed entries waiting to be recorded (each holds its directory open).
-const WALK_QUEUE: usize = 64;
+/// Batches of listed entries a walk may be ahead of the recording (each entry holds its
+/// directory open).
+const WALK_QUEUE: usize = 8;
+
+/// Entries recorded at once, on every core, before they are handed on in order: the
+/// window between the walk and the sink.
+const RECORD_BATCH: usize = 512;
+
+/// Directories whose entries one recorded batch may hold (each held open).
+const RECORD_BATCH_DIRS: usize = 4 * walk::BATCH_DIRS;
 
 /// One scanned entry.
 #[derive(Debug)]
@@ -48,14 +62,21 @@ pub struct ScannedEntry {
     pub path: PathBuf,
     /// What was recorded.
     pub record: FileRecord,
-    /// The content, for files whose rule keeps content for diffs and that are text.
-    pub content: Option<Vec<u8>>,
 }
 
-/// Receives what the scan finds, from many threads at once.
+/// Receives what the scan finds.
 pub trait ScanSink: Sync {
-    /// A recorded entry.
+    /// A recorded entry. Entries come one call at a time, in `Path`'s order (component by
+    /// component: `/a`, `/a/b`, `/a.txt`), each path once.
     fn entry(&self, entry: ScannedEntry);
+
+    /// The text of a file whose rule keeps content for diffs, with its hash, before the
+    /// entry itself comes; called on the thread that read it, from many at once. A sink that
+    /// stores content stores it here, so that no text waits in the scan's queues: the
+    /// content goes nowhere else. By default it is dropped.
+    fn content(&self, hash: &Hash, text: &[u8]) {
+        let _ = (hash, text);
+    }
 }
 
 /// What a warning is about.
@@ -144,7 +165,7 @@ impl<'a> Scan<'a> {
         self
     }
 
-    /// Runs the scan, handing every entry to `sink`.
+    /// Runs the scan, handing every entry to `sink` in path order.
     pub fn run(&self, sink: &dyn ScanSink, progress: &ScanProgress) -> ScanSummary {
         let warnings = Mutex::new(Vec::new());
         let warn = |path: &Path, kind, message: String| {
@@ -154,12 +175,25 @@ impl<'a> Scan<'a> {
                 message,
             });
         };
-        for (i, root) in self.roots.iter().enumerate() {
-            if self.is_covered_by_other_root(i) {
-                continue;
-            }
-            self.walk(root, sink, progress, &warn);
-        }
+        let mut roots: Vec<&Path> = (0..self.roots.len())
+            .filter(|&i| !self.is_covered_by_other_root(i))
+            .map(|i| self.roots[i].as_path())
+            .collect();
+        roots.sort();
+        roots.dedup();
+        // The paths to skip are on disk; the walk's are policy paths.
+        let skip: Vec<PathBuf> =
+            self.skip.iter().filter_map(|s| self.host.logical(s).map(|p| p.into_owned())).collect();
+        let policy = self.policy;
+        let keep = |p: &Path| {
+            policy.rule_index_for(p).is_some_and(|i| !policy.rules[i].excludes(p))
+                && !skip.iter().any(|s| p.starts_with(s))
+        };
+        std::thread::scope(|s| {
+            let start = starter(|root| self.start_walk(s, root, &keep, &warn));
+            let walks = Walks { pending: roots.into_iter().collect(), active: Vec::new(), start, warn: &warn };
+            self.record_in_order(walks, sink, progress, &warn);
+        });
         let mut warnings = warnings.into_inner().expect("no panics while holding");
         warnings.sort_by(|a, b| a.path.cmp(&b.path));
         ScanSummary {
@@ -185,71 +219,175 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// Walks `root`, a policy path.
-    fn walk(
-        &self,
-        root: &Path,
-        sink: &dyn ScanSink,
-        progress: &ScanProgress,
+    /// Starts walking `root` (a policy path) on a thread of its own, which only lists:
+    /// hashing runs on rayon's threads. `None` when there is nothing to walk there.
+    fn start_walk<'s>(
+        &'s self,
+        s: &'s std::thread::Scope<'s, '_>,
+        root: &'s Path,
+        keep: &'s (dyn Fn(&Path) -> bool + Sync),
         warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
-    ) {
-        let policy = self.policy;
-        // The paths to skip are on disk; the walk's are policy paths.
-        let skip: Vec<PathBuf> =
-            self.skip.iter().filter_map(|s| self.host.logical(s).map(|p| p.into_owned())).collect();
-        let keep = |p: &Path| {
-            policy.rule_index_for(p).is_some_and(|i| !policy.rules[i].excludes(p))
-                && !skip.iter().any(|s| p.starts_with(s))
-        };
+    ) -> Option<Receiver<Vec<Walked>>> {
         if !keep(root) {
-            return;
+            return None;
         }
-        let at = match beneath::locate(policy, &self.host, root) {
+        let at = match beneath::locate(self.policy, &self.host, root) {
             Ok(at) => at,
             // A root that does not exist is simply absent (verify reports it if it appears).
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(e) => return warn(root, WarningKind::Unreadable, format!("cannot list directory: {e}")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                warn(root, WarningKind::Unreadable, format!("cannot list directory: {e}"));
+                return None;
+            }
         };
-        // The walk runs on its own thread and only lists; hashing runs on rayon's threads.
-        // (Pulling the walker straight through `par_bridge` would make every worker wait on
-        // the walker's lock while it is in getdents.)
         let (tx, rx) = std::sync::mpsc::sync_channel(WALK_QUEUE);
-        std::thread::scope(|s| {
-            s.spawn(move || walk::walk(at, root, &keep, &tx));
-            self.record_all(rx, sink, progress, warn);
-        });
+        s.spawn(move || walk::walk(at, root, keep, &tx));
+        Some(rx)
     }
 
-    fn record_all(
+    /// Records what the walks list on every core, a batch at a time, and hands the records
+    /// to `sink` in the order the walks listed them: path order. The walks wait while the
+    /// batches they sent are not taken, so what is held is a window, not the tree.
+    fn record_in_order<'w>(
         &self,
-        rx: std::sync::mpsc::Receiver<Walked>,
+        mut walks: Walks<'w, impl FnMut(&'w Path) -> Option<Receiver<Vec<Walked>>>>,
         sink: &dyn ScanSink,
         progress: &ScanProgress,
         warn: &(dyn Fn(&Path, WarningKind, String) + Sync),
     ) {
         let policy = self.policy;
-        rx.into_iter().par_bridge().for_each(|walked| match walked {
-            Walked::Batch(batch) => batch.entries.into_par_iter().for_each(|entry| {
-                let path = entry.path;
-                let Some(rule_index) = policy.rule_index_for(&path) else { return };
-                let rule = &policy.rules[rule_index];
-                match record_entry(batch.dir.as_fd(), &entry.name, entry.is_file, rule, rule_index, true) {
-                    Ok(Recorded { record, content, warning }) => {
-                        if let Some((kind, message)) = warning {
-                            warn(&path, kind, message);
-                        }
-                        progress.entries.fetch_add(1, Ordering::Relaxed);
-                        progress.bytes.fetch_add(record.digest.as_ref().map_or(0, |_| record.size), Ordering::Relaxed);
-                        sink.entry(ScannedEntry { path, record, content });
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        warn(&path, WarningKind::Vanished, "vanished during the scan".into());
-                    }
-                    Err(e) => warn(&path, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
+        let mut batch = Vec::with_capacity(RECORD_BATCH);
+        loop {
+            let mut dirs = 0;
+            while batch.len() < RECORD_BATCH && dirs < RECORD_BATCH_DIRS {
+                let Some(entry) = walks.next() else { break };
+                if !batch.last().is_some_and(|last: &Entry| Arc::ptr_eq(&last.dir, &entry.dir)) {
+                    dirs += 1;
                 }
-            }),
-            Walked::Problem { path, kind, message } => warn(&path, kind, message),
-        });
+                batch.push(entry);
+            }
+            if batch.is_empty() {
+                return;
+            }
+            // An indexed parallel iterator collects in order: rayon keeps the sequence.
+            let recorded: Vec<Option<ScannedEntry>> = batch
+                .par_drain(..)
+                .map(|entry| {
+                    let path = entry.path;
+                    let rule_index = policy.rule_index_for(&path)?;
+                    let rule = &policy.rules[rule_index];
+                    match record_entry(entry.dir.as_fd(), &entry.name, entry.is_file, rule, rule_index, true) {
+                        Ok(Recorded { record, content, warning }) => {
+                            if let Some((kind, message)) = warning {
+                                warn(&path, kind, message);
+                            }
+                            if let (Some(text), Some(hash)) = (&content, record.hash()) {
+                                sink.content(hash, text);
+                            }
+                            progress.entries.fetch_add(1, Ordering::Relaxed);
+                            progress
+                                .bytes
+                                .fetch_add(record.digest.as_ref().map_or(0, |_| record.size), Ordering::Relaxed);
+                            Some(ScannedEntry { path, record })
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            warn(&path, WarningKind::Vanished, "vanished during the scan".into());
+                            None
+                        }
+                        Err(e) => {
+                            warn(&path, WarningKind::Unreadable, format!("cannot read metadata: {e}"));
+                            None
+                        }
+                    }
+                })
+                .collect();
+            for entry in recorded.into_iter().flatten() {
+                sink.entry(entry);
+            }
+        }
+    }
+}
+
+/// `start`, as a closure over the roots' own lifetime (which closure signatures cannot name).
+fn starter<'w, F: FnMut(&'w Path) -> Option<Receiver<Vec<Walked>>>>(start: F) -> F {
+    start
+}
+
+/// The walks of a scan's roots, merged into one sequence in path order. A root's walk starts
+/// when the sequence reaches the root, so roots side by side are walked one after the other;
+/// a root nested in another (another file system, which the outer walk does not enter) is
+/// walked beside it, and the mount point both list is taken once.
+struct Walks<'w, F> {
+    /// Roots not started yet, sorted.
+    pending: VecDeque<&'w Path>,
+    /// The walks running, each with the entry it offers next.
+    active: Vec<Cursor>,
+    /// Starts a root's walk.
+    start: F,
+    warn: &'w (dyn Fn(&Path, WarningKind, String) + Sync),
+}
+
+/// One running walk.
+struct Cursor {
+    rx: Receiver<Vec<Walked>>,
+    batch: std::vec::IntoIter<Walked>,
+    head: Option<Entry>,
+}
+
+impl Cursor {
+    /// Moves to the walk's next entry (`head` is `None` at its end); problems on the way are
+    /// warnings, which need no order.
+    fn advance(&mut self, warn: &(dyn Fn(&Path, WarningKind, String) + Sync)) {
+        self.head = loop {
+            match self.batch.next() {
+                Some(Walked::Entry(e)) => break Some(e),
+                Some(Walked::Problem { path, kind, message }) => warn(&path, kind, message),
+                None => match self.rx.recv() {
+                    Ok(batch) => self.batch = batch.into_iter(),
+                    Err(_) => break None,
+                },
+            }
+        };
+    }
+}
+
+impl<'w, F: FnMut(&'w Path) -> Option<Receiver<Vec<Walked>>>> Iterator for Walks<'w, F> {
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        loop {
+            let best = (0..self.active.len())
+                .filter(|&i| self.active[i].head.is_some())
+                .min_by(|&a, &b| self.head_path(a).cmp(self.head_path(b)));
+            if let Some(&root) = self.pending.front()
+                && best.is_none_or(|i| root <= self.head_path(i))
+            {
+                self.pending.pop_front();
+                if let Some(rx) = (self.start)(root) {
+                    let mut cursor = Cursor { rx, batch: Vec::new().into_iter(), head: None };
+                    cursor.advance(self.warn);
+                    self.active.push(cursor);
+                }
+                continue;
+            }
+            let entry = self.active[best?].head.take().expect("the best has a head");
+            self.active[best?].advance(self.warn);
+            for c in &mut self.active {
+                // The same path from another walk: the mount point of a nested root, listed
+                // by the outer walk and started by its own.
+                while c.head.as_ref().is_some_and(|h| h.path == entry.path) {
+                    c.advance(self.warn);
+                }
+            }
+            self.active.retain(|c| c.head.is_some());
+            return Some(entry);
+        }
+    }
+}
+
+impl<F> Walks<'_, F> {
+    fn head_path(&self, i: usize) -> &Path {
+        &self.active[i].head.as_ref().expect("a head").path
     }
 }
 

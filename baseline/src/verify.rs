@@ -4,11 +4,9 @@
 //! not `removed` (`mounts`). Anything that could not be checked is an error entry that keeps
 //! the report from being clean.
 
-use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, mpsc};
 
-use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +15,8 @@ use crate::error::Result;
 use crate::hash::changed_ranges;
 use crate::lock::lock_path;
 use crate::mounts::{Mount, MountTable, hiding};
-use crate::policy::{Attribute, Policy, path_bytes, path_from_bytes};
-use crate::record::FileRecord;
+use crate::policy::{Attribute, Policy, path_from_bytes};
+use crate::record::{FileRecord, PathRecord};
 use crate::report::{display_path, escape_bytes};
 use crate::root::HostRoot;
 use crate::scan::{Scan, ScanProgress, ScanSink, ScanSummary, ScannedEntry};
@@ -203,32 +201,63 @@ pub fn compare_with(
     Ok(Some(change))
 }
 
-/// Collects what a scan finds, for comparing once the baseline is trusted.
-#[derive(Default)]
-struct Collect(Mutex<Vec<ScannedEntry>>);
+/// How many entries go to the comparison at a time.
+const BATCH: usize = 1024;
 
-impl ScanSink for Collect {
+/// Batches the rescan may be ahead of the comparison: while the baseline is still being
+/// copied and checked, the rescan runs this far before it waits (about 10 MB of records).
+const AHEAD: usize = 32;
+
+/// Hands the rescan's entries, in path order, to the comparison on another thread.
+struct Ahead {
+    tx: mpsc::SyncSender<Vec<ScannedEntry>>,
+    batch: Mutex<Vec<ScannedEntry>>,
+}
+
+impl ScanSink for Ahead {
     fn entry(&self, entry: ScannedEntry) {
-        self.0.lock().expect("no panics while holding").push(entry);
+        let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
+        batch.push(entry);
+        if batch.len() == BATCH {
+            // The comparison gone (it failed, and says why): the rest is wasted, not wrong.
+            let _ = self.tx.send(std::mem::replace(&mut *batch, Vec::with_capacity(BATCH)));
+        }
     }
 }
 
-fn rescan(policy: &Policy, host: &HostRoot, db: &Path, progress: &ScanProgress) -> (Vec<ScannedEntry>, ScanSummary) {
-    let sink = Collect::default();
+/// Rescans what `policy` names, sending the entries in path order to `tx`.
+fn rescan(
+    policy: &Policy,
+    host: &HostRoot,
+    db: &Path,
+    progress: &ScanProgress,
+    tx: mpsc::SyncSender<Vec<ScannedEntry>>,
+) -> ScanSummary {
+    let sink = Ahead { tx, batch: Mutex::new(Vec::with_capacity(BATCH)) };
     let summary = Scan::whole_policy(policy).under(host).skip(db).skip(&lock_path(db)).run(&sink, progress);
-    (sink.0.into_inner().expect("no panics while holding"), summary)
+    let rest = sink.batch.into_inner().unwrap_or_else(PoisonError::into_inner);
+    if !rest.is_empty() {
+        let _ = sink.tx.send(rest);
+    }
+    summary
 }
 
 /// Rescans everything a trusted baseline's policy names and reports every difference.
 pub fn verify(baseline: &TrustedBaseline, host: &HostRoot, progress: &ScanProgress) -> Result<VerifyReport> {
-    let (entries, summary) = rescan(&baseline.policy, host, baseline.path(), progress);
-    report(baseline, host, entries, &summary)
+    let records = baseline.records_in_order("verified")?;
+    let (tx, rx) = mpsc::sync_channel(AHEAD);
+    std::thread::scope(|s| {
+        let scanner = s.spawn(|| rescan(&baseline.policy, host, baseline.path(), progress, tx));
+        let changes = merge(baseline, host, records, rx);
+        let summary = scanner.join().expect("the scan does not panic");
+        Ok(report(baseline, host, changes?, &summary))
+    })
 }
 
 /// Opens the baseline at `db` and verifies the machine against it. The rescan starts as
 /// soon as the seal's signature has vouched for the policy, while the database itself is
-/// still being copied and checked; nothing is compared, and no result is given, unless
-/// every check of the baseline passes.
+/// still being copied and checked (it runs [`AHEAD`] batches ahead, then waits); nothing is
+/// compared, and no result is given, unless every check of the baseline passes.
 pub fn verify_db(
     db: &Path,
     key: &PublicKey,
@@ -238,61 +267,115 @@ pub fn verify_db(
     let seal = Seal::read_verified(db, key)?;
     let policy = Policy::from_yaml(&seal.policy, "the baseline's policy")
         .map_err(|e| crate::Error::Untrusted { path: db.to_owned(), reason: crate::error::chain(&e) })?;
-    let (baseline, (entries, summary)) = std::thread::scope(|s| {
-        let loader = s.spawn(|| TrustedBaseline::open_sealed(db, key, &seal));
-        let scanned = rescan(&policy, host, db, progress);
-        (loader.join().expect("loading the baseline does not panic"), scanned)
+    let (tx, rx) = mpsc::sync_channel(AHEAD);
+    let (baseline, changes, summary) = std::thread::scope(|s| {
+        let scanner = s.spawn(|| rescan(&policy, host, db, progress, tx));
+        let baseline = TrustedBaseline::open_sealed(db, key, &seal);
+        // On any failure the receiver goes with it, and the rescan runs to its end unheard.
+        let changes = match &baseline {
+            Ok(b) => b.records_in_order("verified").and_then(|records| merge(b, host, records, rx)),
+            Err(_) => {
+                drop(rx);
+                Ok(Vec::new())
+            }
+        };
+        (baseline, changes, scanner.join().expect("the scan does not panic"))
     });
     let baseline = baseline?;
-    let report = report(&baseline, host, entries, &summary)?;
+    let report = report(&baseline, host, changes?, &summary);
     Ok((baseline, report))
 }
 
-/// Compares scanned entries with the baseline: modified and added from the entries, removed
-/// from the records no entry matched.
+/// Compares the rescan's entries with the baseline's records, both in path order, in one
+/// pass: a path only the rescan has is added, one only the baseline has is removed, one
+/// both have is compared. What is held is a chunk of records and the batches in flight.
+fn merge(
+    baseline: &TrustedBaseline,
+    host: &HostRoot,
+    records: impl Iterator<Item = Result<PathRecord>>,
+    scanned: mpsc::Receiver<Vec<ScannedEntry>>,
+) -> Result<Vec<Change>> {
+    let mut records = records.peekable();
+    let mut scanned = scanned.into_iter().flatten().peekable();
+    let mut changes = Vec::new();
+    loop {
+        let order = match (records.peek(), scanned.peek()) {
+            (None, None) => return Ok(changes),
+            (Some(Err(_)), _) => return Err(records.next().expect("peeked").expect_err("peeked an error")),
+            (Some(Ok((path, _))), Some(entry)) => path_from_bytes(path).cmp(&entry.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+        };
+        let change = match order {
+            std::cmp::Ordering::Less => {
+                let (path, old) = records.next().expect("peeked")?;
+                Some(removed(path_from_bytes(&path).to_owned(), old))
+            }
+            std::cmp::Ordering::Greater => {
+                let entry = scanned.next().expect("peeked");
+                compare(baseline, entry.path, None, entry.record, None)?
+            }
+            std::cmp::Ordering::Equal => {
+                let (_, old) = records.next().expect("peeked")?;
+                let entry = scanned.next().expect("peeked");
+                let text =
+                    diffable(&old, &entry.record).then(|| reread(&baseline.policy, host, &entry.path, &entry.record));
+                compare(baseline, entry.path, Some(&old), entry.record, text.flatten().as_deref())?
+            }
+        };
+        changes.extend(change);
+    }
+}
+
+fn removed(path: PathBuf, old: FileRecord) -> Change {
+    Change {
+        path,
+        kind: ChangeKind::Removed,
+        changed: Vec::new(),
+        old: Some(old),
+        new: None,
+        diff: None,
+        changed_ranges: None,
+        mount: None,
+    }
+}
+
+/// Whether a diff may be shown: both sides text kept for diffs, and different.
+fn diffable(old: &FileRecord, new: &FileRecord) -> bool {
+    old.content_stored && new.content_stored && old.hash() != new.hash()
+}
+
+/// The text of `path` for a diff, read again (the rescan keeps no content: a text file is
+/// held only while it is hashed), only if it still hashes to what the rescan recorded. If
+/// it changed again since, a diff of it would not be of the change reported: none is shown.
+fn reread(policy: &Policy, host: &HostRoot, path: &Path, recorded: &FileRecord) -> Option<Vec<u8>> {
+    let now = crate::scan::rehash(path, policy, host)?.ok()?;
+    if now.record.hash().is_some() && now.record.hash() == recorded.hash() {
+        now.content
+    } else {
+        tracing::warn!(path = %path.display(), "changed again after it was verified; its diff is not shown");
+        None
+    }
+}
+
+/// The report: the changes (mounts said), and as errors whatever could not be checked.
 fn report(
     baseline: &TrustedBaseline,
     host: &HostRoot,
-    entries: Vec<ScannedEntry>,
+    mut changes: Vec<Change>,
     summary: &ScanSummary,
-) -> Result<VerifyReport> {
-    let records = baseline.record_map()?;
-    let seen: HashSet<&[u8]> = entries.iter().map(|e| path_bytes(&e.path)).collect();
-    let mut changes: Vec<Change> = records
-        .iter()
-        .filter(|(k, _)| !seen.contains(k.as_slice()))
-        .map(|(k, old)| Change {
-            path: path_from_bytes(k).to_owned(),
-            kind: ChangeKind::Removed,
-            changed: Vec::new(),
-            old: Some(old.clone()),
-            new: None,
-            diff: None,
-            changed_ranges: None,
-            mount: None,
-        })
-        .collect();
-    drop(seen);
-    let compared: Vec<Option<Change>> = entries
-        .into_par_iter()
-        .map(|e| {
-            let old = records.get(path_bytes(&e.path));
-            compare(baseline, e.path, old, e.record, e.content.as_deref())
-        })
-        .collect::<Result<_>>()?;
-    changes.extend(compared.into_iter().flatten());
-    changes.sort_by(|a, b| a.path.cmp(&b.path));
-    mark_mounts(&mut changes, &records, host);
+) -> VerifyReport {
+    mark_mounts(&mut changes, baseline, host);
     let errors =
         summary.incomplete().map(|w| VerifyError { path: w.path.clone(), message: w.message.clone() }).collect();
-    Ok(VerifyReport { changes, errors, scanned: summary.entries })
+    VerifyReport { changes, errors, scanned: summary.entries }
 }
 
 /// Says which removed entries a mount made since the baseline hides (then `hidden`, not
 /// `removed`: a tmpfs over a directory is not the directory's files deleted) and which
 /// modified entries are a mount's target now (a bind mount over a file). Without a readable
 /// mount table, nothing is said.
-fn mark_mounts(changes: &mut [Change], records: &BTreeMap<Vec<u8>, FileRecord>, host: &HostRoot) {
+fn mark_mounts(changes: &mut [Change], baseline: &TrustedBaseline, host: &HostRoot) {
     if !changes.iter().any(|c| matches!(c.kind, ChangeKind::Removed | ChangeKind::Modified)) {
         return;
     }
@@ -308,7 +391,7 @@ fn mark_mounts(changes: &mut [Change], records: &BTreeMap<Vec<u8>, FileRecord>, 
             (ChangeKind::Removed, Some(old), _) => {
                 let recorded_dir = |target: &Path| {
                     let logical = host.logical(target)?;
-                    records.get(path_bytes(&logical)).map(|r| (r.dev, r.inode))
+                    baseline.find(&logical).ok().flatten().map(|r| (r.dev, r.inode))
                 };
                 if let Some(m) = hiding(&table, &disk, old.dev, recorded_dir) {
                     c.kind = ChangeKind::Hidden;

@@ -1,12 +1,19 @@
-//! The scan's walk: lists a tree through directory descriptors only. The start is located
-//! beneath its rule root ([`crate::beneath`]); every directory below is opened by name from
-//! its parent's descriptor with `O_NOFOLLOW`, so no symlink is ever followed (a directory
-//! swapped for one between listing and opening is simply not entered) and no path is ever
-//! too long (a tree deeper than PATH_MAX is walked like any other). Entries go out in
-//! batches that hold their directory open until each entry is recorded; recording is the
-//! scan's. The walk does not cross file systems and holds a bounded number of descriptors
-//! however deep the tree: at most [`HELD`] along its way down, and those of the batches in
-//! the bounded channel.
+//! The scan's walk: lists a tree through directory descriptors only, in path order. The
+//! start is located beneath its rule root ([`crate::beneath`]); every directory below is
+//! opened by name from its parent's descriptor with `O_NOFOLLOW`, so no symlink is ever
+//! followed (a directory swapped for one between listing and opening is simply not entered)
+//! and no path is ever too long (a tree deeper than PATH_MAX is walked like any other).
+//!
+//! Order: each directory's listing is sorted by name and the tree is walked depth first,
+//! each directory before its contents, so entries go out in `Path`'s order (component by
+//! component: `/a`, `/a/b`, `/a.txt`), which is the order baselines store records in and
+//! verify merges them in. A directory's listing is held while its subtree is walked, so
+//! memory is the listings along the current path, not the tree.
+//!
+//! Entries go out in batches, each entry holding its directory open until it is recorded;
+//! recording is the scan's. The walk does not cross file systems and holds a bounded number
+//! of descriptors however deep the tree: at most [`HELD`] along its way down, and those of
+//! the batches in the bounded channel (at most [`BATCH_DIRS`] directories a batch).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,38 +24,37 @@ use std::sync::mpsc::SyncSender;
 
 use rustix::fs::{FileType, Mode, OFlags};
 
-use crate::beneath::{self, Located};
+use crate::beneath::{self, Listed, Located};
 use crate::scan::WarningKind;
 
 /// Directories on the way down held open; deeper ones are reopened from the nearest held one
 /// when the walk comes back up to them.
 const HELD: usize = 32;
 
-/// Entries per batch: large directories are recorded on every core while they are listed.
-const BATCH: usize = 512;
+/// Entries per batch: enough to spread over every core, few enough to keep the scan's
+/// window small.
+const BATCH: usize = 256;
 
-/// Entries of one directory, to record.
-pub(crate) struct Batch {
-    /// The directory they are in, open until every entry is recorded.
-    pub dir: Arc<OwnedFd>,
-    /// The entries.
-    pub entries: Vec<Entry>,
-}
+/// Directories per batch: every entry holds its directory open until it is recorded, so a
+/// tree of small directories must not hold a descriptor for each of its entries in flight.
+pub(crate) const BATCH_DIRS: usize = 16;
 
-/// One listed entry.
+/// One listed entry, to record.
 pub(crate) struct Entry {
+    /// The directory it is in, open until it is recorded.
+    pub dir: Arc<OwnedFd>,
     /// Its policy path.
     pub path: PathBuf,
-    /// Its name in the batch's directory.
+    /// Its name in `dir`.
     pub name: CString,
     /// Whether the listing says it is a regular file (checked again when it is opened).
     pub is_file: bool,
 }
 
-/// What the walk sends.
+/// What the walk sends, in batches.
 pub(crate) enum Walked {
-    /// Entries to record.
-    Batch(Batch),
+    /// An entry to record; entries come in path order.
+    Entry(Entry),
     /// A path the walk could not go into or through.
     Problem {
         /// The path.
@@ -68,102 +74,142 @@ struct Frame {
     path: PathBuf,
     /// Device and inode, to check a reopened directory is the one that was listed.
     id: (u64, u64),
-    /// Subdirectories not walked yet.
-    subdirs: Vec<(CString, PathBuf)>,
-}
-
-/// Walks the tree at `root` (a policy path, located at `at`), sending every entry `keep`
-/// accepts (the root included) to `tx`. Stops early if the receiver is gone.
-pub(crate) fn walk(at: Located, root: &Path, keep: &(dyn Fn(&Path) -> bool + Sync), tx: &SyncSender<Walked>) {
-    let problem = |path: &Path, kind, message: String| {
-        let _ = tx.send(Walked::Problem { path: path.to_owned(), kind, message });
-    };
-    let stat = match at.lstat() {
-        Ok(st) => st,
-        // A root that does not exist is simply absent (verify reports it if it appears).
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(e) => return problem(root, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
-    };
-    if !keep(root) {
-        return;
-    }
-    let kind = FileType::from_raw_mode(stat.st_mode);
-    let (parent, name) = at.into_parts();
-    let parent = Arc::new(parent);
-    let entry = Entry { path: root.to_owned(), name: name.clone(), is_file: kind == FileType::RegularFile };
-    if tx.send(Walked::Batch(Batch { dir: parent.clone(), entries: vec![entry] })).is_err()
-        || kind != FileType::Directory
-    {
-        return;
-    }
-    let dev = stat.st_dev;
-    let mut stack = Vec::new();
-    match list(&parent, &name, root, dev, keep, tx) {
-        Ok(Some(frame)) => stack.push(frame),
-        Ok(None) => return,
-        Err(Stop) => return,
-    }
-    drop(parent);
-    while let Some(top) = stack.last_mut() {
-        let Some((name, path)) = top.subdirs.pop() else {
-            stack.pop();
-            continue;
-        };
-        let dir = match reopen(&mut stack) {
-            Ok(dir) => dir,
-            Err(message) => {
-                let top = stack.pop().expect("a frame");
-                problem(&top.path, WarningKind::Unreadable, message);
-                continue;
-            }
-        };
-        match list(&dir, &name, &path, dev, keep, tx) {
-            Ok(Some(frame)) => {
-                stack.push(frame);
-                // Bound the descriptors held on the way down (the start's is always held).
-                if stack.len() > HELD {
-                    let i = stack.len() - HELD;
-                    stack[i].dir = None;
-                }
-            }
-            Ok(None) => {}
-            Err(Stop) => return,
-        }
-    }
+    /// Its entries not walked yet, sorted by name.
+    rest: std::vec::IntoIter<Listed>,
 }
 
 /// The receiver is gone: stop walking.
 struct Stop;
 
-/// Opens and lists the directory `name` in `parent`, sending its entries; `None` when it
-/// cannot be entered (a problem is sent if that is one) or is another file system.
-fn list(
-    parent: &OwnedFd,
-    name: &CStr,
-    path: &Path,
-    dev: u64,
-    keep: &(dyn Fn(&Path) -> bool + Sync),
-    tx: &SyncSender<Walked>,
-) -> Result<Option<Frame>, Stop> {
-    let send = |w| tx.send(w).map_err(|_| Stop);
-    let problem = |kind, message| send(Walked::Problem { path: path.to_owned(), kind, message });
+/// The batch being filled, and where it goes.
+struct Out<'a> {
+    tx: &'a SyncSender<Vec<Walked>>,
+    batch: Vec<Walked>,
+    /// The directory of the last entry batched, and how many directories the batch holds.
+    last_dir: Option<Arc<OwnedFd>>,
+    dirs: usize,
+}
+
+impl Out<'_> {
+    fn send(&mut self, walked: Walked) -> Result<(), Stop> {
+        if let Walked::Entry(e) = &walked
+            && !self.last_dir.as_ref().is_some_and(|d| Arc::ptr_eq(d, &e.dir))
+        {
+            self.last_dir = Some(e.dir.clone());
+            self.dirs += 1;
+        }
+        self.batch.push(walked);
+        if self.batch.len() >= BATCH || self.dirs >= BATCH_DIRS { self.flush() } else { Ok(()) }
+    }
+
+    fn problem(&mut self, path: &Path, kind: WarningKind, message: String) -> Result<(), Stop> {
+        self.send(Walked::Problem { path: path.to_owned(), kind, message })
+    }
+
+    fn flush(&mut self) -> Result<(), Stop> {
+        (self.last_dir, self.dirs) = (None, 0);
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH))).map_err(|_| Stop)
+    }
+}
+
+/// Walks the tree at `root` (a policy path, located at `at`), sending every entry `keep`
+/// accepts (the root included) to `tx`, in path order. Stops early if the receiver is gone.
+pub(crate) fn walk(at: Located, root: &Path, keep: &(dyn Fn(&Path) -> bool + Sync), tx: &SyncSender<Vec<Walked>>) {
+    let mut out = Out { tx, batch: Vec::with_capacity(BATCH), last_dir: None, dirs: 0 };
+    if walk_into(at, root, keep, &mut out).is_ok() {
+        let _ = out.flush();
+    }
+}
+
+fn walk_into(at: Located, root: &Path, keep: &(dyn Fn(&Path) -> bool + Sync), out: &mut Out<'_>) -> Result<(), Stop> {
+    let stat = match at.lstat() {
+        Ok(st) => st,
+        // A root that does not exist is simply absent (verify reports it if it appears).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return out.problem(root, WarningKind::Unreadable, format!("cannot read metadata: {e}")),
+    };
+    if !keep(root) {
+        return Ok(());
+    }
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    let (parent, name) = at.into_parts();
+    let parent = Arc::new(parent);
+    let is_file = kind == FileType::RegularFile;
+    out.send(Walked::Entry(Entry { dir: parent.clone(), path: root.to_owned(), name: name.clone(), is_file }))?;
+    if kind != FileType::Directory {
+        return Ok(());
+    }
+    let dev = stat.st_dev;
+    let mut stack = Vec::new();
+    match list(&parent, &name, root, dev, out)? {
+        Some(frame) => stack.push(frame),
+        None => return Ok(()),
+    }
+    drop(parent);
+    while let Some(top) = stack.last_mut() {
+        let Some(listed) = top.rest.next() else {
+            stack.pop();
+            continue;
+        };
+        let path = top.path.join(OsStr::from_bytes(listed.name.to_bytes()));
+        if !keep(&path) {
+            continue;
+        }
+        let dir = match reopen(&mut stack) {
+            Ok(dir) => dir,
+            Err(message) => {
+                let top = stack.pop().expect("a frame");
+                out.problem(&top.path, WarningKind::Unreadable, message)?;
+                continue;
+            }
+        };
+        let kind = match listed.kind {
+            // Some file systems do not say in the listing.
+            FileType::Unknown => beneath::lstat_at(dir.as_fd(), &listed.name)
+                .map_or(FileType::Unknown, |st| FileType::from_raw_mode(st.st_mode)),
+            kind => kind,
+        };
+        let is_file = kind == FileType::RegularFile;
+        out.send(Walked::Entry(Entry { dir: dir.clone(), path: path.clone(), name: listed.name.clone(), is_file }))?;
+        if kind != FileType::Directory {
+            continue;
+        }
+        // Depth first: the directory's contents come right after it, before its next sibling.
+        if let Some(frame) = list(&dir, &listed.name, &path, dev, out)? {
+            stack.push(frame);
+            // Bound the descriptors held on the way down (the start's is always held).
+            if stack.len() > HELD {
+                let i = stack.len() - HELD;
+                stack[i].dir = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens and lists the directory `name` in `parent`, its entries sorted by name; `None`
+/// when it cannot be entered (a problem is sent if that is one) or is another file system.
+fn list(parent: &OwnedFd, name: &CStr, path: &Path, dev: u64, out: &mut Out<'_>) -> Result<Option<Frame>, Stop> {
     let fd = match beneath::open_dir_at(parent.as_fd(), name) {
         Ok(fd) => fd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            problem(WarningKind::Vanished, "vanished during the scan".into())?;
+            out.problem(path, WarningKind::Vanished, "vanished during the scan".into())?;
             return Ok(None);
         }
         // No longer a directory (a symlink now: never followed): its record says what it is.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => return Ok(None),
         Err(e) => {
-            problem(WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
+            out.problem(path, WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
             return Ok(None);
         }
     };
     let stat = match rustix::fs::fstat(&fd) {
         Ok(st) => st,
         Err(e) => {
-            problem(WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
+            out.problem(path, WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
             return Ok(None);
         }
     };
@@ -171,46 +217,21 @@ fn list(
         // Another file system: recorded as an entry, not entered.
         return Ok(None);
     }
-    let listed = match beneath::read_dir(fd.as_fd()) {
+    let mut listed = match beneath::read_dir(fd.as_fd()) {
         Ok(listed) => listed,
         Err(e) => {
-            problem(WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
+            out.problem(path, WarningKind::Unreadable, format!("cannot list directory: {e}"))?;
             return Ok(None);
         }
     };
-    let dir = Arc::new(fd);
-    let mut subdirs = Vec::new();
-    let mut entries = Vec::with_capacity(listed.len().min(BATCH));
-    for l in listed {
-        let child = path.join(OsStr::from_bytes(l.name.to_bytes()));
-        if !keep(&child) {
-            continue;
-        }
-        let kind = match l.kind {
-            // Some file systems do not say in the listing.
-            FileType::Unknown => beneath::lstat_at(dir.as_fd(), &l.name)
-                .map_or(FileType::Unknown, |st| FileType::from_raw_mode(st.st_mode)),
-            kind => kind,
-        };
-        if kind == FileType::Directory {
-            subdirs.push((l.name.clone(), child.clone()));
-        }
-        entries.push(Entry { path: child, name: l.name, is_file: kind == FileType::RegularFile });
-        if entries.len() == BATCH {
-            send(Walked::Batch(Batch { dir: dir.clone(), entries: std::mem::take(&mut entries) }))?;
-        }
-    }
-    if !entries.is_empty() {
-        send(Walked::Batch(Batch { dir: dir.clone(), entries }))?;
-    }
-    // Popped from the end: walked in listing order.
-    subdirs.reverse();
+    // By name, as bytes: with the walk depth first, that is `Path`'s order.
+    listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     Ok(Some(Frame {
-        dir: Some(dir),
+        dir: Some(Arc::new(fd)),
         name: name.to_owned(),
         path: path.to_owned(),
         id: (stat.st_dev, stat.st_ino),
-        subdirs,
+        rest: listed.into_iter(),
     }))
 }
 
