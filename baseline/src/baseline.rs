@@ -743,6 +743,8 @@ mod tests {
     fn edit_and_resign(db: &Path, key: &SigningKey, edit: impl FnOnce(&Store)) {
         tamper_and_reseal(db, key, |s| {
             edit(s);
+            // The digest is of everything but the signature, as `seal` takes it.
+            s.remove(TreeKind::Meta, SIGNATURE_KEY).unwrap();
             s.put(TreeKind::Meta, SIGNATURE_KEY, &key.sign(&canonical_digest(s).unwrap())).unwrap();
         });
     }
