@@ -64,13 +64,15 @@ fn open_trusted(db: &Path, pubkey: &Path) -> Result<TrustedBaseline> {
 pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
     let trusted = open_trusted(db, pubkey)?;
     let mut out = anstream::stdout().lock();
-    for (k, record) in &trusted.record_map()? {
+    trusted.for_each_in_path_order(|path, record| {
+        let path = path_from_bytes(path);
         if jsonl {
-            output::json_line(&mut out, &RecordLine::new(path_from_bytes(k), record, &trusted.policy))?;
+            output::json_line(&mut out, &RecordLine::new(path, record, &trusted.policy))
         } else {
-            output::record_human(&mut out, path_from_bytes(k), record)?;
+            output::record_human(&mut out, path, record)
         }
-    }
+        .map_err(|source| kubefim_baseline::Error::Io { action: "write to", path: "standard output".into(), source })
+    })?;
     if !jsonl {
         output::status(&output::baseline_header(&trusted));
     }

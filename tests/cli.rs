@@ -140,8 +140,9 @@ fn unchanged_tree_verifies_clean() {
     assert!(link["hash"].is_null(), "a symlink has no content hash: {link:#}");
     let paths = recorded_paths(&records);
     let mut sorted = paths.clone();
-    sorted.sort();
-    assert_eq!(paths, sorted, "show is not in path byte order");
+    // Path order: component by component, so "/t/a/b" comes before "/t/a-b".
+    sorted.sort_by(|a, b| Path::new(a).cmp(Path::new(b)));
+    assert_eq!(paths, sorted, "show is not in path order");
 }
 
 // ---------------------------------------------------------------------------------------------

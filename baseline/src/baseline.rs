@@ -3,7 +3,6 @@
 //! before any record is believed) and `accept` (take the current state of some paths, keep
 //! the rest, sign anew).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 
@@ -466,15 +465,24 @@ impl TrustedBaseline {
         Ok(chunk.binary_search_by(|(p, _)| path_from_bytes(p).cmp(path)).ok().map(|i| chunk[i].1.clone()))
     }
 
-    /// Every record by path, in memory: for `show`, which prints them in byte order; the
-    /// watcher reads by location, verify in path order.
-    pub fn record_map(&self) -> Result<BTreeMap<Vec<u8>, FileRecord>> {
-        let mut records = BTreeMap::new();
+    /// Calls `f` with every record in path order (`Path`'s `Ord`): for `show`. A baseline of
+    /// format 2 streams them a chunk at a time; one of format 1 (stored in another order) is
+    /// sorted in memory first, as it always was.
+    pub fn for_each_in_path_order(&self, mut f: impl FnMut(&[u8], &FileRecord) -> Result<()>) -> Result<()> {
+        if self.manifest.format_version >= SORTED_SINCE {
+            for record in self.records_in_order("listed")? {
+                let (path, record) = record?;
+                f(&path, &record)?;
+            }
+            return Ok(());
+        }
+        let mut records = Vec::new();
         self.for_each_record(|_, path, record| {
-            records.insert(path.to_vec(), record.clone());
+            records.push((path.to_vec(), record.clone()));
             Ok(())
         })?;
-        Ok(records)
+        records.sort_by(|(a, _), (b, _)| path_from_bytes(a).cmp(path_from_bytes(b)));
+        records.iter().try_for_each(|(path, record)| f(path, record))
     }
 
     /// Stored content by hash (checked against the hash).

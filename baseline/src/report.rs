@@ -164,9 +164,9 @@ impl ChangeView {
 pub struct VerifyReportView {
     /// The counts.
     pub summary: VerifySummary,
-    /// Every difference, in path byte order.
+    /// Every difference, in path order (component by component).
     pub changes: Vec<ChangeView>,
-    /// Every entry that could not be verified, in path byte order.
+    /// Every entry that could not be verified, in path order.
     pub errors: Vec<UnverifiedView>,
 }
 
