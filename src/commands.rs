@@ -71,7 +71,11 @@ pub fn show(db: &Path, pubkey: &Path, jsonl: bool) -> Result<u8> {
         } else {
             output::record_human(&mut out, path, record)
         }
-        .map_err(|source| kubefim_baseline::Error::Io { action: "write to", path: "standard output".into(), source })
+        .map_err(|source| kubefim_baseline::Error::Io {
+            action: "write to",
+            path: "standard output".into(),
+            source,
+        })
     })?;
     if !jsonl {
         output::status(&output::baseline_header(&trusted));

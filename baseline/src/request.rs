@@ -441,7 +441,12 @@ mod tests {
         let trusted = TrustedBaseline::open(&db, &public).unwrap();
         assert_eq!(trusted.len(), 2);
         let mut listed = 0;
-        trusted.for_each_in_path_order(|_, _| Ok(listed += 1)).unwrap();
+        trusted
+            .for_each_in_path_order(|_, _| {
+                listed += 1;
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(listed, 2);
         assert_eq!(trusted.manifest.host, "node-a");
         assert!(!pending_path(&db).exists());
