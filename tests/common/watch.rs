@@ -255,6 +255,10 @@ impl Watcher {
                 // still be reading them: give it a moment).
                 thread::sleep(Duration::from_millis(100));
                 self.assert_lines_conform();
+                if !status.success() {
+                    // Callers assert success: what the watcher said is what explains a failure.
+                    eprintln!("kubefim watch exited with {status}\n{}", self.dump());
+                }
                 return status;
             }
             if Instant::now() > deadline {
