@@ -341,6 +341,11 @@ pub struct Offsets {
     pub ctx_files_nodes: u32,
     /// `io_rsrc_node.file_ptr` (a `struct file *` with flag bits in its low 2 bits).
     pub rsrc_node_file_ptr: u32,
+    /// `pt_regs.orig_ax`: the number of the syscall the thread is in (x86-64).
+    pub regs_syscall_nr: u32,
+    /// `pt_regs.di`, `.si`, `.dx`: a syscall's first three arguments (x86-64), as the entry
+    /// saved them; they are still there at the syscall's exit.
+    pub regs_args: [u32; 3],
 }
 
 /// Map names (the eBPF side names its statics the same).
@@ -363,6 +368,10 @@ pub mod maps {
     /// [`super::Config`]: every program copies that one to its stack, and its size weighs on
     /// the verifier's work for the largest of them.
     pub const SEND_EXECS: &str = "SEND_EXECS";
+    /// A `[u32; 4]` global: this architecture's numbers of open, openat, creat and openat2
+    /// (`u32::MAX` for one it lacks). A thread whose saved `orig_ax` is one of them is inside
+    /// an open. Apart from [`super::Config`] for the same reason as `SEND_EXECS`.
+    pub const OPEN_SYSCALLS: &str = "OPEN_SYSCALLS";
     /// `LruHashMap<u64, u8>`: cgroup ids the watcher has decided on ([`super::CGROUP_KNOWN`]):
     /// an exec in any other cgroup is sent ([`super::Op::Exec`]), once the watcher decided
     /// none are. LRU: an id evicted is only asked about again.
@@ -410,7 +419,7 @@ pub const fn name_hash(name: &[u8]) -> u64 {
 const _: () = assert!(core::mem::size_of::<InodeKey>() == 16);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 144);
 const _: () = assert!(core::mem::size_of::<PathEvent>() == 144 + 2 * PATH_CAP);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 29 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 33 * 4);
 
 #[cfg(feature = "user")]
 mod user {

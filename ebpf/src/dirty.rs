@@ -15,20 +15,15 @@ use aya_ebpf::macros::raw_tracepoint;
 use aya_ebpf::programs::RawTracePointContext;
 use kubefim_common::{EVENT_URING_PATH_OP, EventHeader, Op, WATCH_FILE};
 
+use crate::EVENTS;
 use crate::emit::{active, fill_header, inode_event, lost, watched, within_budget};
-use crate::kernel::{PF_KTHREAD, current_task, file_key, file_of_fd, inode_key, read};
-use crate::{EVENTS, OPENS};
+use crate::kernel::{PF_KTHREAD, current_task, file_key, file_of_fd, in_open, inode_key, read};
 
 #[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
 pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     let inode: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
     let Some((cfg, pid_tgid)) = active() else { return 0 };
-    // Inside an open (O_TRUNC dirties the inode): the open's exit reports it as what it is.
-    // SAFETY: only tested for presence.
-    if unsafe { OPENS.get(pid_tgid as u32) }.is_some() {
-        return 0;
-    }
     // Only pages dirtied alone are a store (`__folio_mark_dirty` passes I_DIRTY_PAGES by
     // itself). Timestamp-only dirtying (atime of a read) has no page bit, and a metadata
     // change through `mark_inode_dirty()` (a chmod, ext4's size update) passes the page bit
@@ -46,6 +41,11 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     }
     let Some(key) = inode_key(&cfg, inode) else { return 0 };
     if watched(&key) & WATCH_FILE == 0 {
+        return 0;
+    }
+    // Inside an open (O_TRUNC dirties the inode): the open's exit reports it as what it is.
+    // Asked last: it is three helper calls, and only a watched inode needs the answer.
+    if in_open(&cfg) {
         return 0;
     }
     inode_event(&cfg, task, pid_tgid, Op::Dirty as u32, 0, flags as u32, key);

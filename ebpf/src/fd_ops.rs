@@ -15,7 +15,7 @@ use kubefim_common::{Op, WATCH_FILE};
 
 use crate::confirm::hold_inode;
 use crate::emit::{active, inode_event, watched};
-use crate::kernel::{FMODE_WRITE, current_task, file_key, file_of_fd, read};
+use crate::kernel::{FMODE_WRITE, current_task, file_mode_key, file_of_fd};
 
 /// Argument `n` of a `sys_enter_*` record.
 #[inline(always)]
@@ -43,13 +43,10 @@ fn fd_event(ctx: &TracePointContext, op: Op, fd: i64, arg: u32, send: Delivery) 
     let Some((cfg, pid_tgid)) = active() else { return };
     let task = current_task();
     let Some(file) = file_of_fd(&cfg, task, fd) else { return };
-    if send == Delivery::Writer {
-        let mode: u32 = read(file, cfg.offsets.file_mode).unwrap_or(0);
-        if mode & FMODE_WRITE == 0 {
-            return;
-        }
+    let Some((mode, key)) = file_mode_key(&cfg, file) else { return };
+    if send == Delivery::Writer && mode & FMODE_WRITE == 0 {
+        return;
     }
-    let Some(key) = file_key(&cfg, file) else { return };
     if watched(&key) & WATCH_FILE == 0 {
         return;
     }

@@ -71,12 +71,6 @@ pub struct Budget {
 #[map(name = "CGROUPS")]
 static CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
-/// Open flags between `sys_enter_open*` and `sys_exit_open*`, by thread id. A plain
-/// (preallocated) hash: every open for writing on the machine goes through it, and an LRU
-/// map's update cost twice as much; entries live only for the length of one open.
-#[map(name = "OPENS")]
-static OPENS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
-
 /// Set by the watcher before load (see [`Config`]).
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config {
@@ -114,6 +108,8 @@ static CONFIG: Config = Config {
         ctx_files_nr: 0,
         ctx_files_nodes: 0,
         rsrc_node_file_ptr: 0,
+        regs_syscall_nr: 0,
+        regs_args: [0; 3],
     },
 };
 
@@ -121,6 +117,10 @@ static CONFIG: Config = Config {
 /// checks containers.
 #[unsafe(no_mangle)]
 static SEND_EXECS: u32 = 0;
+
+/// Set by the watcher before load (`kubefim_common::maps::OPEN_SYSCALLS`).
+#[unsafe(no_mangle)]
+static OPEN_SYSCALLS: [u32; 4] = [u32::MAX; 4];
 
 /// The configuration, read through a volatile load so the compiler cannot fold the
 /// zero initialiser into the code.

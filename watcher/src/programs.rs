@@ -70,6 +70,8 @@ fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         kiocb_flags: m("io_kiocb", "flags")?,
         kiocb_ctx: m("io_kiocb", "ctx")?,
         kiocb_cqe_fd: m("io_kiocb", "cqe")? + m("io_cqe", "fd")?,
+        regs_syscall_nr: m("pt_regs", "orig_ax")?,
+        regs_args: [m("pt_regs", "di")?, m("pt_regs", "si")?, m("pt_regs", "dx")?],
         ..fixed_file_table(btf)
     })
 }
@@ -116,10 +118,13 @@ impl Programs {
             btf.enum_value("I_DIRTY_SYNC").unwrap_or(1 << 0) | btf.enum_value("I_DIRTY_DATASYNC").unwrap_or(1 << 1);
         let config = Config { self_pid: pid, ready: 1, dirty_pages, dirty_inode, offsets: offsets(&btf)? };
         let send_execs = u32::from(execs);
+        let nr = |n: libc::c_long| u32::try_from(n).unwrap_or(u32::MAX);
+        let open_syscalls = [nr(libc::SYS_open), nr(libc::SYS_openat), nr(libc::SYS_creat), nr(libc::SYS_openat2)];
         let mut loader = EbpfLoader::new();
         loader
             .override_global(maps::CONFIG, &config, true)
             .override_global(maps::SEND_EXECS, &send_execs, true)
+            .override_global(maps::OPEN_SYSCALLS, &open_syscalls, true)
             .map_max_entries(maps::WATCHED, capacity)
             .map_max_entries(maps::NAMES, names);
         if let Some(bytes) = ring_bytes {
