@@ -207,6 +207,55 @@ fn open_with_o_trunc_then_write_reports_truncate_and_write() {
     assert!(w.stop().success());
 }
 
+/// The raw open syscalls that libc wrappers never reach (open, creat, openat2), each from
+/// one child: the watcher finds every open's flags, whichever syscall carried them.
+#[test]
+fn every_open_syscall_reports_its_truncate_and_its_create() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::on_disk();
+    let names = ["open.conf", "creat.conf", "openat2.conf"];
+    for name in names {
+        put(&fx.t(name), ORIGINAL);
+    }
+    let w = Watcher::start(&fx, None);
+    let [open, creat, openat2] = names.map(|n| fx.t(n));
+    let created = fx.t("openat2-created.conf");
+    let pid = python(&format!(
+        "import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class How(ctypes.Structure):
+    _fields_ = [('flags', ctypes.c_uint64), ('mode', ctypes.c_uint64), ('resolve', ctypes.c_uint64)]
+def done(fd):
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), 'open')
+    os.close(fd)
+def openat2(path, flags, mode):
+    how = How(flags, mode, 0)
+    return libc.syscall(437, -100, path, ctypes.byref(how), ctypes.sizeof(how))
+done(libc.syscall(2, b{open}, os.O_WRONLY | os.O_TRUNC, 0))
+done(libc.syscall(85, b{creat}, 0o644))
+done(openat2(b{openat2}, os.O_WRONLY | os.O_TRUNC, 0))
+done(openat2(b{created}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))",
+        open = lit(&open),
+        creat = lit(&creat),
+        openat2 = lit(&openat2),
+        created = lit(&created),
+    ));
+    for path in [&open, &creat, &openat2] {
+        let line = w.change_for(path);
+        assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate"]);
+        assert_actor(&line, pid, "python3");
+        assert_eq!(line["new"]["size"], 0, "{line:#}");
+    }
+    let line = w.change_for(&created);
+    assert_change(&line, "added", &[], &["create"]);
+    assert_actor(&line, pid, "python3");
+    assert!(w.stop().success());
+}
+
 #[test]
 fn truncate_by_path_reports_the_cut_line() {
     if !root_or_skip() {

@@ -118,8 +118,7 @@ impl Programs {
             btf.enum_value("I_DIRTY_SYNC").unwrap_or(1 << 0) | btf.enum_value("I_DIRTY_DATASYNC").unwrap_or(1 << 1);
         let config = Config { self_pid: pid, ready: 1, dirty_pages, dirty_inode, offsets: offsets(&btf)? };
         let send_execs = u32::from(execs);
-        let nr = |n: libc::c_long| u32::try_from(n).unwrap_or(u32::MAX);
-        let open_syscalls = [nr(libc::SYS_open), nr(libc::SYS_openat), nr(libc::SYS_creat), nr(libc::SYS_openat2)];
+        let open_syscalls = open_syscalls();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(maps::CONFIG, &config, true)
@@ -279,6 +278,17 @@ impl EventSource {
 /// The sum over CPUs of one counter of the lost map.
 fn lost_at(lost: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     lost.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+}
+
+/// This architecture's numbers of open, openat, creat and openat2 (`u32::MAX` for one it
+/// lacks): a thread whose saved syscall number is one of them is inside an open.
+fn open_syscalls() -> [u32; 4] {
+    let nr = |n: libc::c_long| u32::try_from(n).unwrap_or(u32::MAX);
+    #[cfg(target_arch = "x86_64")]
+    let (open, creat) = (nr(libc::SYS_open), nr(libc::SYS_creat));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (open, creat) = (u32::MAX, u32::MAX);
+    [open, nr(libc::SYS_openat), creat, nr(libc::SYS_openat2)]
 }
 
 fn load_tp(tp: &mut TracePoint, name: &str) -> Result<()> {
