@@ -63,7 +63,7 @@ const SPAN: usize = 5;
 pub fn read_pair(base: u64, a: u32, b: u32) -> Option<(u64, u64)> {
     let start = a.min(b) & !7;
     let (ia, ib) = (((a - start) / 8) as usize, ((b - start) / 8) as usize);
-    if ia >= SPAN || ib >= SPAN || b % 8 != 0 {
+    if ia >= SPAN || ib >= SPAN || !b.is_multiple_of(8) {
         return Some((read::<u64>(base, a)?, read::<u64>(base, b)?));
     }
     let words: [u64; SPAN] = read(base, start)?;
