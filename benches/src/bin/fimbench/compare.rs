@@ -217,6 +217,7 @@ impl Commands {
     /// Runs one command, its stdout and stderr to files; checks its exit as each tool means
     /// it: verify finding differences aborts, b3sum's and aide's "some changed" warn.
     fn sample(&self, phase: Phase, tool: Tool) -> Result<Sample> {
+        crate::interrupt::check()?;
         let out = self.dir.join(format!("{}-{}.out", phase.name(), tool.name()));
         let err = self.dir.join(format!("{}-{}.err", phase.name(), tool.name()));
         let mut cmd = self.command(phase, tool)?;

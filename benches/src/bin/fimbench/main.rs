@@ -6,6 +6,7 @@
 //! root; see benches/README.md. Progress goes to stderr, the report to stdout.
 
 mod compare;
+mod interrupt;
 mod watch;
 mod workload;
 
@@ -55,6 +56,7 @@ fn try_main() -> Result<()> {
             "fimbench needs root: kubefim watch loads eBPF programs, auditctl changes kernel rules, and every tool must read every file"
         );
     }
+    interrupt::install()?;
     match &cli.command {
         Mode::Watch(args) => watch::main(args, &kubefim(args.kubefim.as_ref())),
         Mode::Compare(args) => compare::main(args, &kubefim(args.kubefim.as_ref())),

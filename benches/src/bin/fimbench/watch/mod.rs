@@ -435,6 +435,7 @@ fn measure(args: &WatchArgs, sizes: Sizes, kubefim_src: &Path, scratch: &Path) -
     }
     eprintln!("warming the page cache and the binaries (one untimed pass of each workload, no monitor)");
     for &w in workloads {
+        crate::interrupt::check()?;
         bench.cell(w, Monitor::None, 0)?;
     }
     let mut cells = Vec::new();
@@ -442,6 +443,7 @@ fn measure(args: &WatchArgs, sizes: Sizes, kubefim_src: &Path, scratch: &Path) -
         for &w in workloads {
             eprintln!("overhead: {}, run {r}/{}", w.name(), args.runs);
             for &m in &monitors {
+                crate::interrupt::check()?;
                 cells.push(bench.cell(w, m, r).with_context(|| format!("{} under {}, run {r}", w.name(), m.label()))?);
             }
         }
@@ -455,6 +457,7 @@ fn measure(args: &WatchArgs, sizes: Sizes, kubefim_src: &Path, scratch: &Path) -
     bench.kubefim.baseline(&bench.policy("rss"), &bench.db("rss"))?;
     let rss_baseline_s = started.elapsed().as_secs_f64();
     for r in 1..=args.runs {
+        crate::interrupt::check()?;
         eprintln!("latency: run {r}/{} ({} probes)", args.runs, bench.sizes.lat_samples);
         bench.reset()?;
         bench.kubefim.baseline(&bench.policy("tree"), &bench.db("tree"))?;
