@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// The maps whose memory grows with the baseline (or with the event rate), by the names the
-/// eBPF side gives them (`kubefim_common::maps`; OPENS is the rewrite's).
-pub const KERNEL_MAPS: [&str; 4] = ["WATCHED", "NAMES", "EVENTS", "OPENS"];
+/// eBPF side gives them (`kubefim_common::maps`).
+pub const KERNEL_MAPS: [&str; 3] = ["WATCHED", "NAMES", "EVENTS"];
 
 /// Resident and peak resident memory, in KiB.
 #[derive(Debug, Clone, Copy)]
