@@ -6,6 +6,7 @@
 //! directory beside the target and moved into place only once it is flushed and signed, so
 //! a create killed at any point leaves either no baseline or the previous one.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -56,8 +57,24 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     /// The private copy a reader works on; removed when the store is dropped.
-    _snapshot: Option<tempfile::TempDir>,
+    _snapshot: Option<Snapshot>,
 }
+
+/// A reader's private copy of a baseline in the temporary directory, and the lock that says
+/// it is in use. A process killed before it could remove its copy (SIGKILL, the OOM killer)
+/// leaves the copy, as big as the database, behind; the lock is what tells the next reader
+/// it may remove it ([`remove_stale_snapshots`]), whichever PID namespace either ran in.
+struct Snapshot {
+    dir: tempfile::TempDir,
+    /// Holds the `flock` on `dir/lock`; dropped after `dir` is removed.
+    _lock: std::fs::File,
+}
+
+/// The name prefix of the private copies in the temporary directory.
+const SNAPSHOT_PREFIX: &str = "kubefim-baseline-";
+/// A copy without a lock file is left alone this long: it is being made (the lock follows
+/// its directory within microseconds), or it was left by a version that made no lock.
+const UNLOCKED_SNAPSHOT_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Store { path: path.to_owned(), message: e.to_string() }
@@ -119,14 +136,13 @@ impl Store {
         if !looks_like_store(path) {
             return Err(untrusted(path, NO_BASELINE));
         }
-        let dir = tempfile::Builder::new()
-            .prefix("kubefim-baseline-")
-            .tempdir()
-            .map_err(|e| Error::io("make a private copy of the baseline in", std::env::temp_dir(), e))?;
-        let copy = dir.path().join("db");
+        let tmp = std::env::temp_dir();
+        remove_stale_snapshots(&tmp);
+        let snapshot = Snapshot::new(&tmp)?;
+        let copy = snapshot.dir.path().join("db");
         copy_dir(path, &copy).map_err(|e| untrusted(path, format!("cannot be read: {e}")))?;
         check(&copy)?;
-        let store = Store { db: open_sled(&copy, path)?, path: path.to_owned(), _snapshot: Some(dir) };
+        let store = Store { db: open_sled(&copy, path)?, path: path.to_owned(), _snapshot: Some(snapshot) };
         store.check_layout()?;
         Ok(store)
     }
@@ -297,6 +313,49 @@ pub fn install(tmp: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+impl Snapshot {
+    /// A new, locked, empty copy directory in `tmp`.
+    fn new(tmp: &Path) -> Result<Snapshot> {
+        let err = |e| Error::io("make a private copy of the baseline in", tmp, e);
+        let dir = tempfile::Builder::new().prefix(SNAPSHOT_PREFIX).tempdir_in(tmp).map_err(err)?;
+        let lock = std::fs::File::create_new(dir.path().join("lock")).map_err(err)?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| err(e.into()))?;
+        Ok(Snapshot { dir, _lock: lock })
+    }
+}
+
+/// Removes the private copies in `tmp` that no live reader holds: their lock can be taken
+/// (its holder is gone, however it ended), or they have no lock and are older than
+/// [`UNLOCKED_SNAPSHOT_AGE`]. Errors are ignored: a copy that cannot be removed now is
+/// tried again by the next reader.
+fn remove_stale_snapshots(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        // `file_type` does not follow a symlink planted at a matching name.
+        if !entry.file_name().as_encoded_bytes().starts_with(SNAPSHOT_PREFIX.as_bytes())
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir.join("lock"));
+        let stale = match &lock {
+            Ok(file) => rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNLOCKED_SNAPSHOT_AGE)),
+            Err(_) => false,
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// A sled directory has a `conf` and a `db` file.
 fn looks_like_store(path: &Path) -> bool {
     path.is_dir() && path.join("db").is_file() && path.join("conf").is_file()
@@ -329,5 +388,43 @@ fn remove_stale_temporaries(target: &Path) {
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    #[test]
+    fn copies_left_by_dead_readers_are_removed_and_live_or_foreign_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = Snapshot::new(tmp.path()).unwrap();
+        // A reader that died: its copy and lock file stay, its lock went with it.
+        let Snapshot { dir, _lock } = Snapshot::new(tmp.path()).unwrap();
+        let dead = dir.keep();
+        drop(_lock);
+        let fresh = tmp.path().join(format!("{SNAPSHOT_PREFIX}being-made"));
+        let old = tmp.path().join(format!("{SNAPSHOT_PREFIX}left-by-an-old-version"));
+        for d in [&fresh, &old] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("db"), b"copy").unwrap();
+        }
+        std::fs::File::open(&old).unwrap().set_modified(SystemTime::now() - 2 * UNLOCKED_SNAPSHOT_AGE).unwrap();
+        // Not ours, or not a directory: never touched, never followed.
+        let foreign = tmp.path().join("other-tool");
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::create_dir(&foreign).unwrap();
+        let link = tmp.path().join(format!("{SNAPSHOT_PREFIX}link"));
+        std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+
+        remove_stale_snapshots(tmp.path());
+
+        assert!(live.dir.path().join("lock").exists(), "a live reader's copy was removed");
+        assert!(!dead.exists(), "a dead reader's copy was left");
+        assert!(fresh.join("db").exists(), "a copy being made was removed");
+        assert!(!old.exists(), "an old unlocked copy was left");
+        assert!(foreign.exists() && link.symlink_metadata().is_ok() && elsewhere.path().exists());
     }
 }
