@@ -2,26 +2,21 @@
 //! settings and rules, and only a process that unwinds runs the guards that put them back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    REQUESTED.store(true, Ordering::SeqCst);
-}
+static REQUESTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
 /// Makes SIGINT and SIGTERM set the flag [`check`] reads. The workloads and monitors are
 /// children in the same process group, so a Ctrl-C at the terminal still ends them; the step
 /// that was waiting on them then fails, and the guards restore the machine as the error
 /// unwinds.
 pub fn install() -> Result<()> {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let previous = unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-        if previous == libc::SIG_ERR {
-            bail!("cannot handle signal {signal}: {}", std::io::Error::last_os_error());
-        }
+    let flag = REQUESTED.get_or_init(Arc::default);
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(flag))
+            .with_context(|| format!("cannot handle signal {signal}"))?;
     }
     Ok(())
 }
@@ -29,7 +24,7 @@ pub fn install() -> Result<()> {
 /// An error once a stop was asked for; called between steps, so a SIGTERM sent to fimbench
 /// alone ends the run at the next one.
 pub fn check() -> Result<()> {
-    if REQUESTED.load(Ordering::SeqCst) {
+    if REQUESTED.get().is_some_and(|f| f.load(Ordering::SeqCst)) {
         bail!("interrupted: stopping, and putting back what fimbench changed");
     }
     Ok(())
@@ -43,8 +38,7 @@ mod tests {
     fn a_signal_is_a_request_the_next_check_reports() {
         install().unwrap();
         check().unwrap();
-        // SAFETY: raise(3) delivers to this thread; the handler above only sets the flag.
-        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
         let err = check().unwrap_err();
         assert!(err.to_string().contains("interrupted"), "{err}");
     }
