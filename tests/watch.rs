@@ -256,62 +256,6 @@ done(openat2(b{created}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))",
     assert!(w.stop().success());
 }
 
-/// openat2's flags live in user memory, which another thread or process sharing it can
-/// rewrite after the kernel copied them: a forked racer flips `how->flags` between
-/// O_RDONLY|O_TRUNC and O_RDONLY while the caller opens each file until one open truncates
-/// it. Whatever the flags read at the open's exit, every truncate is reported, and blamed on
-/// the caller, not the racer. (Before the watcher trusted only the file's own state, about
-/// half of such truncates went unreported: six files make that a near-certain failure.)
-#[test]
-fn a_truncate_by_openat2_is_reported_when_another_process_rewrites_its_flags() {
-    if !root_or_skip() {
-        return;
-    }
-    let fx = Fixture::on_disk();
-    let paths: Vec<PathBuf> = (0..6).map(|i| fx.t(format!("raced-{i}.conf"))).collect();
-    for path in &paths {
-        put(path, ORIGINAL);
-    }
-    let w = Watcher::start(&fx, None);
-    let list = paths.iter().map(|p| format!("b{}", lit(p))).collect::<Vec<_>>().join(", ");
-    let pid = python(&format!(
-        "import ctypes, mmap, os, signal, struct
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-page = mmap.mmap(-1, 4096)  # anonymous and shared: the racer writes what the caller passes
-how = ctypes.addressof(ctypes.c_uint64.from_buffer(page))  # flags; mode and resolve stay 0
-trunc, plain = struct.pack('Q', os.O_RDONLY | os.O_TRUNC), struct.pack('Q', os.O_RDONLY)
-racer = os.fork()
-if racer == 0:
-    while True:
-        page[0:8] = trunc
-        page[0:8] = plain
-try:
-    for path in [{list}]:
-        for _ in range(100000):
-            fd = libc.syscall(437, -100, path, how, 24)
-            if fd < 0:
-                raise OSError(ctypes.get_errno(), path.decode())
-            size = os.fstat(fd).st_size
-            os.close(fd)
-            if size == 0:
-                break
-        else:
-            raise SystemExit('no openat2 truncated ' + path.decode())
-finally:
-    os.kill(racer, signal.SIGKILL)
-    os.waitpid(racer, 0)",
-    ));
-    for path in &paths {
-        let line = w.change_for(path);
-        assert_change(&line, "modified", &["content", "size", "mtime", "ctime"], &["truncate"]);
-        assert_actor(&line, pid, "python3");
-        assert_eq!(line["new"]["size"], 0, "{line:#}");
-    }
-    assert!(w.stop().success());
-}
-
 #[test]
 fn truncate_by_path_reports_the_cut_line() {
     if !root_or_skip() {

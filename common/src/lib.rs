@@ -307,8 +307,6 @@ pub struct Offsets {
     pub inode_ino: u32,
     /// `inode.i_sb`.
     pub inode_sb: u32,
-    /// `inode.i_size` (a `loff_t`).
-    pub inode_size: u32,
     /// `super_block.s_dev`.
     pub sb_dev: u32,
     /// `dentry.d_parent`.
@@ -421,7 +419,7 @@ pub const fn name_hash(name: &[u8]) -> u64 {
 const _: () = assert!(core::mem::size_of::<InodeKey>() == 16);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 144);
 const _: () = assert!(core::mem::size_of::<PathEvent>() == 144 + 2 * PATH_CAP);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 34 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 33 * 4);
 
 #[cfg(feature = "user")]
 mod user {

@@ -57,7 +57,7 @@ extern "C" fn iocb_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     batch.last_fd = fd;
     let cfg = crate::config();
-    let Some(file) = file_of_fd(&cfg, fd) else { return 0 };
+    let Some(file) = file_of_fd(&cfg, batch.task, fd) else { return 0 };
     // The kernel refuses a write iocb on a descriptor not open for writing (EBADF).
     if read::<u32>(file, cfg.offsets.file_mode).unwrap_or(0) & FMODE_WRITE == 0 {
         return 0;

@@ -17,7 +17,7 @@ use kubefim_common::{EVENT_URING_PATH_OP, EventHeader, Op, WATCH_FILE};
 
 use crate::EVENTS;
 use crate::emit::{active, fill_header, inode_event, lost, watched, within_budget};
-use crate::kernel::{PF_KTHREAD, current_task, current_task_flags, file_key, file_of_fd, in_open, inode_key, read};
+use crate::kernel::{PF_KTHREAD, current_task, file_key, file_of_fd, in_open, inode_key, read};
 
 #[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
 pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
@@ -32,9 +32,11 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     if flags as u32 & cfg.dirty_pages == 0 || flags as u32 & cfg.dirty_inode != 0 {
         return 0;
     }
+    let task = current_task();
     // The flusher (a kernel thread) dirties inodes while it writes back what a process
     // wrote earlier (ext4 allocates delayed blocks then): that process's write was reported.
-    if current_task_flags(&cfg) & PF_KTHREAD != 0 {
+    let task_flags: u32 = read(task, cfg.offsets.task_flags).unwrap_or(0);
+    if task_flags & PF_KTHREAD != 0 {
         return 0;
     }
     let Some(key) = inode_key(&cfg, inode) else { return 0 };
@@ -46,7 +48,7 @@ pub fn writeback_mark_inode_dirty(ctx: RawTracePointContext) -> i32 {
     if in_open(&cfg) {
         return 0;
     }
-    inode_event(&cfg, current_task(), pid_tgid, Op::Dirty as u32, 0, flags as u32, key);
+    inode_event(&cfg, task, pid_tgid, Op::Dirty as u32, 0, flags as u32, key);
     0
 }
 
@@ -75,12 +77,13 @@ pub fn io_uring_file_get(ctx: RawTracePointContext) -> i32 {
     if !uring_writes(opcode) {
         return 0;
     }
-    let Some(file) = file_of_fd(&cfg, fd as i32 as i64) else { return 0 };
+    let task = current_task();
+    let Some(file) = file_of_fd(&cfg, task, fd as i32 as i64) else { return 0 };
     let Some(key) = file_key(&cfg, file) else { return 0 };
     if watched(&key) & WATCH_FILE == 0 {
         return 0;
     }
-    inode_event(&cfg, current_task(), pid_tgid, Op::IoUring as u32, 0, opcode as u32, key);
+    inode_event(&cfg, task, pid_tgid, Op::IoUring as u32, 0, opcode as u32, key);
     0
 }
 

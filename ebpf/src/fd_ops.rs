@@ -41,7 +41,8 @@ enum Delivery {
 #[inline(always)]
 fn fd_event(ctx: &TracePointContext, op: Op, fd: i64, arg: u32, send: Delivery) {
     let Some((cfg, pid_tgid)) = active() else { return };
-    let Some(file) = file_of_fd(&cfg, fd) else { return };
+    let task = current_task();
+    let Some(file) = file_of_fd(&cfg, task, fd) else { return };
     let Some((mode, key)) = file_mode_key(&cfg, file) else { return };
     if send == Delivery::Writer && mode & FMODE_WRITE == 0 {
         return;
@@ -52,7 +53,7 @@ fn fd_event(ctx: &TracePointContext, op: Op, fd: i64, arg: u32, send: Delivery) 
     if send == Delivery::Confirmed {
         hold_inode(ctx, op as u32, arg, key);
     } else {
-        inode_event(&cfg, current_task(), pid_tgid, op as u32, 0, arg, key);
+        inode_event(&cfg, task, pid_tgid, op as u32, 0, arg, key);
     }
 }
 

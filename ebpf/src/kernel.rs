@@ -1,12 +1,6 @@
 //! Reads of kernel structs at the offsets in [`Config`]: fd -> `struct file` -> inode and
-//! dentry, the task's cwd, its parent. Each read is one `bpf_probe_read_kernel` (the current
-//! task's own flags are a BTF load); a failed read (a NULL or stale pointer) ends the lookup
-//! with `None`.
-//!
-//! The fd table could be walked by BTF loads too (`task->files->fdt`, as [`load`] does for
-//! the flags), which saves three helper calls a lookup; tried on 6.18.44, it made the
-//! verifier's work for the programs that resolve a dirfd (rename, link, unlink...) grow
-//! from 25 s to 44 s for all 108 programs, and every start of the watcher waits for that.
+//! dentry, the task's cwd, its parent. Each read is one `bpf_probe_read_kernel`; a failed read
+//! (a NULL or stale pointer) ends the lookup with `None`.
 
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
@@ -36,44 +30,15 @@ pub fn current_task() -> u64 {
     unsafe { bpf_get_current_task() }
 }
 
-/// The current task as the kernel's BTF types it. A member read through it is a plain load
-/// that the verifier checks against the kernel's BTF at load time (a fault reads as 0), not
-/// a helper call, which costs tens of ns on these machines (return thunks).
+/// `current->files->fdt->fd[fd]`, bounds-checked against `max_fds`.
 #[inline(always)]
-fn current_task_btf() -> *const u8 {
-    // SAFETY: a helper without preconditions.
-    unsafe { bpf_get_current_task_btf() as *const u8 }
-}
-
-/// Member `offset` of the struct at `base`, a pointer the verifier knows the BTF type of.
-/// `offset` is one of the loader's constants (CONFIG is frozen read-only data), so the
-/// verifier checks it names a member of that struct of `T`'s size, or refuses the program.
-///
-/// # Safety
-/// `base` is non-null and comes from [`current_task_btf`].
-#[inline(always)]
-unsafe fn load<T>(base: *const u8, offset: u32) -> T {
-    // SAFETY: see above; a stale pointer faults, and the kernel's fixup reads 0.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const T) }
-}
-
-/// The current task's `flags` (`PF_*`).
-#[inline(always)]
-pub fn current_task_flags(cfg: &Config) -> u32 {
-    // SAFETY: the task pointer is the kernel's own, typed by BTF.
-    unsafe { load(current_task_btf(), cfg.offsets.task_flags) }
-}
-
-/// The current task's `files->fdt->fd[fd]`, bounds-checked against `max_fds`.
-#[inline(always)]
-pub fn file_of_fd(cfg: &Config, fd: i64) -> Option<u64> {
+pub fn file_of_fd(cfg: &Config, task: u64, fd: i64) -> Option<u64> {
     // An `int fd` in a 64-bit slot: only the low half is the fd.
     let fd = fd as i32 as i64;
     if fd < 0 {
         return None;
     }
     let o = &cfg.offsets;
-    let task = current_task();
     let files: u64 = read(task, o.task_files)?;
     let fdt: u64 = read(files, o.files_fdt)?;
     let (max, fds) = read_pair(fdt, o.fdt_max_fds, o.fdt_fd)?;
@@ -154,7 +119,7 @@ pub fn start_dir_key(cfg: &Config, task: u64, dirfd: i64) -> Option<InodeKey> {
         let inode: u64 = read(dentry, o.dentry_inode)?;
         inode_key(cfg, inode)
     } else {
-        file_key(cfg, file_of_fd(cfg, dirfd)?)
+        file_key(cfg, file_of_fd(cfg, task, dirfd)?)
     }
 }
 

@@ -92,7 +92,6 @@ static CONFIG: Config = Config {
         file_mode: 0,
         inode_ino: 0,
         inode_sb: 0,
-        inode_size: 0,
         sb_dev: 0,
         dentry_parent: 0,
         dentry_inode: 0,

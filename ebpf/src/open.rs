@@ -1,15 +1,7 @@
 //! Opens for writing: `sys_exit_open*` reads the open's flags from the thread's saved
 //! registers and resolves the new fd. An open of a watched file with O_TRUNC is a truncate;
-//! any other open for writing is noted (its close is the rehash trigger); a file the open
-//! created (FMODE_CREATED) in a watched directory is a create, and its inode is watched from
-//! then on.
-//!
-//! openat2's flags are not in a register but in user memory (`struct open_how`), which
-//! another thread of the caller can rewrite between the kernel's copy and this exit. So for
-//! openat2 only the file's own state decides: FMODE_WRITE for an open for writing,
-//! FMODE_CREATED for a create, and for a read-only open of a watched file that is empty
-//! now, a possible O_TRUNC (the kernel keeps no trace of it in the file): a rehash that
-//! costs one empty file's hash, instead of a truncate nobody reports.
+//! any other open for writing is noted (its close is the rehash trigger); a file opened with
+//! O_CREAT in a watched directory is a create, and its inode is watched from then on.
 
 use aya_ebpf::helpers::bpf_probe_read_user;
 use aya_ebpf::macros::tracepoint;
@@ -19,9 +11,7 @@ use kubefim_common::{EVENT_HAS_PARENT, EVENT_HAS_TARGET, EventHeader, Op, WATCH_
 use crate::EVENTS;
 use crate::emit::{active, fill_header, lost, watch, watched, within_budget};
 use crate::fd_ops::arg;
-use crate::kernel::{
-    FMODE_CREATED, FMODE_WRITE, current_task, file_inode, file_mode_key, file_of_fd, file_parent_key, read, syscall_arg,
-};
+use crate::kernel::{FMODE_CREATED, current_task, file_mode_key, file_of_fd, file_parent_key, syscall_arg};
 
 const O_WRONLY: u32 = 0o1;
 const O_RDWR: u32 = 0o2;
@@ -55,21 +45,6 @@ fn open_flags(cfg: &kubefim_common::Config, flags: Flags) -> u32 {
     }
 }
 
-/// What an open of a watched file did, as far as this exit can tell.
-#[inline(always)]
-fn watched_open(cfg: &kubefim_common::Config, how: Flags, flags: u32, mode: u32, file: u64) -> Option<Op> {
-    if flags & O_TRUNC != 0 {
-        return Some(Op::Truncate);
-    }
-    if mode & FMODE_WRITE != 0 || !matches!(how, Flags::How) {
-        return Some(Op::OpenWrite);
-    }
-    // A read-only openat2 whose flags, as read now, have no O_TRUNC: they may have been
-    // rewritten since the kernel read them (see the module's doc).
-    let size: i64 = read(file_inode(cfg, file)?, cfg.offsets.inode_size)?;
-    (size == 0).then_some(Op::Truncate)
-}
-
 #[inline(always)]
 fn opened(ctx: &TracePointContext, how: Flags) {
     // sys_exit_* records: the return value at offset 16.
@@ -79,16 +54,16 @@ fn opened(ctx: &TracePointContext, how: Flags) {
     }
     let Some((cfg, pid_tgid)) = active() else { return };
     let flags = open_flags(&cfg, how);
-    // The cheap rejection of the node's read-only opens, where the flags are the kernel's.
-    if !matches!(how, Flags::How) && flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) == 0 {
+    if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) == 0 {
         return;
     }
-    let Some(file) = file_of_fd(&cfg, fd) else { return };
+    let task = current_task();
+    let Some(file) = file_of_fd(&cfg, task, fd) else { return };
     let Some((mode, key)) = file_mode_key(&cfg, file) else { return };
     let (op, event_flags, parent) = if watched(&key) & WATCH_FILE != 0 {
-        let Some(op) = watched_open(&cfg, how, flags, mode, file) else { return };
+        let op = if flags & O_TRUNC != 0 { Op::Truncate } else { Op::OpenWrite };
         (op, EVENT_HAS_TARGET, Default::default())
-    } else if mode & FMODE_CREATED != 0 {
+    } else if flags & O_CREAT != 0 && mode & FMODE_CREATED != 0 {
         // Only an open that created the file can add one to a watched directory.
         let Some(parent) = file_parent_key(&cfg, file) else { return };
         if watched(&parent) & WATCH_DIR == 0 {
@@ -108,7 +83,7 @@ fn opened(ctx: &TracePointContext, how: Flags) {
     };
     // SAFETY: sized for an EventHeader; filled below.
     let h = unsafe { &mut *entry.as_mut_ptr() };
-    fill_header(h, &cfg, current_task(), pid_tgid, op as u32, event_flags, flags);
+    fill_header(h, &cfg, task, pid_tgid, op as u32, event_flags, flags);
     h.target = key;
     h.parent = parent;
     entry.submit(0);

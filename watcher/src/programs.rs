@@ -57,7 +57,6 @@ fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         file_mode: m("file", "f_mode")?,
         inode_ino: m("inode", "i_ino")?,
         inode_sb: m("inode", "i_sb")?,
-        inode_size: m("inode", "i_size")?,
         sb_dev: m("super_block", "s_dev")?,
         dentry_parent: m("dentry", "d_parent")?,
         dentry_inode: m("dentry", "d_inode")?,
